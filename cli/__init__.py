@@ -1,0 +1,1 @@
+"""The click front end of convfuse (installed as ``convfuse_cli``): parse, call, print, exit."""

@@ -1,0 +1,19 @@
+"""``convfuse`` command group. Each subcommand lives in its own module and is registered here."""
+
+from __future__ import annotations
+
+import click
+
+from convfuse import __version__
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="convfuse")
+def main() -> None:
+    """Merge runs of linear convolutions into one exactly equivalent convolution."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

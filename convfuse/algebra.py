@@ -1,0 +1,477 @@
+"""The exact rules that turn several linear convolutions into one.
+
+Tensors only: no graph types here. Every rule takes :class:`~convfuse.spec.ConvSpec` values and
+returns either a new ``ConvSpec`` that computes exactly the same function (in real arithmetic) or a
+:class:`~convfuse.decline.Decline` saying why it cannot. Arithmetic runs in float64 and the result
+is cast back to the first operand's dtype. See ``DESIGN.md`` section 2 for the derivations; each
+rule below restates its pattern, conditions and algebra.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .decline import Decline, Reason
+from .spec import ConvSpec
+
+__all__ = [
+    "ChannelAffine",
+    "Cost",
+    "MAX_MERGED_ELEMENTS",
+    "add",
+    "affine_conv",
+    "average_pool",
+    "compose",
+    "compose_chain",
+    "concat",
+    "cost",
+    "identity",
+    "simplify",
+    "then_affine",
+]
+
+#: Largest merged weight (elements, float64 during the computation) a rule will build.
+MAX_MERGED_ELEMENTS = 1 << 27
+
+_CONV = (F.conv1d, F.conv2d, F.conv3d)
+
+
+# --------------------------------------------------------------------------- small values
+@dataclass(frozen=True, eq=False)
+class ChannelAffine:
+    """``y[c] = scale[c] * x[c] + shift[c]``: inference BatchNorm, or per-channel Mul/Add."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    @classmethod
+    def from_batchnorm(
+        cls,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        gamma: torch.Tensor | None,
+        beta: torch.Tensor | None,
+        eps: float,
+    ) -> ChannelAffine:
+        """Inference BatchNorm: ``a = gamma / sqrt(var + eps)``, shift ``beta - mean * a``."""
+        mean64, var64 = mean.double(), var.double()
+        gamma64 = torch.ones_like(mean64) if gamma is None else gamma.double()
+        beta64 = torch.zeros_like(mean64) if beta is None else beta.double()
+        a = gamma64 / torch.sqrt(var64 + eps)
+        return cls(scale=a.to(mean.dtype), shift=(beta64 - mean64 * a).to(mean.dtype))
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.numel())
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Multiply-accumulates (per output position of the final layer) and parameters."""
+
+    macs: int
+    params: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.macs + other.macs, self.params + other.params)
+
+    def __le__(self, other: Cost) -> bool:
+        return self.macs <= other.macs and self.params <= other.params
+
+
+def cost(specs: Sequence[ConvSpec]) -> Cost:
+    """Cost of running ``specs`` one after another, normalised to the last one's output grid.
+
+    An earlier layer with a smaller cumulative stride produces more positions per final output
+    position; its MACs are scaled by that ratio (border effects ignored). For parallel branches
+    call this per branch and add: the branches share one output grid.
+    """
+    macs = 0.0
+    total_stride = [1] * specs[-1].ndim
+    for spec in specs:
+        total_stride = [t * s for t, s in zip(total_stride, spec.stride)]
+    cumulative = [1] * specs[-1].ndim
+    for spec in specs:
+        cumulative = [c * s for c, s in zip(cumulative, spec.stride)]
+        macs += spec.macs_per_position() * math.prod(t / c for t, c in zip(total_stride, cumulative))
+    return Cost(int(round(macs)), sum(s.params() for s in specs))
+
+
+# --------------------------------------------------------------------------- weight helpers
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def _dilate(w: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
+    """Insert ``d - 1`` zero taps between taps on each spatial dimension of ``w[.., .., *k]``."""
+    if all(d == 1 for d in dilation):
+        return w
+    k = w.shape[2:]
+    out = w.new_zeros(*w.shape[:2], *[d * (n - 1) + 1 for n, d in zip(k, dilation)])
+    out[(slice(None), slice(None), *[slice(None, None, d) for d in dilation])] = w
+    return out
+
+
+def _ungroup(w: torch.Tensor, groups: int, target: int) -> torch.Tensor:
+    """Re-express a ``groups``-grouped weight as ``target``-grouped (``target`` divides ``groups``).
+
+    ``w[Co, Ci/groups, *k]`` becomes ``[Co, Ci/target, *k]``: each coarse group holds
+    ``groups/target`` fine groups on its block diagonal and zeros elsewhere.
+    """
+    r = groups // target
+    if r == 1:
+        return w
+    co, cig = w.shape[0], w.shape[1]
+    k = tuple(w.shape[2:])
+    fine = w.reshape(target, r, co // groups, cig, *k)
+    out = w.new_zeros(target, r, co // groups, r, cig, *k)
+    idx = torch.arange(r)
+    out[:, idx, :, idx] = fine.transpose(0, 1)
+    return out.reshape(co, r * cig, *k)
+
+
+def _largest_groups(w: torch.Tensor, groups: int) -> int:
+    """Largest multiple of ``groups`` for which the weight is block diagonal (exact zeros)."""
+    co, cig = w.shape[0], w.shape[1]
+    per_out = co // groups
+    best = 1
+    for m in range(2, min(per_out, cig) + 1):
+        if per_out % m or cig % m:
+            continue
+        blocks = w.reshape(groups, m, per_out // m, m, cig // m, -1)
+        mask = torch.ones(m, m, dtype=torch.bool, device=w.device)
+        mask.fill_diagonal_(False)
+        off = blocks.abs().sum(dim=(0, 2, 4, 5))  # [m, m]
+        if bool(torch.all(off[mask] == 0)):
+            best = m
+    return groups * best
+
+
+def simplify(spec: ConvSpec) -> ConvSpec:
+    """The same function with the fewest taps and the most groups the weight allows.
+
+    Three exact rewrites: (1) zero-tap borders are trimmed while padding can absorb them (the
+    read offset ``-begin + j*d`` of every kept tap is unchanged); (2) taps spaced by a common
+    factor ``f`` become a kernel dilated by ``d*f``; (3) a weight that is block diagonal in exact
+    zeros gets the larger group count.
+    """
+    w = spec.weight
+    pads = list(spec.pads)
+    dilation = list(spec.dilation)
+    for dim in range(spec.ndim):
+        axis = dim + 2
+        reduce_dims = [a for a in range(w.dim()) if a != axis]
+        nz = torch.nonzero(w.abs().sum(dim=reduce_dims)).flatten().tolist() if w.numel() else []
+        if not nz:
+            continue
+        d = dilation[dim]
+        begin, end = pads[dim]
+        lead = min(nz[0], begin // d)
+        trail = min(w.shape[axis] - 1 - nz[-1], end // d)
+        if lead or trail:
+            w = w.narrow(axis, lead, w.shape[axis] - lead - trail)
+            pads[dim] = (begin - lead * d, end - trail * d)
+            nz = [i - lead for i in nz]
+        if nz[0] == 0 and nz[-1] == w.shape[axis] - 1 and len(nz) > 1:
+            f = reduce(math.gcd, nz[1:])
+            if f > 1:
+                w = w.index_select(axis, torch.arange(0, w.shape[axis], f, device=w.device))
+                dilation[dim] = d * f
+        if w.shape[axis] == 1:
+            dilation[dim] = 1
+    groups = _largest_groups(w, spec.groups)
+    if groups != spec.groups:
+        r = groups // spec.groups
+        cig = w.shape[1] // r
+        co_fine = w.shape[0] // groups
+        k = tuple(w.shape[2:])
+        blocks = w.reshape(spec.groups, r, co_fine, r, cig, *k)
+        idx = torch.arange(r)
+        w = blocks[:, idx, :, idx].transpose(0, 1).reshape(w.shape[0], cig, *k)
+    return spec.replace(weight=w.contiguous(), pads=tuple(pads), dilation=tuple(dilation), groups=groups)
+
+
+def _too_large(elements: int, what: str) -> Decline | None:
+    if elements > MAX_MERGED_ELEMENTS:
+        return Decline(
+            Reason.TOO_LARGE,
+            f"{what} would need {elements:,} weight elements, over the limit of {MAX_MERGED_ELEMENTS:,}",
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- rule: A then B
+def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
+    """Sequential composition: one conv ``C`` with ``C(x) == b(a(x))``.
+
+    Pattern: ``x -> a -> b``. Conditions: ranks and channels agree; in every spatial dim where
+    ``b`` pads, ``a`` must map zero to zero there (kernel 1, zero bias, zero-mode padding), else
+    the border differs (DESIGN.md cases 2 and 3); ``b`` pads with zeros only.
+    Algebra: stride ``sA*sB``; taps of ``a`` dilated by ``dA``, of ``b`` by ``dB*sA``;
+    ``C[o, i] = sum_c fullconv(A[c, i], B[o, c])`` computed by one grouped conv call; padding
+    ``pA + sA*pB`` per side in ``a``'s mode; bias ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped
+    by ``gcd(gA, gB)`` then by whatever further block structure the weight has.
+    """
+    if a.ndim != b.ndim:
+        return Decline(Reason.RANK_MISMATCH, f"{a.ndim}D conv feeds a {b.ndim}D conv")
+    if a.out_channels != b.in_channels:
+        return Decline(
+            Reason.CHANNEL_MISMATCH,
+            f"first conv has {a.out_channels} output channels, second expects {b.in_channels}",
+        )
+    padded_dims = [i for i, (pb, pe) in enumerate(b.pads) if pb or pe]
+    if padded_dims:
+        if b.padding_mode != "zeros":
+            return Decline(
+                Reason.PADDING_MODE,
+                f"second conv pads in {b.padding_mode!r} mode: its border reflects the first conv's "
+                "output, which no single conv reproduces",
+            )
+        spatial = [i for i in padded_dims if a.kernel_size[i] != 1]
+        if spatial or (a.padding_mode != "zeros" and any(a.pads[i] != (0, 0) for i in padded_dims)):
+            return Decline(
+                Reason.PADDED_AFTER_SPATIAL,
+                f"second conv pads {b.pads} after a first conv with kernel {a.kernel_size}: the border "
+                "of the first conv's output depends on the input, so zero-padding it is not one conv "
+                "(case 3)",
+            )
+        if a.has_nonzero_bias():
+            return Decline(
+                Reason.PADDED_AFTER_BIASED_POINTWISE,
+                "second conv zero-pads the output of a pointwise conv with non-zero bias: the merged "
+                "conv would see the bias on the border instead of zeros (case 2; exact only with a "
+                "constant correction map)",
+            )
+        if a.padding_mode != "zeros" and a.is_padded:
+            return Decline(
+                Reason.MIXED_PADDING_MODES,
+                f"merged conv would need {a.padding_mode!r} padding in some dims and zeros in others",
+            )
+
+    g = math.gcd(a.groups, b.groups)
+    sa = a.stride
+    ext_a = a.extent
+    ext_b = [db * s * (k - 1) + 1 for k, db, s in zip(b.kernel_size, b.dilation, sa)]
+    k_c = [x + y - 1 for x, y in zip(ext_a, ext_b)]
+    ci_g = a.in_channels // g
+    too_big = _too_large(b.out_channels * ci_g * math.prod(k_c), "merging these convs")
+    if too_big:
+        return too_big
+
+    wa = _dilate(_ungroup(_f64(a.weight), a.groups, g), a.dilation)  # [C1, Ci/g, *KA]
+    wb = _dilate(_ungroup(_f64(b.weight), b.groups, g), [d * s for d, s in zip(b.dilation, sa)])
+    wb_flipped = wb.flip(dims=list(range(2, wb.dim())))  # true convolution of the taps
+    x = wa.transpose(0, 1)  # Ci/g as batch, C1 as channels
+    pad = [e - 1 for e in ext_b]
+    wc = _CONV[a.ndim - 1](x, wb_flipped, None, 1, pad, 1, g).transpose(0, 1)  # [Co, Ci/g, *K]
+
+    bias = None
+    if a.bias is not None or b.bias is not None:
+        bias = _f64(b.bias_or_zeros())
+        if a.bias is not None:
+            wb_sum = _f64(b.weight).sum(dim=list(range(2, b.weight.dim())))  # [Co, C1/gB]
+            ba = _f64(a.bias).reshape(b.groups, -1)  # [gB, C1/gB]
+            bias = bias + (wb_sum.reshape(b.groups, -1, wb_sum.shape[1]) @ ba.unsqueeze(-1)).flatten()
+
+    dtype = a.dtype
+    merged = ConvSpec(
+        weight=wc.contiguous(),
+        bias=bias,
+        stride=tuple(x * y for x, y in zip(a.stride, b.stride)),
+        dilation=(1,) * a.ndim,
+        groups=g,
+        pads=tuple((pa0 + s * pb0, pa1 + s * pb1) for (pa0, pa1), (pb0, pb1), s in zip(a.pads, b.pads, sa)),
+        padding_mode=a.padding_mode if a.is_padded else "zeros",
+    )
+    return _cast(simplify(merged), dtype)
+
+
+def compose_chain(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
+    """Fold a chain ``specs[0] -> specs[1] -> ...`` left to right; the first decline stops it."""
+    merged = specs[0]
+    for nxt in specs[1:]:
+        result = compose(merged, nxt)
+        if isinstance(result, Decline):
+            return result
+        merged = result
+    return merged
+
+
+def _cast(spec: ConvSpec, dtype: torch.dtype) -> ConvSpec:
+    bias = None if spec.bias is None else spec.bias.to(dtype)
+    return spec.replace(weight=spec.weight.to(dtype), bias=bias)
+
+
+# --------------------------------------------------------------------------- rule: affine
+def then_affine(spec: ConvSpec, affine: ChannelAffine) -> ConvSpec | Decline:
+    """Conv then per-channel affine (inference BN, Mul/Add by constants).
+
+    Pattern: ``x -> conv -> scale*y + shift``. Condition: one scale per output channel.
+    Algebra: ``W'[o] = W[o] * scale[o]``, ``b'[o] = b[o] * scale[o] + shift[o]``.
+    """
+    if affine.channels != spec.out_channels:
+        return Decline(
+            Reason.CHANNEL_MISMATCH,
+            f"per-channel constant has {affine.channels} channels, conv has {spec.out_channels}",
+        )
+    scale, shift = _f64(affine.scale), _f64(affine.shift)
+    w = _f64(spec.weight) * scale.reshape(-1, *([1] * (spec.weight.dim() - 1)))
+    b = _f64(spec.bias_or_zeros()) * scale + shift
+    return spec.replace(weight=w.to(spec.dtype), bias=b.to(spec.dtype))
+
+
+def affine_conv(affine: ChannelAffine, ndim: int) -> ConvSpec:
+    """A per-channel affine as a depthwise pointwise conv (BN alone, BN before a conv)."""
+    c = affine.channels
+    weight = affine.scale.detach().reshape(c, 1, *([1] * ndim)).clone()
+    return ConvSpec(weight=weight, bias=affine.shift.detach().clone(), groups=c)
+
+
+def identity(channels: int, ndim: int, dtype: torch.dtype = torch.float32) -> ConvSpec:
+    """The identity map as a Dirac kernel: depthwise, kernel 1, weight 1."""
+    return ConvSpec(weight=torch.ones(channels, 1, *([1] * ndim), dtype=dtype), groups=channels)
+
+
+def average_pool(
+    channels: int,
+    kernel: Sequence[int],
+    stride: Sequence[int] | None = None,
+    pads: Sequence[tuple[int, int]] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ConvSpec:
+    """Average pooling whose zero padding counts in the divisor: a uniform depthwise kernel.
+
+    Only valid when padding is zero or ``count_include_pad`` is on, and without ``ceil_mode``;
+    the front ends check those attributes before calling this.
+    """
+    n = len(kernel)
+    weight = torch.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=dtype)
+    return ConvSpec(
+        weight=weight,
+        stride=tuple(stride) if stride is not None else tuple(kernel),
+        pads=tuple(pads) if pads is not None else ((0, 0),) * n,
+        groups=channels,
+    )
+
+
+# --------------------------------------------------------------------------- rule: A + B
+@dataclass(frozen=True)
+class _Window:
+    """The union read window of parallel convs, per spatial dim."""
+
+    begin: tuple[int, ...]  # largest begin padding
+    end: tuple[int, ...]  # largest end padding
+    size: tuple[int, ...]  # dense taps covering every branch's reads
+    mode: str
+
+
+def _union_window(specs: Sequence[ConvSpec], what: str) -> _Window | Decline:
+    first = specs[0]
+    for s in specs[1:]:
+        if s.ndim != first.ndim:
+            return Decline(Reason.RANK_MISMATCH, f"{what} branches are {first.ndim}D and {s.ndim}D")
+        if s.in_channels != first.in_channels:
+            return Decline(
+                Reason.CHANNEL_MISMATCH,
+                f"{what} branches read {first.in_channels} and {s.in_channels} input channels",
+            )
+        if s.stride != first.stride:
+            return Decline(Reason.STRIDE_MISMATCH, f"{what} branches have strides {first.stride} and {s.stride}")
+    # Output size is floor((n + slack) / s) + 1 with slack = begin + end - extent; equal for all n
+    # exactly when slack is equal.
+    slack = {tuple(b + e - x for (b, e), x in zip(s.pads, s.extent)) for s in specs}
+    if len(slack) != 1:
+        return Decline(
+            Reason.GRID_MISMATCH,
+            f"{what} branches produce different output grids (pads {[s.pads for s in specs]}, "
+            f"extents {[s.extent for s in specs]})",
+        )
+    modes = {s.padding_mode for s in specs if s.is_padded}
+    if len(modes) > 1:
+        return Decline(Reason.MIXED_PADDING_MODES, f"{what} branches pad in modes {sorted(modes)}")
+    (sl,) = slack
+    begin = tuple(max(s.pads[i][0] for s in specs) for i in range(first.ndim))
+    end = tuple(max(s.pads[i][1] for s in specs) for i in range(first.ndim))
+    size = tuple(b + e - x for b, e, x in zip(begin, end, sl))
+    return _Window(begin, end, size, modes.pop() if modes else "zeros")
+
+
+def _embed(spec: ConvSpec, window: _Window, groups: int) -> torch.Tensor:
+    """``spec``'s weight as dense taps in the union window, ``groups``-grouped, float64."""
+    w = _dilate(_ungroup(_f64(spec.weight), spec.groups, groups), spec.dilation)
+    out = w.new_zeros(*w.shape[:2], *window.size)
+    index = [slice(None), slice(None)]
+    for i, (b, _) in enumerate(spec.pads):
+        start = window.begin[i] - b  # offset -b in a window starting at -begin
+        index.append(slice(start, start + w.shape[i + 2]))
+    out[tuple(index)] = w
+    return out
+
+
+def add(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
+    """Parallel sum: one conv ``C`` with ``C(x) == sum_i specs[i](x)``.
+
+    Pattern: branches of one input combined by Add/Sum (RepVGG, ACNet, DBB, MobileOne).
+    Conditions: equal ranks, input and output channels and strides; equal output grids for every
+    input size (``begin + end - extent`` equal per dim); padded branches share one padding mode.
+    Algebra: branch ``i`` reads ``x[p*s - begin_i + j*d_i]``; embed each kernel densely in the
+    union window starting at ``-max(begin)``, sum weights and biases.
+    """
+    window = _union_window(specs, "summed")
+    if isinstance(window, Decline):
+        return window
+    if len({s.out_channels for s in specs}) != 1:
+        return Decline(
+            Reason.CHANNEL_MISMATCH,
+            f"summed branches have {[s.out_channels for s in specs]} output channels",
+        )
+    g = reduce(math.gcd, [s.groups for s in specs])
+    too_big = _too_large(specs[0].out_channels * specs[0].in_channels // g * math.prod(window.size), "the sum")
+    if too_big:
+        return too_big
+    weight = sum(_embed(s, window, g) for s in specs)
+    bias = None
+    if any(s.bias is not None for s in specs):
+        bias = sum(_f64(s.bias_or_zeros()) for s in specs)
+    merged = ConvSpec(
+        weight=weight,
+        bias=bias,
+        stride=specs[0].stride,
+        groups=g,
+        pads=tuple(zip(window.begin, window.end)),
+        padding_mode=window.mode,
+    )
+    return _cast(simplify(merged), specs[0].dtype)
+
+
+def concat(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
+    """Parallel convs of one input concatenated on channels: their weights stacked on ``Co``.
+
+    Same conditions as :func:`add` except output channels may differ; each branch is embedded
+    in the union window and the blocks are stacked.
+    """
+    window = _union_window(specs, "concatenated")
+    if isinstance(window, Decline):
+        return window
+    co = sum(s.out_channels for s in specs)
+    too_big = _too_large(co * specs[0].in_channels * math.prod(window.size), "the concatenation")
+    if too_big:
+        return too_big
+    weight = torch.cat([_embed(s, window, 1) for s in specs], dim=0)
+    bias = None
+    if any(s.bias is not None for s in specs):
+        bias = torch.cat([_f64(s.bias_or_zeros()) for s in specs])
+    merged = ConvSpec(
+        weight=weight,
+        bias=bias,
+        stride=specs[0].stride,
+        pads=tuple(zip(window.begin, window.end)),
+        padding_mode=window.mode,
+    )
+    return _cast(simplify(merged), specs[0].dtype)

@@ -1,0 +1,102 @@
+"""Conversions between torch layers and the shared descriptions (ConvSpec, ChannelAffine).
+
+Plumbing only: reading attributes and writing modules. The math lives in ``convfuse.algebra``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..algebra import ChannelAffine
+from ..decline import Decline, Reason
+from ..spec import ConvSpec, same_pads
+
+__all__ = [
+    "CONV_TYPES",
+    "BATCHNORM_TYPES",
+    "spec_from_conv",
+    "conv_from_spec",
+    "affine_from_batchnorm",
+]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PAD_TYPES = {
+    "zeros": (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d),
+    "reflect": (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d),
+    "replicate": (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
+    "circular": (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d),
+}
+
+
+def spec_from_conv(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> ConvSpec:
+    """Describe a torch conv; ``padding='same'`` becomes its exact (possibly asymmetric) pads."""
+    n = conv.weight.dim() - 2
+    if conv.padding == "same":
+        pads = same_pads(conv.kernel_size, conv.dilation, upper=True)
+    elif conv.padding == "valid":
+        pads = ((0, 0),) * n
+    else:
+        pads = tuple((int(p), int(p)) for p in conv.padding)
+    return ConvSpec(
+        weight=conv.weight.detach(),
+        bias=None if conv.bias is None else conv.bias.detach(),
+        stride=tuple(conv.stride),
+        dilation=tuple(conv.dilation),
+        groups=conv.groups,
+        pads=pads,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def conv_from_spec(spec: ConvSpec) -> nn.Module:
+    """A torch module computing ``spec``: a ConvNd, or ``Sequential(pad, ConvNd)`` when the
+    padding is asymmetric (torch convs pad symmetrically). Weights are copied, never shared."""
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spec.ndim - 1]
+    symmetric = all(b == e for b, e in spec.pads)
+    conv = cls(
+        spec.in_channels,
+        spec.out_channels,
+        spec.kernel_size,
+        stride=spec.stride,
+        padding=tuple(b for b, _ in spec.pads) if symmetric else 0,
+        dilation=spec.dilation,
+        groups=spec.groups,
+        bias=spec.bias is not None,
+        padding_mode=spec.padding_mode if symmetric else "zeros",
+        device=spec.weight.device,
+        dtype=spec.weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(spec.weight)
+        if spec.bias is not None:
+            conv.bias.copy_(spec.bias)
+    if symmetric:
+        return conv
+    flat = tuple(p for b, e in reversed(spec.pads) for p in (b, e))
+    pad_cls = _PAD_TYPES[spec.padding_mode][spec.ndim - 1]
+    pad = pad_cls(flat, 0.0) if spec.padding_mode == "zeros" else pad_cls(flat)
+    return nn.Sequential(pad, conv)
+
+
+def affine_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine | Decline:
+    """Inference BatchNorm as a per-channel affine, or why it is not one."""
+    if bn.training:
+        return Decline(
+            Reason.TRAINING_MODE,
+            f"{type(bn).__name__} is in training mode and normalises with batch statistics; "
+            "call .eval() before fusing",
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        return Decline(
+            Reason.TRAINING_MODE,
+            f"{type(bn).__name__} has track_running_stats=False and always uses batch statistics",
+        )
+    return ChannelAffine.from_batchnorm(
+        bn.running_mean.detach(),
+        bn.running_var.detach(),
+        None if bn.weight is None else bn.weight.detach(),
+        None if bn.bias is None else bn.bias.detach(),
+        bn.eps,
+    )
