@@ -210,12 +210,12 @@ def _too_large(elements: int, what: str) -> Decline | None:
 def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     """Sequential composition: one conv ``C`` with ``C(x) == b(a(x))``.
 
-    Pattern: ``x -> a -> b``. Conditions: ranks and channels agree; in every spatial dim where
-    ``b`` pads, ``a`` must map zero to zero there (kernel 1, zero bias, zero-mode padding), else
-    the border differs (DESIGN.md cases 2 and 3); ``b`` pads with zeros only.
+    Pattern: ``x -> a -> b``. Conditions: ranks and channels agree; where ``b`` pads, padding
+    ``a``'s output must equal padding ``a``'s input (see :func:`_check_b_padding`: DESIGN.md
+    case 1 exact, cases 2 and 3 declined).
     Algebra: stride ``sA*sB``; taps of ``a`` dilated by ``dA``, of ``b`` by ``dB*sA``;
     ``C[o, i] = sum_c fullconv(A[c, i], B[o, c])`` computed by one grouped conv call; padding
-    ``pA + sA*pB`` per side in ``a``'s mode; bias ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped
+    ``pA + sA*pB`` per side in ``a``'s mode (``b``'s if only ``b`` pads); bias ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped
     by ``gcd(gA, gB)`` then by whatever further block structure the weight has.
     """
     if a.ndim != b.ndim:
@@ -227,32 +227,12 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
         )
     padded_dims = [i for i, (pb, pe) in enumerate(b.pads) if pb or pe]
     if padded_dims:
-        if b.padding_mode != "zeros":
-            return Decline(
-                Reason.PADDING_MODE,
-                f"second conv pads in {b.padding_mode!r} mode: its border reflects the first conv's "
-                "output, which no single conv reproduces",
-            )
-        spatial = [i for i in padded_dims if a.kernel_size[i] != 1]
-        if spatial or (a.padding_mode != "zeros" and any(a.pads[i] != (0, 0) for i in padded_dims)):
-            return Decline(
-                Reason.PADDED_AFTER_SPATIAL,
-                f"second conv pads {b.pads} after a first conv with kernel {a.kernel_size}: the border "
-                "of the first conv's output depends on the input, so zero-padding it is not one conv "
-                "(case 3)",
-            )
-        if a.has_nonzero_bias():
-            return Decline(
-                Reason.PADDED_AFTER_BIASED_POINTWISE,
-                "second conv zero-pads the output of a pointwise conv with non-zero bias: the merged "
-                "conv would see the bias on the border instead of zeros (case 2; exact only with a "
-                "constant correction map)",
-            )
-        if a.padding_mode != "zeros" and a.is_padded:
-            return Decline(
-                Reason.MIXED_PADDING_MODES,
-                f"merged conv would need {a.padding_mode!r} padding in some dims and zeros in others",
-            )
+        decline = _check_b_padding(a, b, padded_dims)
+        if decline is not None:
+            return decline
+    mode = b.padding_mode if padded_dims else "zeros"
+    if a.is_padded:
+        mode = a.padding_mode
 
     g = math.gcd(a.groups, b.groups)
     sa = a.stride
@@ -287,9 +267,54 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
         dilation=(1,) * a.ndim,
         groups=g,
         pads=tuple((pa0 + s * pb0, pa1 + s * pb1) for (pa0, pa1), (pb0, pb1), s in zip(a.pads, b.pads, sa)),
-        padding_mode=a.padding_mode if a.is_padded else "zeros",
+        padding_mode=mode,
     )
     return _cast(simplify(merged), dtype)
+
+
+def _check_b_padding(a: ConvSpec, b: ConvSpec, padded_dims: list[int]) -> Decline | None:
+    """Whether B's padding of A's output equals a padding of A's input (DESIGN.md section 2).
+
+    Zero padding: A must send zero to zero on the border (kernel 1 and zero padding there, zero
+    bias: case 1); a biased pointwise A is case 2, a spatial A case 3. Reflect, replicate and
+    circular padding commute with any pointwise, stride-1, unpadded A (bias included), since
+    they only copy positions; anything else is declined.
+    """
+    spatial = [i for i in padded_dims if a.kernel_size[i] != 1]
+    if b.padding_mode != "zeros":
+        if spatial or any(a.stride[i] != 1 or a.pads[i] != (0, 0) for i in padded_dims):
+            return Decline(
+                Reason.PADDING_MODE,
+                f"second conv pads in {b.padding_mode!r} mode after a conv with kernel {a.kernel_size}, "
+                f"stride {a.stride}: its border copies the first conv's output, which no single conv "
+                "reproduces (exact only after a pointwise, stride-1, unpadded conv)",
+            )
+        if a.is_padded and a.padding_mode != b.padding_mode:
+            return Decline(
+                Reason.MIXED_PADDING_MODES,
+                f"merged conv would need {a.padding_mode!r} and {b.padding_mode!r} padding at once",
+            )
+        return None
+    if spatial or (a.padding_mode != "zeros" and any(a.pads[i] != (0, 0) for i in padded_dims)):
+        return Decline(
+            Reason.PADDED_AFTER_SPATIAL,
+            f"second conv pads {b.pads} after a first conv with kernel {a.kernel_size}: the border "
+            "of the first conv's output depends on the input, so zero-padding it is not one conv "
+            "(case 3)",
+        )
+    if a.has_nonzero_bias():
+        return Decline(
+            Reason.PADDED_AFTER_BIASED_POINTWISE,
+            "second conv zero-pads the output of a pointwise conv with non-zero bias: the merged "
+            "conv would see the bias on the border instead of zeros (case 2; exact only with a "
+            "constant correction map)",
+        )
+    if a.padding_mode != "zeros" and a.is_padded:
+        return Decline(
+            Reason.MIXED_PADDING_MODES,
+            f"merged conv would need {a.padding_mode!r} padding in some dims and zeros in others",
+        )
+    return None
 
 
 def compose_chain(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
