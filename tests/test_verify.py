@@ -1,0 +1,408 @@
+"""The verifier library on ONNX models: it must pass what matches and fail what does not."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+import verify_models as vm
+from convfuse import verify
+from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
+from convfuse.testing import assert_equivalent
+from convfuse.verify import (
+    DEFAULT_RTOL,
+    VerifyResult,
+    attribute,
+    compare,
+    load_inputs,
+    locate,
+    parse_shape,
+    tolerance_for,
+    verify_onnx,
+)
+
+verify_module = importlib.import_module("convfuse.verify")  # `convfuse.verify` is the function
+
+
+# =========================================================================== comparison math
+def test_tolerance_is_relative_to_the_reference_scale() -> None:
+    ref = np.array([100.0, -200.0, 50.0])
+    at_limit = ref + np.array([0.0, 200.0 * 0.99e-5, 0.0])  # error just under rtol * max|ref|
+    assert compare(ref, at_limit, rtol=1e-5, atol=0.0).passed
+    beyond = ref + np.array([0.0, 0.0, 200.0 * 1.01e-5])
+    c = compare(ref, beyond, rtol=1e-5, atol=0.0)
+    assert not c.passed and c.mismatched == 1
+    assert c.scale == 200.0 and c.tolerance == pytest.approx(2e-3)
+    assert c.max_rel_error == pytest.approx(1.01e-5)
+
+
+def test_atol_adds_to_the_relative_tolerance_and_zero_outputs_need_it() -> None:
+    zeros = np.zeros(4)
+    assert not compare(zeros, zeros + 1e-30, rtol=1e-5, atol=0.0).passed  # scale 0: exact unless atol
+    assert compare(zeros, zeros + 1e-30, rtol=1e-5, atol=1e-20).passed
+
+
+def test_non_finite_values_must_agree_position_by_position() -> None:
+    ref = np.array([1.0, np.nan, np.inf, -np.inf])
+    assert compare(ref, ref.copy(), rtol=1e-5, atol=0.0).passed
+    c = compare(ref, np.array([1.0, 0.0, np.inf, -np.inf]), rtol=1e-5, atol=0.0)
+    assert not c.passed and c.max_abs_error == math.inf and c.mismatched == 1
+    assert not compare(ref, np.array([np.nan, np.nan, np.inf, -np.inf]), rtol=1e-5, atol=0.0).passed
+    assert not compare(ref, np.array([1.0, np.nan, -np.inf, -np.inf]), rtol=1e-5, atol=0.0).passed
+
+
+def test_integer_and_bool_outputs_match_exactly_whatever_the_tolerance() -> None:
+    assert tolerance_for("int64", rtol=0.5, atol=10.0) == (0.0, 0.0, True)
+    assert tolerance_for("bool") == (0.0, 0.0, True)
+    ref = np.array([1, 2, 3], np.int64)
+    c = compare(ref, np.array([1, 2, 4], np.int64), rtol=0.0, atol=0.0, exact=True)
+    assert not c.passed and c.max_abs_error == 1.0
+    assert compare(ref, ref.copy(), rtol=0.0, atol=0.0, exact=True).passed
+
+
+def test_default_tolerances_per_dtype() -> None:
+    assert DEFAULT_RTOL == {"float64": 1e-9, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+    assert tolerance_for("float32") == (1e-5, 0.0, False)
+    assert tolerance_for("float16", rtol=0.1, atol=1e-3) == (0.1, 1e-3, False)
+
+
+def _ring(shape: tuple[int, ...], width: int) -> np.ndarray:
+    """A [1, 1, *shape] mask, True on a border ring of ``width``."""
+    mask = np.ones(shape, bool)
+    mask[tuple(slice(width, n - width) for n in shape)] = False
+    return mask[None, None]
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_locate_names_a_border_ring_and_its_width(width: int) -> None:
+    assert locate(_ring((16, 16), width), 2) == ("border", width)
+    assert locate(_ring((12, 12, 12), width), 2) == ("border", width)  # 3D too
+
+
+def test_locate_interior_and_everywhere() -> None:
+    inner = np.zeros((1, 1, 16, 16), bool)
+    inner[0, 0, 5:9, 6:8] = True
+    assert locate(inner, 2) == ("interior", None)
+    both = inner.copy()
+    both[0, 0, 0, 3] = True
+    assert locate(both, 2) == ("everywhere", None)
+    wide = _ring((16, 16), 6)  # deeper than a few pixels: not a padding signature
+    assert locate(wide, 2) == ("everywhere", None)
+    assert locate(np.ones((1, 1, 2, 8), bool), 2) == (None, None)  # grid too small to tell
+
+
+def test_compare_reports_border_and_interior_error() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 1, 4, 10, 10))
+    cand = ref + 1e-9 * rng.standard_normal(ref.shape)
+    cand[..., 0, :] += 0.5  # top row wrong
+    c = compare(ref, cand, rtol=1e-5, atol=0.0, spatial_from=3)
+    assert (c.location, c.border_width) == ("border", 1)
+    assert c.interior_max_abs_error is not None and c.interior_max_abs_error <= c.tolerance
+
+
+# =========================================================================== ONNX models
+def test_identical_models_pass_from_proto_and_from_path(tmp_path) -> None:
+    ref = vm.padded_chain()
+    result = verify_onnx(ref, ref)
+    assert result.passed and result.exit_code == 0
+    assert [c.max_abs_error for c in result.checks] == [0.0]
+    assert result.devices == ("cpu",) and result.samples == 2 and result.seed == 0
+    onnx.save(ref, tmp_path / "ref.onnx")
+    onnx.save(ref, tmp_path / "cand.onnx")
+    from_path = verify(str(tmp_path / "ref.onnx"), tmp_path / "cand.onnx")  # str and PathLike
+    assert from_path.passed and from_path.reference.endswith("ref.onnx")
+
+
+def test_an_exact_merge_passes_with_the_default_fp32_tolerance() -> None:
+    """Positive twin of the border test: conv2 without padding merges exactly into one 5x5 conv."""
+    result = verify_onnx(vm.unpadded_chain(), vm.exact_merge(), samples=3)
+    assert result.passed, result.to_text()
+    (check,) = result.checks
+    assert 0 < check.max_rel_error < 1e-6  # float32 rounding of the composed kernel, far under 1e-5
+
+
+@pytest.mark.parametrize("key", ["conv1.w", "conv2.w"])
+@pytest.mark.parametrize("which", ["largest", "median"])
+def test_one_weight_off_by_1e_3_relative_is_caught_and_attributed(key: str, which: str) -> None:
+    params = vm.chain_params()
+    changed = {k: v.copy() for k, v in params.items()}
+    flat = changed[key].reshape(-1)
+    magnitude = np.abs(flat)
+    i = int(np.argmax(magnitude)) if which == "largest" else int(np.argsort(magnitude)[flat.size // 2])
+    flat[i] = np.float32(flat[i] * (1 + 1e-3))
+    result = verify_onnx(vm.padded_chain(params), vm.padded_chain(changed))
+    assert not result.passed and result.exit_code == 1
+    (check,) = result.checks
+    assert check.comparison is not None and check.comparison.location == "everywhere"
+    (suspect,) = result.suspects
+    node = key.split(".")[0]
+    assert suspect.candidate_nodes == (f"Conv '{node}'",)
+    assert suspect.reference_nodes == (f"Conv '{node}'",)
+
+
+def test_naive_merge_of_a_padded_chain_is_caught_as_a_border_error() -> None:
+    result = verify_onnx(vm.padded_chain(), vm.naive_merge())
+    assert not result.passed
+    (check,) = result.checks
+    c = check.comparison
+    assert c is not None and (c.location, c.border_width) == ("border", 1)
+    assert c.interior_max_abs_error is not None and c.interior_max_abs_error <= c.tolerance
+    channels, size = vm.CHANNELS[2], vm.SIZE
+    ring = size * size - (size - 2) ** 2
+    assert 0.9 * ring * channels * 2 <= c.mismatched <= ring * channels * 2  # 2 samples, ring only
+    assert "on the border only (ring width 1" in check.verdict()
+    (suspect,) = result.suspects
+    assert suspect.candidate_nodes == ("Conv 'merged'",)
+    assert suspect.reference_nodes == ("Conv 'conv1'", "Conv 'conv2'")
+    assert "padding" in result.to_text()
+
+
+def test_attribution_names_the_first_wrong_merge_not_the_ones_after_it() -> None:
+    ref = vm.two_regions()
+    result = verify_onnx(ref, vm.two_regions(merge_first="naive", merge_second="exact"))
+    assert not result.passed
+    (suspect,) = result.suspects
+    assert suspect.check.name == "b" and suspect.candidate_nodes == ("Conv 'merged_a'",)
+    assert suspect.reference_nodes == ("Conv 'conv1'", "Conv 'conv2'")
+    assert suspect.check.comparison is not None and suspect.check.comparison.location == "border"
+
+
+def test_attribution_names_a_later_merge_when_the_earlier_one_is_right() -> None:
+    ref = vm.two_regions()
+    assert verify_onnx(ref, vm.two_regions(merge_second="exact")).passed
+    result = verify_onnx(ref, vm.two_regions(merge_second="perturbed"))
+    (suspect,) = result.suspects
+    assert suspect.check.name == "y" and suspect.candidate_nodes == ("Conv 'merged_b'",)
+    assert suspect.reference_nodes == ("Conv 'conv3'", "Conv 'conv4'")
+
+
+def test_attribution_can_be_turned_off_and_called_alone() -> None:
+    ref, cand = vm.two_regions(), vm.two_regions(merge_first="naive")
+    assert verify_onnx(ref, cand, attribution=False).suspects == ()
+    suspects = attribute(ref, cand, shapes=None, samples=1)
+    assert [s.check.name for s in suspects] == ["b"]
+    assert attribute(ref, ref) == ()
+
+
+def test_attribution_follows_aliases_for_renamed_tensors() -> None:
+    cand = vm.two_regions(merge_first="naive")
+    for node in cand.graph.node:  # a front end that renamed the merged output
+        node.output[:] = ["b_merged" if o == "b" else o for o in node.output]
+        node.input[:] = ["b_merged" if i == "b" else i for i in node.input]
+    (without,) = attribute(vm.two_regions(), cand)
+    assert without.check.name == "r"  # first shared tensor after the renamed one
+    (with_alias,) = attribute(vm.two_regions(), cand, aliases={"b_merged": "b"})
+    assert with_alias.check.name == "b_merged" and with_alias.candidate_nodes == ("Conv 'merged_a'",)
+
+
+def test_verification_does_not_change_the_caller_models() -> None:
+    ref, cand = vm.two_regions(), vm.two_regions(merge_first="naive")
+    before = (ref.SerializeToString(), cand.SerializeToString())
+    assert not verify_onnx(ref, cand).passed
+    assert (ref.SerializeToString(), cand.SerializeToString()) == before
+
+
+def test_several_inputs_and_outputs_of_several_dtypes() -> None:
+    ref = vm.multi_io()
+    result = verify_onnx(ref, vm.multi_io(reorder=True), samples=3, seed=5)
+    assert result.passed, result.to_text()
+    assert [c.name for c in result.checks] == ["y", "z", "idx"]
+    assert [c.dtype for c in result.checks] == ["float32", "float32", "int64"]
+    assert [c.exact for c in result.checks] == [False, False, True]
+    assert [(n, d) for n, d, _ in result.inputs] == [("x", "float32"), ("s", "float32"), ("k", "int64"), ("m", "bool")]
+
+    shifted = verify_onnx(ref, vm.multi_io(shift=1e-3))
+    assert [c.passed for c in shifted.checks] == [False, True, True]  # only y moves; its argmax holds
+    flipped = verify_onnx(ref, vm.multi_io(flip_argmax=True), attribution=False)
+    assert [c.passed for c in flipped.checks] == [True, True, False]
+    assert flipped.checks[2].max_abs_error >= 1
+
+
+def test_int64_and_bool_inputs_are_generated_deterministically() -> None:
+    ports = [("k", "int64", (2, 50)), ("m", "bool", (2, 50)), ("x", "float16", (3,))]
+    first = verify_module._generate(ports, 2, 7)
+    again = verify_module._generate(ports, 2, 7)
+    other = verify_module._generate(ports, 2, 8)
+    for a, b in zip(first, again):
+        assert all(np.array_equal(a[n], b[n]) for n in a)
+    assert not np.array_equal(first[0]["k"], other[0]["k"])
+    assert not np.array_equal(first[0]["k"], first[1]["k"])  # samples differ
+    k, m, x = first[0]["k"], first[0]["m"], first[0]["x"]
+    assert k.dtype == np.int64 and k.min() >= 0 and k.max() <= 3 and len(np.unique(k)) == 4
+    assert m.dtype == np.bool_ and 0 < m.sum() < m.size
+    assert x.dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    "elem_type, dtype",
+    [(TensorProto.FLOAT, "float32"), (TensorProto.FLOAT16, "float16"), (TensorProto.DOUBLE, "float64"), (TensorProto.BFLOAT16, "bfloat16")],
+)
+def test_float_dtypes_get_their_own_default_tolerance(elem_type: int, dtype: str) -> None:
+    ref = vm.elementwise(elem_type)
+    same = verify_onnx(ref, vm.elementwise(elem_type))
+    assert same.passed and same.checks[0].dtype == dtype and same.checks[0].rtol == DEFAULT_RTOL[dtype]
+    assert same.inputs[0][1] == dtype
+    wrong = verify_onnx(ref, vm.elementwise(elem_type, scale=2.2))  # 7% off
+    assert not wrong.passed
+
+
+def test_float16_conv_merge_passes_under_the_float16_tolerance() -> None:
+    result = verify_onnx(vm.fp16_chain(), vm.fp16_chain(merged=True))
+    assert result.passed, result.to_text()
+    assert result.checks[0].dtype == "float16" and 1e-4 < result.checks[0].max_rel_error < 1e-2
+
+
+def test_symbolic_dims_default_to_one_with_a_note() -> None:
+    ref = vm.padded_chain(dims=["N", 3, "H", "W"])
+    result = verify_onnx(ref, ref)
+    assert result.passed
+    assert result.inputs == (("x", "float32", (1, 3, 1, 1)),)
+    assert sum("symbolic" in n for n in result.notes) == 3
+    assert any("'H'" in n and "--shape x=" in n for n in result.notes)
+
+
+def test_symbolic_dims_take_the_given_shape() -> None:
+    dims = ["N", 3, "H", "W"]
+    ref, cand = vm.padded_chain(dims=dims), vm.naive_merge(dims=dims)
+    result = verify_onnx(ref, cand, shapes={"x": (2, 3, 12, 20)})
+    assert result.inputs == (("x", "float32", (2, 3, 12, 20)),)
+    assert not any("symbolic" in n for n in result.notes)
+    assert result.checks[0].shape == (2, 6, 12, 20)
+    assert result.checks[0].comparison is not None and result.checks[0].comparison.location == "border"
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ({"x": (1, 3, 16)}, "does not fit"),
+        ({"x": (1, 4, 16, 16)}, "does not fit"),
+        ({"nope": (1,)}, "not a model input"),
+    ],
+)
+def test_bad_shapes_are_errors(shapes: dict, message: str) -> None:
+    ref = vm.padded_chain(dims=["N", 3, "H", "W"])
+    with pytest.raises(ConvfuseError, match=message):
+        verify_onnx(ref, ref, shapes=shapes)
+
+
+def test_parse_shape() -> None:
+    assert parse_shape("input=1x3x224x224") == ("input", (1, 3, 224, 224))
+    assert parse_shape("a=b=2,3") == ("a=b", (2, 3))
+    for bad in ["input", "=1x2", "x=1xa", "x=0x3"]:
+        with pytest.raises(ConvfuseError):
+            parse_shape(bad)
+
+
+def test_different_input_or_output_names_are_bad_input() -> None:
+    ref = vm.padded_chain()
+    renamed_out = vm.padded_chain()
+    renamed_out.graph.node[-1].output[0] = "out"
+    renamed_out.graph.output[0].name = "out"
+    with pytest.raises(InvalidModelError, match="same output names.*only in reference: y; only in candidate: out"):
+        verify_onnx(ref, renamed_out)
+    renamed_in = vm.padded_chain()
+    renamed_in.graph.node[0].input[0] = "image"
+    renamed_in.graph.input[0].name = "image"
+    with pytest.raises(InvalidModelError, match="same input names"):
+        verify_onnx(ref, renamed_in)
+
+
+def test_a_shape_change_is_a_mismatch_not_an_error() -> None:
+    result = verify_onnx(vm.unpadded_chain(), vm.naive_merge())  # 14x14 vs 16x16 output
+    (check,) = result.checks
+    assert not result.passed and check.comparison is None and check.problem == "candidate shape is 1x6x16x16"
+    assert "FAIL: candidate shape is 1x6x16x16" in result.to_text()
+
+
+def test_given_inputs_are_used_and_checked(tmp_path) -> None:
+    ref = vm.multi_io()
+    rng = np.random.default_rng(0)
+    given = {
+        "x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32),
+        "s": np.zeros((1, 4, 8, 8), np.float32),
+        "k": np.ones((1, 4, 8, 8), np.int64),
+        "m": np.ones((1, 4, 8, 8), bool),
+    }
+    np.savez(tmp_path / "in.npz", **given)
+    result = verify_onnx(ref, ref, inputs=load_inputs(tmp_path / "in.npz"))
+    assert result.passed and result.samples == 1
+    assert verify_onnx(ref, ref, inputs=[given, given]).samples == 2
+    with pytest.raises(ConvfuseError, match="declared int64 but the array given is int32"):
+        verify_onnx(ref, ref, inputs={**given, "k": given["k"].astype(np.int32)})
+    with pytest.raises(ConvfuseError, match="missing m"):
+        verify_onnx(ref, ref, inputs={n: a for n, a in given.items() if n != "m"})
+    with pytest.raises(ConvfuseError, match="does not fit"):
+        verify_onnx(ref, ref, inputs={**given, "x": given["x"][:, :2]})
+
+
+def test_bad_input_files() -> None:
+    with pytest.raises(ConvfuseError, match="does not exist"):
+        load_inputs("/nonexistent/in.npz")
+    with pytest.raises(InvalidModelError, match="does not exist"):
+        verify_onnx("/nonexistent/ref.onnx", vm.padded_chain())
+
+
+def test_garbage_model_file_is_an_invalid_model(tmp_path) -> None:
+    path = tmp_path / "garbage.onnx"
+    path.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(InvalidModelError, match="garbage.onnx"):
+        verify_onnx(path, vm.padded_chain())
+
+
+def test_a_model_onnxruntime_cannot_load_is_an_error_with_a_clean_message() -> None:
+    m = vm.padded_chain()
+    m.ir_version = 99
+    with pytest.raises(InvalidModelError, match="onnxruntime cannot load the candidate: Unsupported model IR") as e:
+        verify_onnx(vm.padded_chain(), m)
+    assert "onnxruntime_src" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cuda_requested_without_cuda_raises_device_unavailable() -> None:
+    if verify_module._cuda_in_ort():
+        pytest.skip("this machine has CUDA for onnxruntime")
+    with pytest.raises(DeviceUnavailableError, match="CUDA was requested but onnxruntime has no CUDAExecutionProvider"):
+        verify_onnx(vm.padded_chain(), vm.padded_chain(), device="cuda")
+
+
+def test_all_devices_runs_cpu_and_says_when_cuda_is_absent(monkeypatch) -> None:
+    ref = vm.padded_chain()
+    if not verify_module._cuda_in_ort():
+        result = verify_onnx(ref, ref, device="all")
+        assert result.devices == ("cpu",) and any("cuda not checked" in n for n in result.notes)
+    with pytest.raises(ConvfuseError, match="device must be one of"):
+        verify_onnx(ref, ref, device="tpu")
+
+
+def test_result_text_and_dict() -> None:
+    result = verify_onnx(vm.padded_chain(), vm.naive_merge())
+    assert isinstance(result, VerifyResult)
+    text = result.to_text()
+    assert text.startswith("FAIL: 1 of 1 output checks differ") and "first divergence" in text
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["passed"] is False and data["exit_code"] == 1 and data["devices"] == ["cpu"]
+    (out,) = data["outputs"]
+    assert out["name"] == "y" and out["location"] == "border" and out["border_width"] == 1
+    assert out["tolerance"] == pytest.approx(out["rtol"] * out["scale"])
+    assert data["suspects"][0]["candidate_nodes"] == ["Conv 'merged'"]
+    assert verify_onnx(vm.padded_chain(), vm.padded_chain()).to_text().startswith("PASS: ")
+
+
+def test_verify_rejects_a_mixed_pair() -> None:
+    with pytest.raises(ConvfuseError, match="two ONNX models .* or two nn.Modules"):
+        verify(vm.padded_chain(), 3)
+
+
+def test_assert_equivalent() -> None:
+    ref = vm.padded_chain()
+    assert assert_equivalent(ref, ref).passed
+    with pytest.raises(AssertionError, match="(?s)not equivalent.*border"):
+        assert_equivalent(ref, vm.naive_merge())
+    with pytest.raises(InvalidModelError):  # a broken setup is an error, not a failed assertion
+        assert_equivalent("/nonexistent.onnx", ref)
