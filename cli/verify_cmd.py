@@ -7,7 +7,8 @@ import json
 import click
 
 from convfuse.errors import ConvfuseError
-from convfuse.verify import DEVICES, load_inputs, parse_shape, verify_onnx
+from convfuse.runtime import DEVICES, load_inputs, parse_shape
+from convfuse.verify import verify_onnx
 
 __all__ = ["verify"]
 
@@ -16,11 +17,11 @@ EXIT_ERROR = 2
 
 
 @click.command("verify")
-@click.argument("reference", type=click.Path(dir_okay=False))
-@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).")
-@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--inputs", "inputs_file", type=click.Path(), default=None,
               help="Run on these inputs (.npz, one array per input name) instead of random ones.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS",
               help="Shape of an input with symbolic dims, e.g. input=1x3x224x224 (repeatable).")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 
@@ -15,19 +14,9 @@ import verify_models as vm
 from convfuse import verify
 from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
 from convfuse.testing import assert_equivalent
-from convfuse.verify import (
-    DEFAULT_RTOL,
-    VerifyResult,
-    attribute,
-    compare,
-    load_inputs,
-    locate,
-    parse_shape,
-    tolerance_for,
-    verify_onnx,
-)
-
-verify_module = importlib.import_module("convfuse.verify")  # `convfuse.verify` is the function
+from convfuse.compare import DEFAULT_RTOL, compare, locate, tolerance_for
+from convfuse.runtime import InputSpec, cuda_in_ort, generate_inputs, load_inputs, parse_shape
+from convfuse.verify import VerifyResult, attribute, verify_onnx
 
 
 # =========================================================================== comparison math
@@ -226,10 +215,10 @@ def test_several_inputs_and_outputs_of_several_dtypes() -> None:
 
 
 def test_int64_and_bool_inputs_are_generated_deterministically() -> None:
-    ports = [("k", "int64", (2, 50)), ("m", "bool", (2, 50)), ("x", "float16", (3,))]
-    first = verify_module._generate(ports, 2, 7)
-    again = verify_module._generate(ports, 2, 7)
-    other = verify_module._generate(ports, 2, 8)
+    ports = [InputSpec("k", "int64", (2, 50)), InputSpec("m", "bool", (2, 50)), InputSpec("x", "float16", (3,))]
+    first = generate_inputs(ports, 2, 7)
+    again = generate_inputs(ports, 2, 7)
+    other = generate_inputs(ports, 2, 8)
     for a, b in zip(first, again):
         assert all(np.array_equal(a[n], b[n]) for n in a)
     assert not np.array_equal(first[0]["k"], other[0]["k"])
@@ -365,7 +354,7 @@ def test_a_model_onnxruntime_cannot_load_is_an_error_with_a_clean_message() -> N
 
 
 def test_cuda_requested_without_cuda_raises_device_unavailable() -> None:
-    if verify_module._cuda_in_ort():
+    if cuda_in_ort():
         pytest.skip("this machine has CUDA for onnxruntime")
     with pytest.raises(DeviceUnavailableError, match="CUDA was requested but onnxruntime has no CUDAExecutionProvider"):
         verify_onnx(vm.padded_chain(), vm.padded_chain(), device="cuda")
@@ -373,7 +362,7 @@ def test_cuda_requested_without_cuda_raises_device_unavailable() -> None:
 
 def test_all_devices_runs_cpu_and_says_when_cuda_is_absent(monkeypatch) -> None:
     ref = vm.padded_chain()
-    if not verify_module._cuda_in_ort():
+    if not cuda_in_ort():
         result = verify_onnx(ref, ref, device="all")
         assert result.devices == ("cpu",) and any("cuda not checked" in n for n in result.notes)
     with pytest.raises(ConvfuseError, match="device must be one of"):
