@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_RTOL", "Comparison", "compare", "locate", "tolerance_for"]
+__all__ = ["CONTRAST", "DEFAULT_RTOL", "Comparison", "compare", "locate", "tolerance_for"]
 
 #: Default relative tolerance per dtype, as a fraction of the tensor's max |reference|.
 #: Measured (16 RepVGG-style blocks, 3x3 + 1x1 + identity, merged in float64 and cast back, vs
@@ -109,31 +109,43 @@ def compare(
     mismatched = int(np.count_nonzero(bad))
     location = width = interior = None
     if mismatched and spatial_from is not None:
-        location, width = locate(bad, spatial_from)
+        error = np.where(bad & ~(diff > tol), math.inf, diff)  # non-finite disagreements count as inf
+        location, width = locate(error, tol, spatial_from)
         if location == "border" and width is not None:
             interior = float(_interior(diff, spatial_from, width).max())
     return Comparison(max_abs, scale, tol, mismatched, int(bad.size), location, width, interior)
 
 
-def locate(bad: np.ndarray, spatial_from: int) -> tuple[str | None, int | None]:
-    """Where the failing elements ``bad`` sit on the grid of axes ``spatial_from`` onwards.
+#: A border (or interior) error must be this many times the error elsewhere to be named so.
+CONTRAST = 10.0
 
-    ``("border", w)``: every failure lies within ``w`` of an edge, ``w <= max(1, min(min(spatial)
-    // 4, 8))``, and an interior is left inside that ring: right in the middle, wrong at the
-    edge, the signature of a padding mistake. ``("interior", None)``: the outermost ring is
-    clean. ``("everywhere", None)`` otherwise. ``(None, None)`` when a spatial size is below 3.
+
+def locate(error: np.ndarray, tolerance: float, spatial_from: int) -> tuple[str | None, int | None]:
+    """Where ``error`` exceeds ``tolerance`` on the grid of axes ``spatial_from`` onwards.
+
+    ``("border", w)``: every failure lies within ``w`` of an edge (``w <= max(1, min(min(spatial)
+    // 4, 8))``), an interior is left inside that ring, and the ring's worst error is at least
+    :data:`CONTRAST` times the interior's: right in the middle, wrong at the edge, the signature
+    of a padding mistake. ``("interior", None)``: likewise with the outermost ring clean.
+    ``("everywhere", None)`` otherwise (errors of one size that cross the tolerance here and
+    there are noise, not a place). ``(None, None)``: nothing fails, or a spatial size is below 3.
     """
-    spatial = bad.shape[spatial_from:]
+    spatial = error.shape[spatial_from:]
     if not spatial or min(spatial) < 3:
         return None, None
-    failing = bad.reshape(-1, *spatial).any(axis=0)
-    distance = _edge_distance(spatial)[failing]
-    width = int(distance.max()) + 1
-    max_width = max(1, min(min(spatial) // 4, 8))
-    if width <= max_width and (min(spatial) - 1) // 2 >= width:
-        return "border", width
-    if int(distance.min()) >= 1:
-        return "interior", None
+    worst = error.reshape(-1, *spatial).max(axis=0)  # per position, over samples, batch, channels
+    failing = worst > tolerance
+    if not failing.any():
+        return None, None
+    distance = _edge_distance(spatial)
+    width = int(distance[failing].max()) + 1
+    if width <= max(1, min(min(spatial) // 4, 8)) and (min(spatial) - 1) // 2 >= width:
+        ring, inside = worst[distance < width].max(), worst[distance >= width].max()
+        return ("border", width) if ring >= CONTRAST * inside else ("everywhere", None)
+    if int(distance[failing].min()) >= 1:
+        ring, inside = worst[distance == 0].max(), worst[distance >= 1].max()
+        if inside >= CONTRAST * ring:
+            return "interior", None
     return "everywhere", None
 
 

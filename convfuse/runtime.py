@@ -332,7 +332,7 @@ def given_feeds(
 # =========================================================================== generated inputs
 def bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """Values rounded to bfloat16 (nearest even), as uint16 bit patterns (numpy has no bfloat16)."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    bits = np.array(values, dtype=np.float32, order="C").view(np.uint32)
     return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
 
 
@@ -344,11 +344,11 @@ def bfloat16_values(bits: np.ndarray) -> np.ndarray:
 def _random_array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal floats, integers in ``[0, INT_INPUT_HIGH)``, fair bools, held per ``ONNX_DTYPES``."""
     if dtype in DEFAULT_RTOL:
-        values = rng.standard_normal(shape)
+        values = np.asarray(rng.standard_normal(shape))
         return bfloat16_bits(values) if dtype == "bfloat16" else values.astype(dtype)
     if dtype == "bool":
-        return rng.random(shape) < 0.5
-    return rng.integers(0, INT_INPUT_HIGH, size=shape).astype(dtype)
+        return np.asarray(rng.random(shape) < 0.5)
+    return np.asarray(rng.integers(0, INT_INPUT_HIGH, size=shape)).astype(dtype)
 
 
 def generate_inputs(specs: Sequence[InputSpec], samples: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -405,7 +405,7 @@ def run(
     rt = ort()
     values = {}
     for name, array in feed.items():
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # keeps rank 0, unlike ascontiguousarray
         if ports[name].elem_type == TensorProto.BFLOAT16:
             values[name] = rt.OrtValue.ortvalue_from_numpy_with_onnx_type(array, TensorProto.BFLOAT16)
         else:

@@ -132,10 +132,11 @@ class OutputCheck:
 
 @dataclass(frozen=True)
 class Suspect:
-    """Where the candidate first diverges: a shared tensor and the nodes that compute it.
+    """A region of the candidate that is wrong on its own, and the reference nodes it replaced.
 
-    ``candidate_nodes`` lie between the nearest matching shared tensors and ``check.name``
-    (typically one merged Conv); ``reference_nodes`` are what they replaced.
+    ``candidate_nodes`` compute the shared tensor ``check.name`` from the nearest shared tensors
+    before it (typically one merged Conv); ``check`` judges them run alone on the reference's
+    values at those tensors, so the error is theirs, not inherited.
     """
 
     check: OutputCheck
@@ -145,7 +146,7 @@ class Suspect:
     def line(self) -> str:
         where = self.check.where()
         return (
-            f"first divergence: tensor '{self.check.name}' from candidate "
+            f"wrong on its own: tensor '{self.check.name}' from candidate "
             f"{', '.join(self.candidate_nodes) or 'no node'} (reference: "
             f"{', '.join(self.reference_nodes) or 'no node'}): max rel err {_sci(self.check.max_rel_error)}"
             + (f", {where}" if where else "")
@@ -460,23 +461,79 @@ def attribute(
         if not all(check.passed for check in checks.values()):
             break
 
+    # Each diverging region runs alone on the reference's values at its boundary: an error it
+    # makes there is its own; one it loses there was inherited from upstream.
     ref_boundary = set(shared.values())
+    ref_values = {c: ref_run[r] for c, r in shared.items()}
     suspects = []
     for name, check in checks.items():
         if check.passed:
             continue
         cand_nodes, reached = _region(cand_graph, cand_producers, name, lambda t: t in checks)
-        if any(not checks[t].passed for t in reached):
-            continue  # inherits a divergence from upstream
+        try:
+            alone = _region_alone(
+                cand_model, cand_nodes, name, cand_types, {**feed, **ref_values}, ref_run[shared[name]], device,
+                rtol, atol,
+            )
+        except ConvfuseError as e:  # e.g. a node with a subgraph reading outer tensors
+            notes.append(f"could not run the region of '{name}' alone ({e}); judged it from the full run")
+            alone = None if any(not checks[t].passed for t in reached) else check
+        if alone is None or alone.passed:
+            continue
         ref_nodes, _ = _region(ref_graph, ref_producers, shared[name], lambda t: t in ref_boundary)
         suspects.append(
             Suspect(
-                check=check,
+                check=alone,
                 candidate_nodes=tuple(_node_label(cand_graph.node[i], i) for i in cand_nodes),
                 reference_nodes=tuple(_node_label(ref_graph.node[i], i) for i in ref_nodes),
             )
         )
+    if checks and not suspects and not all(c.passed for c in checks.values()):
+        notes.append(
+            "no region is wrong on its own: the error builds up across regions that are each within tolerance"
+        )
     return tuple(suspects)
+
+
+def _region_alone(
+    model: onnx.ModelProto,
+    nodes: Sequence[int],
+    output: str,
+    types: Mapping[str, int],
+    values: Mapping[str, np.ndarray],
+    expected: np.ndarray,
+    device: str,
+    rtol: float | None,
+    atol: float | None,
+) -> OutputCheck:
+    """Run ``nodes`` of ``model`` alone, fed ``values`` at their inputs, and judge ``output``."""
+    graph = model.graph
+    produced = {o for i in nodes for o in graph.node[i].output}
+    initializers = {t.name: t for t in graph.initializer}
+    needed = list(dict.fromkeys(x for i in nodes for x in graph.node[i].input if x and x not in produced))
+    inputs = [x for x in needed if x not in initializers]
+    missing = [x for x in inputs if x not in values or types.get(x) not in rt.ONNX_DTYPES]
+    if missing:
+        raise ConvfuseError(f"no value for {', '.join(missing)}")
+    sub = onnx.helper.make_graph(
+        [graph.node[i] for i in nodes],
+        f"{graph.name}-region",
+        [onnx.helper.make_tensor_value_info(x, types[x], None) for x in inputs],
+        [onnx.helper.make_tensor_value_info(output, types[output], None)],
+        [initializers[x] for x in needed if x in initializers],
+    )
+    region = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    region.functions.extend(model.functions)
+    ports = {x: rt.Port(x, types[x], None) for x in inputs}
+    feed = {x: _as_fed(values[x], types[x]) for x in inputs}
+    (got,) = rt.run(rt.session(region, device, "region"), feed, ports, [output], "region").values()
+    dtype = _dtype(types[output])
+    return _check(output, device, dtype, dtype, [expected], [got], rtol, atol)
+
+
+def _as_fed(value: np.ndarray, elem_type: int) -> np.ndarray:
+    """A value from :func:`runtime.run` in the form an input of ``elem_type`` is fed."""
+    return rt.bfloat16_bits(value) if elem_type == onnx.TensorProto.BFLOAT16 else value
 
 
 def _dtype(elem_type: int) -> str:

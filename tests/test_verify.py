@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -17,6 +18,8 @@ from convfuse.testing import assert_equivalent
 from convfuse.compare import DEFAULT_RTOL, compare, locate, tolerance_for
 from convfuse.runtime import InputSpec, cuda_in_ort, generate_inputs, load_inputs, parse_shape
 from convfuse.verify import VerifyResult, attribute, verify_onnx
+
+verify_module = importlib.import_module("convfuse.verify")  # the name `convfuse.verify` is the function
 
 
 # =========================================================================== comparison math
@@ -70,20 +73,37 @@ def _ring(shape: tuple[int, ...], width: int) -> np.ndarray:
 
 @pytest.mark.parametrize("width", [1, 2, 3])
 def test_locate_names_a_border_ring_and_its_width(width: int) -> None:
-    assert locate(_ring((16, 16), width), 2) == ("border", width)
-    assert locate(_ring((12, 12, 12), width), 2) == ("border", width)  # 3D too
+    assert locate(_ring((16, 16), width) * 1.0, 0.5, 2) == ("border", width)
+    assert locate(_ring((12, 12, 12), width) * 1.0, 0.5, 2) == ("border", width)  # 3D too
+    sparse = np.zeros((1, 1, 16, 16))
+    sparse[0, 0, width - 1, 7] = 1.0  # one failing element is enough when the rest is clean
+    assert locate(sparse, 0.5, 2) == ("border", width)
 
 
 def test_locate_interior_and_everywhere() -> None:
-    inner = np.zeros((1, 1, 16, 16), bool)
-    inner[0, 0, 5:9, 6:8] = True
-    assert locate(inner, 2) == ("interior", None)
+    inner = np.zeros((1, 1, 16, 16))
+    inner[0, 0, 5:9, 6:8] = 1.0
+    assert locate(inner, 0.5, 2) == ("interior", None)
     both = inner.copy()
-    both[0, 0, 0, 3] = True
-    assert locate(both, 2) == ("everywhere", None)
-    wide = _ring((16, 16), 6)  # deeper than a few pixels: not a padding signature
-    assert locate(wide, 2) == ("everywhere", None)
-    assert locate(np.ones((1, 1, 2, 8), bool), 2) == (None, None)  # grid too small to tell
+    both[0, 0, 0, 3] = 1.0
+    assert locate(both, 0.5, 2) == ("everywhere", None)
+    wide = _ring((16, 16), 6) * 1.0  # deeper than a few pixels: not a padding signature
+    assert locate(wide, 0.5, 2) == ("everywhere", None)
+    assert locate(np.ones((1, 1, 2, 8)), 0.5, 2) == (None, None)  # grid too small to tell
+    assert locate(np.zeros((1, 1, 8, 8)), 0.5, 2) == (None, None)  # nothing fails
+
+
+def test_locate_does_not_call_noise_at_the_tolerance_a_border_error() -> None:
+    """Errors of one size everywhere that cross the tolerance only at the edge are not a place."""
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(0.0, 0.9e-5, (2, 4, 16, 16))
+    noise[0, 1, 0, 5] = 1.1e-5  # one element just over a 1e-5 tolerance, on the edge
+    assert locate(noise, 1e-5, 2) == ("everywhere", None)
+    noise[0, 1, 0, 5] = 1e-3  # a hundred times the interior error: a real border error
+    assert locate(noise, 1e-5, 2) == ("border", 1)
+    inside = rng.uniform(0.0, 0.9e-5, (1, 1, 16, 16))
+    inside[0, 0, 8, 8] = 1.1e-5
+    assert locate(inside, 1e-5, 2) == ("everywhere", None)
 
 
 def test_compare_reports_border_and_interior_error() -> None:
@@ -172,6 +192,33 @@ def test_attribution_names_a_later_merge_when_the_earlier_one_is_right() -> None
     assert suspect.reference_nodes == ("Conv 'conv3'", "Conv 'conv4'")
 
 
+def test_attribution_names_every_region_that_is_wrong_on_its_own() -> None:
+    """Two bad merges in series: the second is judged on the reference's values, so both show."""
+    result = verify_onnx(vm.two_regions(), vm.two_regions(merge_first="naive", merge_second="perturbed"))
+    assert [s.candidate_nodes for s in result.suspects] == [("Conv 'merged_a'",), ("Conv 'merged_b'",)]
+    first, second = (s.check.comparison for s in result.suspects)
+    assert first is not None and first.location == "border"
+    assert second is not None and second.location == "everywhere" and second.max_rel_error < 1e-3
+
+
+def test_attribution_runs_each_region_alone_so_noise_downstream_is_not_blamed(monkeypatch) -> None:
+    """One weight 5e-4 off in conv9 of 16: downstream errors hover at the tolerance and cross it
+    here and there; judged from the full run alone, a later Relu would be blamed too."""
+    ref, cand = vm.deep_chain(16, channels=32), vm.deep_chain(16, perturb=9, channels=32, factor=1.0005)
+    result = verify_onnx(ref, cand)
+    assert not result.passed
+    assert [s.candidate_nodes for s in result.suspects] == [("Conv 'conv9'",)]
+    assert result.suspects[0].check.comparison.location == "everywhere"
+
+    def cannot_run_alone(*args: object, **kwargs: object) -> None:
+        raise ConvfuseError("forced")
+
+    monkeypatch.setattr(verify_module, "_region_alone", cannot_run_alone)
+    fallback = verify_onnx(ref, cand)
+    assert len(fallback.suspects) > 1 and fallback.suspects[0].candidate_nodes == ("Conv 'conv9'",)
+    assert any("could not run the region of 'c9' alone (forced)" in n for n in fallback.notes)
+
+
 def test_attribution_can_be_turned_off_and_called_alone() -> None:
     ref, cand = vm.two_regions(), vm.two_regions(merge_first="naive")
     assert verify_onnx(ref, cand, attribution=False).suspects == ()
@@ -212,6 +259,14 @@ def test_several_inputs_and_outputs_of_several_dtypes() -> None:
     flipped = verify_onnx(ref, vm.multi_io(flip_argmax=True), attribution=False)
     assert [c.passed for c in flipped.checks] == [True, True, False]
     assert flipped.checks[2].max_abs_error >= 1
+
+
+def test_scalar_inputs() -> None:
+    ref = vm.scaled_conv()
+    result = verify_onnx(ref, vm.scaled_conv())
+    assert result.passed and result.inputs[1] == InputSpec("g", "float32", ())
+    given = {"x": np.ones((1, 3, 8, 8), np.float32), "g": np.array(2.0, np.float32)}
+    assert verify_onnx(ref, ref, inputs=given).passed
 
 
 def test_int64_and_bool_inputs_are_generated_deterministically() -> None:
@@ -373,7 +428,7 @@ def test_result_text_and_dict() -> None:
     result = verify_onnx(vm.padded_chain(), vm.naive_merge())
     assert isinstance(result, VerifyResult)
     text = result.to_text()
-    assert text.startswith("FAIL: 1 of 1 output checks differ") and "first divergence" in text
+    assert text.startswith("FAIL: 1 of 1 output checks differ") and "wrong on its own: tensor 'y'" in text
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["passed"] is False and data["exit_code"] == 1 and data["devices"] == ["cpu"]
     (out,) = data["outputs"]

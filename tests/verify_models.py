@@ -256,3 +256,33 @@ def fp16_chain(merged: bool = False) -> onnx.ModelProto:
         v.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.checker.check_model(m)
     return m
+
+
+def scaled_conv(scale_shape: Sequence[int] = ()) -> onnx.ModelProto:
+    """y = Conv(x) * g with a second input ``g`` of shape ``scale_shape`` (rank 0 by default)."""
+    (w,) = conv_weights(5, [(4, 3, 3, 3)])
+    return model(
+        [conv_node("conv", "x", "c", 1, bias=False), helper.make_node("Mul", ["c", "g"], ["y"], name="scale")],
+        [f32("x", [1, 3, 8, 8]), f32("g", list(scale_shape))],
+        [f32("y", [1, 4, 8, 8])],
+        [init("conv.w", w)],
+        name="scaled",
+    )
+
+
+def deep_chain(
+    layers: int = 8, perturb: int | None = None, channels: int = 16, factor: float = 1.001
+) -> onnx.ModelProto:
+    """``layers`` x (conv 3x3 pad 1, Relu); ``perturb`` scales the largest weight of that conv by ``factor``."""
+    rng = np.random.default_rng(11)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((channels, 3 if i == 0 else channels, 3, 3)) / np.sqrt(9 * channels)).astype(
+            np.float32
+        )
+        if perturb == i:
+            w.reshape(-1)[np.argmax(np.abs(w))] *= np.float32(factor)
+        inits.append(init(f"conv{i}.w", w))
+        nodes += [conv_node(f"conv{i}", prev, f"c{i}", 1, bias=False), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        prev = f"r{i}"
+    return model(nodes, [f32("x", [1, 3, SIZE, SIZE])], [f32(prev, [1, channels, SIZE, SIZE])], inits, name="deep")
