@@ -266,13 +266,14 @@ def input_specs(
             continue
         if declared is None:
             raise InvalidModelError(f"input '{port.name}' has no declared shape; give one with --shape")
-        for axis, d in enumerate(declared):
-            if not isinstance(d, int):
-                symbol = f" ('{d}')" if d else ""
-                notes.append(
-                    f"input '{port.name}' dim {axis}{symbol} is symbolic: used 1 "
-                    f"(choose with --shape {port.name}=DIMS or shapes=)"
-                )
+        symbolic = [
+            f"{axis} ({d})" if d else str(axis) for axis, d in enumerate(declared) if not isinstance(d, int)
+        ]
+        if symbolic:
+            notes.append(
+                f"input '{port.name}' has symbolic dims at axes {', '.join(symbolic)}: used 1 "
+                f"(choose with --shape {port.name}=DIMS, or shapes= in Python)"
+            )
         shape = tuple(d if isinstance(d, int) else 1 for d in declared)
         specs.append(InputSpec(port.name, port.dtype, shape))
     return specs

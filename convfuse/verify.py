@@ -8,8 +8,9 @@ output is judged by :func:`convfuse.compare.compare`:
 
 ``rtol`` defaults per dtype (:data:`convfuse.compare.DEFAULT_RTOL`), ``atol`` to 0; integer and
 bool outputs match exactly. A failing image-shaped output is located as ``border`` (the
-signature of a padding mistake), ``interior`` or ``everywhere``; for ONNX, :func:`attribute`
-names the first diverging region by comparing every tensor both graphs share by name.
+signature of a padding mistake), ``interior`` or ``everywhere``. For ONNX, :func:`attribute`
+compares every tensor both graphs share by name and runs each diverging region alone on the
+reference's values at its boundary, naming the regions (merges) that are wrong on their own.
 
 :class:`VerifyResult` is the typed answer; the ``convfuse verify`` command only prints it.
 """
@@ -275,20 +276,23 @@ def _check(
     rtol: float | None,
     atol: float | None,
 ) -> OutputCheck:
-    """Judge one tensor over all samples, stacked on a new leading axis."""
+    """Judge one tensor over all samples together (one scale, one tolerance)."""
     r_tol, a_tol, exact = tolerance_for(dtype, rtol, atol)
-    shape, cand_shape = tuple(refs[0].shape), tuple(cands[0].shape)
+    shape = tuple(refs[0].shape)
+    wrong_shape = next((c.shape for r, c in zip(refs, cands) if r.shape != c.shape), None)
     problem = ""
     if cand_dtype != dtype:
         problem = f"candidate dtype is {cand_dtype}"
-    elif cand_shape != shape:
-        problem = f"candidate shape is {dims_text(cand_shape)}"
+    elif wrong_shape is not None:
+        problem = f"candidate shape is {dims_text(tuple(wrong_shape))}"
     if problem:
         return OutputCheck(name, device, dtype, shape, r_tol, a_tol, exact, None, problem)
-    spatial_from = 3 if len(shape) >= 3 else None  # [samples, N, C, *spatial]
-    comparison = compare(
-        np.stack(refs), np.stack(cands), rtol=r_tol, atol=a_tol, exact=exact, spatial_from=spatial_from
-    )
+    if all(r.shape == shape for r in refs):  # stacked: [samples, N, C, *spatial]
+        ref, cand, spatial_from = np.stack(refs), np.stack(cands), (3 if len(shape) >= 3 else None)
+    else:  # samples of different shapes (given inputs): no common grid to locate errors on
+        ref, cand = np.concatenate([r.ravel() for r in refs]), np.concatenate([c.ravel() for c in cands])
+        spatial_from = None
+    comparison = compare(ref, cand, rtol=r_tol, atol=a_tol, exact=exact, spatial_from=spatial_from)
     return OutputCheck(name, device, dtype, shape, r_tol, a_tol, exact, comparison)
 
 
@@ -315,7 +319,7 @@ def verify_onnx(
     Inputs: ``inputs`` (one mapping of arrays, or a sequence of them, one per sample) or else
     ``samples`` random sets from ``seed``, shaped by the declared dims, ``shapes`` for symbolic
     ones (else 1, noted). On a mismatch with ``attribution`` on, :func:`attribute` names the
-    first diverging region. Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
+    regions that are wrong on their own. Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
     and :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
     """
     if samples < 1:
@@ -337,7 +341,9 @@ def verify_onnx(
         feeds = rt.given_feeds(inputs, ref_in, cand_in)
         notes.append(f"inputs given by the caller: {len(feeds)} sample(s), none generated")
     else:
+        known = len(notes)
         feeds = rt.generate_inputs(rt.input_specs(ref_in, cand_in, shapes, notes), samples, seed)
+        guessed = len(notes) > known  # symbolic dims set to 1
     ports = {p.name: p for p in ref_in}
     cand_dtypes = {p.name: p.dtype for p in cand_out}
     names = [p.name for p in ref_out]
@@ -347,8 +353,14 @@ def verify_onnx(
     for dev in devices:
         ref_sess = rt.session(ref_model, dev, "reference")
         cand_sess = rt.session(cand_model, dev, "candidate")
-        ref_runs = [rt.run(ref_sess, f, ports, names, "reference") for f in feeds]
-        cand_runs = [rt.run(cand_sess, f, ports, names, "candidate") for f in feeds]
+        try:
+            ref_runs = [rt.run(ref_sess, f, ports, names, "reference") for f in feeds]
+            cand_runs = [rt.run(cand_sess, f, ports, names, "candidate") for f in feeds]
+        except InvalidModelError as e:
+            if inputs is None and guessed:
+                hint = "symbolic input dims were set to 1: give sizes with --shape"
+                raise InvalidModelError(f"{e} ({hint})") from None
+            raise
         found = [
             _check(
                 p.name,
@@ -472,8 +484,15 @@ def attribute(
         cand_nodes, reached = _region(cand_graph, cand_producers, name, lambda t: t in checks)
         try:
             alone = _region_alone(
-                cand_model, cand_nodes, name, cand_types, {**feed, **ref_values}, ref_run[shared[name]], device,
-                rtol, atol,
+                cand_model,
+                cand_nodes,
+                name,
+                cand_types,
+                {**feed, **ref_values},
+                ref_run[shared[name]],
+                device,
+                rtol,
+                atol,
             )
         except ConvfuseError as e:  # e.g. a node with a subgraph reading outer tensors
             notes.append(f"could not run the region of '{name}' alone ({e}); judged it from the full run")

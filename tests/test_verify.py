@@ -308,8 +308,18 @@ def test_symbolic_dims_default_to_one_with_a_note() -> None:
     result = verify_onnx(ref, ref)
     assert result.passed
     assert result.inputs == (("x", "float32", (1, 3, 1, 1)),)
-    assert sum("symbolic" in n for n in result.notes) == 3
-    assert any("'H'" in n and "--shape x=" in n for n in result.notes)
+    (note,) = [n for n in result.notes if "symbolic" in n]
+    assert note == "input 'x' has symbolic dims at axes 0 (N), 2 (H), 3 (W): used 1 (choose with --shape x=DIMS, or shapes= in Python)"
+
+
+def test_symbolic_dims_too_small_at_1_are_an_error_with_a_hint() -> None:
+    ref = vm.unpadded_chain()
+    for v in ref.graph.input[0].type.tensor_type.shape.dim[2:]:
+        v.dim_param = "S"
+    ref.graph.output[0].type.tensor_type.shape.Clear()
+    with pytest.raises(InvalidModelError, match="onnxruntime failed to run the reference.*give sizes with --shape"):
+        verify_onnx(ref, ref)
+    assert verify_onnx(ref, ref, shapes={"x": (1, 3, 9, 9)}).passed
 
 
 def test_symbolic_dims_take_the_given_shape() -> None:
@@ -386,6 +396,16 @@ def test_given_inputs_are_used_and_checked(tmp_path) -> None:
         verify_onnx(ref, ref, inputs={**given, "x": given["x"][:, :2]})
 
 
+def test_given_inputs_of_different_shapes_per_sample() -> None:
+    ref = vm.padded_chain(dims=["N", 3, "H", "W"])
+    naive = vm.naive_merge(dims=["N", 3, "H", "W"])
+    rng = np.random.default_rng(0)
+    sets = [{"x": rng.standard_normal((1, 3, h, h)).astype(np.float32)} for h in (8, 12)]
+    assert verify_onnx(ref, ref, inputs=sets).passed
+    result = verify_onnx(ref, naive, inputs=sets)
+    assert not result.passed and result.samples == 2 and result.checks[0].comparison.location is None
+
+
 def test_bad_input_files() -> None:
     with pytest.raises(ConvfuseError, match="does not exist"):
         load_inputs("/nonexistent/in.npz")
@@ -435,7 +455,10 @@ def test_result_text_and_dict() -> None:
     assert out["name"] == "y" and out["location"] == "border" and out["border_width"] == 1
     assert out["tolerance"] == pytest.approx(out["rtol"] * out["scale"])
     assert data["suspects"][0]["candidate_nodes"] == ["Conv 'merged'"]
-    assert verify_onnx(vm.padded_chain(), vm.padded_chain()).to_text().startswith("PASS: ")
+    assert result.summary().startswith("verified: candidate DIFFERS (1 of 1 checks); max rel err")
+    same = verify_onnx(vm.padded_chain(), vm.padded_chain())
+    assert same.to_text().startswith("PASS: ")
+    assert same.summary() == "verified: candidate matches; max rel err 0.0e+00 on cpu over 2 samples"
 
 
 def test_verify_rejects_a_mixed_pair() -> None:
