@@ -551,8 +551,10 @@ def _region_alone(
 
 
 def _as_fed(value: np.ndarray, elem_type: int) -> np.ndarray:
-    """A value from :func:`runtime.run` in the form an input of ``elem_type`` is fed."""
-    return rt.bfloat16_bits(value) if elem_type == onnx.TensorProto.BFLOAT16 else value
+    """A value in the form an input of ``elem_type`` is fed: bfloat16 run outputs back to bits."""
+    if elem_type == onnx.TensorProto.BFLOAT16 and value.dtype.kind == "f":
+        return rt.bfloat16_bits(value)  # exact: the values came from bfloat16
+    return value
 
 
 def _dtype(elem_type: int) -> str:

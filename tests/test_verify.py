@@ -9,6 +9,8 @@ import math
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto
 
 import verify_models as vm
@@ -297,6 +299,18 @@ def test_float_dtypes_get_their_own_default_tolerance(elem_type: int, dtype: str
     assert not wrong.passed
 
 
+def test_bfloat16_tensors_are_attributed_too() -> None:
+    """A region fed a bfloat16 tensor of the reference; bfloat16 graph inputs and outputs throughout."""
+    scaled = verify_onnx(vm.bf16_region(), vm.bf16_region(scale=2.5))
+    (suspect,) = scaled.suspects  # every later tensor is computed right from the reference's values
+    assert suspect.check.name == "m" and suspect.candidate_nodes == ("Mul 'mul'",)
+    leaky = verify_onnx(vm.bf16_region(), vm.bf16_region(leaky=True))
+    assert not leaky.passed and leaky.checks[0].dtype == "bfloat16"
+    (suspect,) = leaky.suspects
+    assert suspect.check.name == "r" and suspect.candidate_nodes == ("Cast 'cast_hf'", "LeakyRelu 'act'")
+    assert suspect.check.comparison is not None and suspect.check.comparison.location == "everywhere"
+
+
 def test_float16_conv_merge_passes_under_the_float16_tolerance() -> None:
     result = verify_onnx(vm.fp16_chain(), vm.fp16_chain(merged=True))
     assert result.passed, result.to_text()
@@ -473,3 +487,39 @@ def test_assert_equivalent() -> None:
         assert_equivalent(ref, vm.naive_merge())
     with pytest.raises(InvalidModelError):  # a broken setup is an error, not a failed assertion
         assert_equivalent("/nonexistent.onnx", ref)
+
+
+# =========================================================================== properties
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    factor=st.floats(1e-6, 1e6),
+    noise=st.floats(1e-9, 1e-3),
+)
+def test_compare_is_scale_free(seed: int, factor: float, noise: float) -> None:
+    """Scaling reference and candidate together does not change the verdict or relative error."""
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((2, 3, 7, 7))
+    cand = ref + noise * rng.standard_normal(ref.shape)
+    a = compare(ref, cand, rtol=1e-4, atol=0.0, spatial_from=2)
+    b = compare(ref * factor, cand * factor, rtol=1e-4, atol=0.0, spatial_from=2)
+    assert a.mismatched == b.mismatched and a.location == b.location
+    assert b.max_rel_error == pytest.approx(a.max_rel_error, rel=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spatial=st.lists(st.integers(8, 24), min_size=1, max_size=3),
+    width=st.integers(1, 2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_wrong_ring_is_located_as_a_border_of_its_width(spatial: list[int], width: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((1, 2, 3, *spatial))
+    cand = ref + 1e-9 * rng.standard_normal(ref.shape)
+    ring = np.ones(spatial, bool)
+    ring[tuple(slice(width, n - width) for n in spatial)] = False
+    cand[..., ring] += 0.1 + rng.random(int(ring.sum()))  # every ring position off, by varying amounts
+    c = compare(ref, cand, rtol=1e-5, atol=0.0, spatial_from=3)
+    assert (c.location, c.border_width) == ("border", width)
+    assert c.interior_max_abs_error is not None and c.interior_max_abs_error <= c.tolerance

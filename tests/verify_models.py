@@ -286,3 +286,31 @@ def deep_chain(
         nodes += [conv_node(f"conv{i}", prev, f"c{i}", 1, bias=False), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
         prev = f"r{i}"
     return model(nodes, [f32("x", [1, 3, SIZE, SIZE])], [f32(prev, [1, channels, SIZE, SIZE])], inits, name="deep")
+
+
+def bf16_region(scale: float = 2.0, leaky: bool = False) -> onnx.ModelProto:
+    """bfloat16 in and out: x -> Cast -> Mul 'm' -> Cast bf16 'h' -> Cast -> Relu 'r' -> Cast bf16 'y'.
+
+    ``leaky``: a LeakyRelu instead of the Relu, and the float copy of 'h' renamed, so the wrong
+    region reads the bfloat16 tensor 'h' directly.
+    """
+    hf = "hf_renamed" if leaky else "hf"
+    act = helper.make_node("LeakyRelu", [hf], ["r"], alpha=0.5, name="act") if leaky else helper.make_node(
+        "Relu", [hf], ["r"], name="act"
+    )
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT, name="cast_in"),
+        helper.make_node("Mul", ["xf", "scale"], ["m"], name="mul"),
+        helper.make_node("Cast", ["m"], ["h"], to=TensorProto.BFLOAT16, name="cast_h"),
+        helper.make_node("Cast", ["h"], [hf], to=TensorProto.FLOAT, name="cast_hf"),
+        act,
+        helper.make_node("Cast", ["r"], ["y"], to=TensorProto.BFLOAT16, name="cast_out"),
+    ]
+    dims = [1, 2, 6, 6]
+    return model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, dims)],
+        [init("scale", np.array(scale, np.float32))],
+        name="bf16-region",
+    )
