@@ -14,11 +14,18 @@ from hypothesis import strategies as st
 from onnx import TensorProto
 
 import verify_models as vm
-from convfuse import verify
+from convfuse import runtime, verify
 from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
 from convfuse.testing import assert_equivalent
 from convfuse.compare import DEFAULT_RTOL, compare, locate, tolerance_for
-from convfuse.runtime import InputSpec, cuda_in_ort, generate_inputs, load_inputs, parse_shape
+from convfuse.runtime import (
+    InputSpec,
+    cuda_in_ort,
+    generate_inputs,
+    load_inputs,
+    parse_shape,
+    resolve_devices,
+)
 from convfuse.verify import VerifyResult, attribute, verify_onnx
 
 verify_module = importlib.import_module("convfuse.verify")  # the name `convfuse.verify` is the function
@@ -254,7 +261,12 @@ def test_several_inputs_and_outputs_of_several_dtypes() -> None:
     assert [c.name for c in result.checks] == ["y", "z", "idx"]
     assert [c.dtype for c in result.checks] == ["float32", "float32", "int64"]
     assert [c.exact for c in result.checks] == [False, False, True]
-    assert [(n, d) for n, d, _ in result.inputs] == [("x", "float32"), ("s", "float32"), ("k", "int64"), ("m", "bool")]
+    assert [(i.name, i.dtype) for i in result.inputs] == [
+        ("x", "float32"),
+        ("s", "float32"),
+        ("k", "int64"),
+        ("m", "bool"),
+    ]
 
     shifted = verify_onnx(ref, vm.multi_io(shift=1e-3))
     assert [c.passed for c in shifted.checks] == [False, True, True]  # only y moves; its argmax holds
@@ -288,7 +300,12 @@ def test_int64_and_bool_inputs_are_generated_deterministically() -> None:
 
 @pytest.mark.parametrize(
     "elem_type, dtype",
-    [(TensorProto.FLOAT, "float32"), (TensorProto.FLOAT16, "float16"), (TensorProto.DOUBLE, "float64"), (TensorProto.BFLOAT16, "bfloat16")],
+    [
+        (TensorProto.FLOAT, "float32"),
+        (TensorProto.FLOAT16, "float16"),
+        (TensorProto.DOUBLE, "float64"),
+        (TensorProto.BFLOAT16, "bfloat16"),
+    ],
 )
 def test_float_dtypes_get_their_own_default_tolerance(elem_type: int, dtype: str) -> None:
     ref = vm.elementwise(elem_type)
@@ -323,7 +340,10 @@ def test_symbolic_dims_default_to_one_with_a_note() -> None:
     assert result.passed
     assert result.inputs == (("x", "float32", (1, 3, 1, 1)),)
     (note,) = [n for n in result.notes if "symbolic" in n]
-    assert note == "input 'x' has symbolic dims at axes 0 (N), 2 (H), 3 (W): used 1 (choose with --shape x=DIMS, or shapes= in Python)"
+    assert note == (
+        "input 'x' has symbolic dims at axes 0 (N), 2 (H), 3 (W): used 1 "
+        "(choose with --shape x=DIMS, or shapes= in Python)"
+    )
 
 
 def test_symbolic_dims_too_small_at_1_are_an_error_with_a_hint() -> None:
@@ -331,7 +351,7 @@ def test_symbolic_dims_too_small_at_1_are_an_error_with_a_hint() -> None:
     for v in ref.graph.input[0].type.tensor_type.shape.dim[2:]:
         v.dim_param = "S"
     ref.graph.output[0].type.tensor_type.shape.Clear()
-    with pytest.raises(InvalidModelError, match="onnxruntime failed to run the reference.*give sizes with --shape"):
+    with pytest.raises(InvalidModelError, match="failed to run the reference.*give sizes with --shape"):
         verify_onnx(ref, ref)
     assert verify_onnx(ref, ref, shapes={"x": (1, 3, 9, 9)}).passed
 
@@ -437,7 +457,7 @@ def test_garbage_model_file_is_an_invalid_model(tmp_path) -> None:
 def test_a_model_onnxruntime_cannot_load_is_an_error_with_a_clean_message() -> None:
     m = vm.padded_chain()
     m.ir_version = 99
-    with pytest.raises(InvalidModelError, match="onnxruntime cannot load the candidate: Unsupported model IR") as e:
+    with pytest.raises(InvalidModelError, match="cannot load the candidate: Unsupported model IR") as e:
         verify_onnx(vm.padded_chain(), m)
     assert "onnxruntime_src" not in str(e.value) and "\n" not in str(e.value)
 
@@ -445,11 +465,29 @@ def test_a_model_onnxruntime_cannot_load_is_an_error_with_a_clean_message() -> N
 def test_cuda_requested_without_cuda_raises_device_unavailable() -> None:
     if cuda_in_ort():
         pytest.skip("this machine has CUDA for onnxruntime")
-    with pytest.raises(DeviceUnavailableError, match="CUDA was requested but onnxruntime has no CUDAExecutionProvider"):
+    with pytest.raises(DeviceUnavailableError, match="CUDA was requested but onnxruntime has no CUDAExecution"):
         verify_onnx(vm.padded_chain(), vm.padded_chain(), device="cuda")
 
 
-def test_all_devices_runs_cpu_and_says_when_cuda_is_absent(monkeypatch) -> None:
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_a_session_that_falls_back_to_cpu_is_not_a_cuda_run() -> None:
+    """ONNX Runtime quietly runs on CPU when its CUDA provider cannot start: that must not pass as CUDA."""
+    if cuda_in_ort():
+        pytest.skip("this machine has CUDA for onnxruntime")
+    with pytest.raises(DeviceUnavailableError, match="could not start its CUDA provider for the reference"):
+        runtime.session(vm.padded_chain(), "cuda", "reference")
+
+
+def test_device_resolution() -> None:
+    assert resolve_devices("cpu", lambda: False, "absent") == (["cpu"], [])
+    assert resolve_devices("all", lambda: True, "absent") == (["cpu", "cuda"], [])
+    assert resolve_devices("cuda", lambda: True, "absent") == (["cuda"], [])
+    assert resolve_devices("all", lambda: False, "no GPU") == (["cpu"], ["cuda not checked: no GPU"])
+    with pytest.raises(DeviceUnavailableError, match="CUDA was requested but no GPU; use device 'cpu' or 'all'"):
+        resolve_devices("cuda", lambda: False, "no GPU")
+
+
+def test_all_devices_runs_cpu_and_says_when_cuda_is_absent() -> None:
     ref = vm.padded_chain()
     if not cuda_in_ort():
         result = verify_onnx(ref, ref, device="all")

@@ -64,7 +64,10 @@ def chain_params(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def padded_chain(params: dict[str, np.ndarray] | None = None, dims: Sequence[int | str] | None = None) -> onnx.ModelProto:
+Params = dict[str, np.ndarray]
+
+
+def padded_chain(params: Params | None = None, dims: Sequence[int | str] | None = None) -> onnx.ModelProto:
     """Reference: x -> conv1 (3x3, pad 1) -> t -> conv2 (3x3, pad 1) -> y."""
     p = chain_params() if params is None else params
     dims = [1, CHANNELS[0], SIZE, SIZE] if dims is None else dims
@@ -93,7 +96,7 @@ def composed_kernel(params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return w.float().numpy(), b.float().numpy()
 
 
-def naive_merge(params: dict[str, np.ndarray] | None = None, dims: Sequence[int | str] | None = None) -> onnx.ModelProto:
+def naive_merge(params: Params | None = None, dims: Sequence[int | str] | None = None) -> onnx.ModelProto:
     """Candidate: one 5x5 conv with pad 2: right in the interior, wrong on a 1-pixel border ring."""
     p = chain_params() if params is None else params
     w, b = composed_kernel(p)
@@ -152,7 +155,8 @@ def two_regions(merge_first: str | None = None, merge_second: str | None = None,
     c0, c1, c2, c3 = 3, 6, 6, 4
     w1, w2, w3, w4 = conv_weights(seed, [(c1, c0, 3, 3), (c2, c1, 3, 3), (8, c2, 1, 1), (c3, 8, 1, 1)])
     rng = np.random.default_rng(seed + 7)
-    b = {n: (0.1 * rng.standard_normal(c)).astype(np.float32) for n, c in [("1", c1), ("2", c2), ("3", 8), ("4", c3)]}
+    sizes = [("1", c1), ("2", c2), ("3", 8), ("4", c3)]
+    b = {n: (0.1 * rng.standard_normal(c)).astype(np.float32) for n, c in sizes}
     nodes, inits = [], []
     if merge_first is None:
         nodes += [conv_node("conv1", "x", "a", 1), conv_node("conv2", "a", "b", 1)]
@@ -174,7 +178,8 @@ def two_regions(merge_first: str | None = None, merge_second: str | None = None,
             w[i] *= np.float32(1 + 1e-3)
         nodes.append(conv_node("merged_b", "r", "y", 0))
         inits += [init("merged_b.w", w), init("merged_b.b", bias.astype(np.float32))]
-    return model(nodes, [f32("x", [1, c0, SIZE, SIZE])], [f32("y", [1, c3, SIZE, SIZE])], inits, name="two-regions")
+    x, y = f32("x", [1, c0, SIZE, SIZE]), f32("y", [1, c3, SIZE, SIZE])
+    return model(nodes, [x], [y], inits, name="two-regions")
 
 
 # --------------------------------------------------------------------------- several inputs and outputs
@@ -215,7 +220,12 @@ def multi_io(shift: float = 0.0, flip_argmax: bool = False, reorder: bool = Fals
             helper.make_tensor_value_info("m", TensorProto.BOOL, dims),
         ],
         outputs,
-        [init("conv.w", w), init("conv.b", np.zeros(4, np.float32)), init("offset", offset), init("zero", np.zeros((), np.float32))],
+        [
+            init("conv.w", w),
+            init("conv.b", np.zeros(4, np.float32)),
+            init("offset", offset),
+            init("zero", np.zeros((), np.float32)),
+        ],
         name="multi-io",
     )
 
@@ -283,7 +293,8 @@ def deep_chain(
         if perturb == i:
             w.reshape(-1)[np.argmax(np.abs(w))] *= np.float32(factor)
         inits.append(init(f"conv{i}.w", w))
-        nodes += [conv_node(f"conv{i}", prev, f"c{i}", 1, bias=False), helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        nodes.append(conv_node(f"conv{i}", prev, f"c{i}", 1, bias=False))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
         prev = f"r{i}"
     return model(nodes, [f32("x", [1, 3, SIZE, SIZE])], [f32(prev, [1, channels, SIZE, SIZE])], inits, name="deep")
 
