@@ -143,11 +143,12 @@ class Suspect:
     check: OutputCheck
     candidate_nodes: tuple[str, ...]
     reference_nodes: tuple[str, ...]
+    sample: int = 0  # the input sample it was judged on (the first one that diverged)
 
     def line(self) -> str:
         where = self.check.where()
         return (
-            f"wrong on its own: tensor '{self.check.name}' from candidate "
+            f"wrong on its own (sample {self.sample}): tensor '{self.check.name}' from candidate "
             f"{', '.join(self.candidate_nodes) or 'no node'} (reference: "
             f"{', '.join(self.reference_nodes) or 'no node'}): max rel err {_sci(self.check.max_rel_error)}"
             + (f", {where}" if where else "")
@@ -158,6 +159,7 @@ class Suspect:
             "tensor": self.check.name,
             "candidate_nodes": list(self.candidate_nodes),
             "reference_nodes": list(self.reference_nodes),
+            "sample": self.sample,
             "check": self.check.to_dict(),
         }
 
@@ -454,7 +456,7 @@ def attribute(
     cand_sess = rt.session(cand_probe, device, "candidate")
     ports = {p.name: p for p in ref_in}
     checks: dict[str, OutputCheck] = {}
-    for feed in feeds:
+    for sample, feed in enumerate(feeds):
         ref_run = rt.run(ref_sess, feed, ports, list(dict.fromkeys(shared.values())), "reference")
         cand_run = rt.run(cand_sess, feed, ports, list(shared), "candidate")
         checks = {
@@ -505,6 +507,7 @@ def attribute(
                 check=alone,
                 candidate_nodes=tuple(_node_label(cand_graph.node[i], i) for i in cand_nodes),
                 reference_nodes=tuple(_node_label(ref_graph.node[i], i) for i in ref_nodes),
+                sample=sample,
             )
         )
     if checks and not suspects and not all(c.passed for c in checks.values()):

@@ -500,7 +500,7 @@ def test_result_text_and_dict() -> None:
     result = verify_onnx(vm.padded_chain(), vm.naive_merge())
     assert isinstance(result, VerifyResult)
     text = result.to_text()
-    assert text.startswith("FAIL: 1 of 1 output checks differ") and "wrong on its own: tensor 'y'" in text
+    assert text.startswith("FAIL: 1 of 1 output checks differ") and "wrong on its own (sample 0): tensor 'y'" in text
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["passed"] is False and data["exit_code"] == 1 and data["devices"] == ["cpu"]
     (out,) = data["outputs"]

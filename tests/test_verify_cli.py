@@ -60,7 +60,7 @@ def test_mismatch_exits_1_and_names_the_border_and_the_merge(chain_files) -> Non
     assert result.exit_code == 1, result.output
     assert result.stdout.startswith("FAIL: ")
     assert "on the border only (ring width 1" in result.stdout
-    assert "wrong on its own: tensor 'y' from candidate Conv 'merged'" in result.stdout
+    assert "wrong on its own (sample 0): tensor 'y' from candidate Conv 'merged'" in result.stdout
     assert "wrong on its own" not in _run(ref, naive, "--no-attribution").stdout
 
 
