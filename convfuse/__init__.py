@@ -5,6 +5,7 @@ from __future__ import annotations
 from .algebra import ChannelAffine, Cost, add, compose, compose_chain, concat, then_affine
 from .decline import Decline, Reason
 from .errors import ConvfuseError
+from .frontends.torch_fx import fuse, fuse_with_report
 from .spec import ConvSpec
 
 __version__ = "0.1.0"
@@ -21,5 +22,7 @@ __all__ = [
     "compose",
     "compose_chain",
     "concat",
+    "fuse",
+    "fuse_with_report",
     "then_affine",
 ]
