@@ -329,6 +329,19 @@ _CONST_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "detach", "contiguo
 _CONST_FUNCTIONS = {operator.getitem, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten}
 
 
+_VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "transpose", "permute", "narrow",
+                 "select", "expand", "as_strided", "detach", "contiguous", "view_as", "unflatten", "t"}  # fmt: skip
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
+                   torch.transpose, torch.permute, torch.narrow, torch.select, torch.detach}  # fmt: skip
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node`` may return a view sharing memory with its input."""
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+
+
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
@@ -575,15 +588,26 @@ class _GraphFuser:
         )
 
     def _inplace_hazard(self, root: fx.Node, nodes: set[fx.Node]) -> Decline | None:
-        """An in-place op between the region's first read and its root could change what it reads."""
+        """An in-place write to a tensor the region reads, between its first read and its root:
+        the merged conv, placed at the root, would read the modified tensor."""
+        inputs = {i for n in nodes for i in n.all_input_nodes if i not in nodes}
+        aliases = set()
+        todo = list(inputs)
+        while todo:  # the inputs and views of them
+            n = todo.pop()
+            if n in aliases:
+                continue
+            aliases.add(n)
+            todo += [u for u in n.users if u.op in ("call_method", "call_function") and _is_view(u)]
         first = min(self.order[n] for n in nodes)
         for node in self.nodes[first : self.order[root]]:
             if node in nodes or getattr(node, "_erased", False):
                 continue
-            if _is_inplace(node, self.gm):
+            if _is_inplace(node, self.gm) and any(i in aliases for i in node.all_input_nodes):
                 return Decline(
                     Reason.UNSUPPORTED,
-                    f"{self._node_name(node)} modifies a tensor in place in the middle of this linear region",
+                    f"{self._node_name(node)} modifies a tensor this linear region reads, in place, "
+                    "between two of its reads",
                 )
         return None
 

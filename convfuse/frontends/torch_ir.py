@@ -388,7 +388,8 @@ def region_info(
     channels = _source_channels(steps)
     if channels is None:
         return None
-    dtype = convs[0].dtype if convs else torch.get_default_dtype()
+    vectors = [op.scale for op in ops if isinstance(op, AffineOp) and op.vector and isinstance(op.scale, torch.Tensor)]
+    dtype = convs[0].dtype if convs else vectors[0].dtype if vectors else torch.get_default_dtype()
     return TensorInfo(channels, ndim, dtype, device)
 
 
@@ -406,6 +407,7 @@ class _Unit:
     n_ops: int  # original layers it replaces
     kind: str  # "op", "sum"
     note: str = ""
+    n_pads: int = 0  # of which zero-padding layers
 
 
 @dataclass(eq=False)
@@ -434,6 +436,14 @@ def _then(acc: Math, nxt: Math, info: TensorInfo) -> tuple[Math | Decline, str]:
     if nxt.is_padded:
         note = "padding case 1: later zero padding moved in front of a pointwise conv with zero bias"
     return compose(first, nxt), note
+
+
+def _worth_writing(seg: Sequence[_Unit], merged: ConvSpec | None) -> bool:
+    """A merge that removes a layer: two compute layers become one, or the written form
+    (pad + conv for asymmetric pads) has fewer layers. ``ZeroPad -> Conv`` written back as
+    ``Sequential(ZeroPad, Conv)`` is not a merge, so fusing a fused model again is a no-op."""
+    n_ops = sum(u.n_ops for u in seg)
+    return n_ops - sum(u.n_pads for u in seg) > 1 or n_ops > module_count(merged)
 
 
 def _chain_cost(units: Sequence[_Unit]) -> Cost:
@@ -505,6 +515,7 @@ class _Reducer:
             pieces=[Kept(op)],
             n_ops=1,
             kind="op",
+            n_pads=int(isinstance(op, PadOp)),
         )
 
     # ------------------------------------------------------------------ parallel sum
@@ -531,6 +542,13 @@ class _Reducer:
         specs: list[ConvSpec] = []  # merged spec of each group
         loose: list[int] = []  # branches that fold to no single conv
         units = [r[2] for r in folded]
+        if all(u is not None for u in units):  # the usual case: everything merges at once
+            cand = add([_as_spec(u.math, info) for u in units])
+            if not isinstance(cand, Decline):
+                before = sum((u.before for u in units), Cost(0, 0))
+                if judge(self.policy, before, cost([cand])) is None:
+                    groups, specs = [list(range(len(units)))], [cand]
+                    units = []  # grouping done
         for bi, unit in enumerate(units):
             if unit is None:
                 loose.append(bi)
@@ -554,6 +572,7 @@ class _Reducer:
                     self.report.declined(others + unit.sources, first_no)
                 groups.append([bi])
                 specs.append(spec_u)
+        units = [r[2] for r in folded]
         if len(groups) == 1 and not loose:
             group = [units[i] for i in groups[0]]
             spec = specs[0]
@@ -609,7 +628,7 @@ class _Reducer:
                 if refusal is not None:
                     why[i][j] = refusal
                     continue
-                ok[i][j] = sum(u.n_ops for u in seg) > module_count(merged_spec)
+                ok[i][j] = _worth_writing(seg, merged_spec)
         # best[j]: (segments, macs, params, split) for units[:j]
         best: list[tuple[int, int, int, int] | None] = [None] * (n + 1)
         best[0] = (0, 0, 0, -1)
@@ -658,6 +677,7 @@ class _Reducer:
             sum(u.n_ops for u in seg),
             "sum" if any(u.kind == "sum" for u in seg) else "op",
             notes[i][j],
+            sum(u.n_pads for u in seg),
         )
 
     def _info_in(self, units: Sequence[_Unit], i: int) -> TensorInfo:

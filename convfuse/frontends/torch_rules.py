@@ -185,7 +185,7 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
     bound = dict(defaults)
     bound.update(zip(names, node.args))
     for key, value in node.kwargs.items():
-        if key not in names:
+        if key not in names and key not in defaults:
             return None
         bound[key] = value
     return bound if all(n in bound for n in names) else None
@@ -218,7 +218,7 @@ def _add_rule(sign: float) -> CallRule:
 
     def rule(node: fx.Node, resolve: Resolve) -> CallResult:
         bound = _bind(node, ("input", "other"), {"alpha": 1})
-        if bound is None or set(bound) - {"input", "other", "alpha"}:
+        if bound is None:
             return None
         a, b = resolve(bound["input"]), resolve(bound["other"])
         alpha = bound["alpha"]
