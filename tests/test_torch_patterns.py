@@ -550,3 +550,13 @@ def test_inplace_write_elsewhere_does_not_block() -> None:
     for ref, out in zip(model(x), fused(x)):
         assert rel_error(ref, out) <= TOL
     assert count_convs(fused) == 2 and report.merges
+
+
+def test_named_sequential_lifted_keys_stay_unique() -> None:
+    from collections import OrderedDict
+
+    inner = nn.Sequential(OrderedDict(bn=rand_bn(4), conv=nn.Conv2d(4, 4, 3, padding=1), bn2=rand_bn(4)))
+    model = nn.Sequential(OrderedDict(x=inner, x_bn=nn.ReLU()))  # lifting inner.bn gives "x_bn"
+    fused, _ = _fused(model, torch.randn(2, 4, 6, 6))
+    assert list(fused._modules) == ["x_bn", "x_conv", "x_bn_1"]
+    assert [type(m) for m in fused] == [nn.BatchNorm2d, nn.Conv2d, nn.ReLU]

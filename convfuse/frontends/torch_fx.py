@@ -271,14 +271,27 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Context) -> nn.Seque
         run = []
         out.append((key, child))
     _write_run(run, ctx, out, merges)
-    if numbered:
-        out = [(str(i), m) for i, (_, m) in enumerate(out)]
+    out = [(str(i), m) for i, (_, m) in enumerate(out)] if numbered else _unique_keys(out)
     for index, piece in merges:
         target = _join(prefix, out[index][0]) if index >= 0 else "(removed)"
         ctx.report.merged(piece.kind, piece.sources, target, piece.before, piece.after, piece.note)
     seq._modules.clear()
     seq._modules.update(OrderedDict(out))
     return seq
+
+
+def _unique_keys(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Suffix repeated keys (a layer lifted out of a nested Sequential may reuse a name)."""
+    seen: set[str] = set()
+    out = []
+    for key, module in items:
+        new, i = key, 0
+        while new in seen:
+            i += 1
+            new = f"{key}_{i}"
+        seen.add(new)
+        out.append((new, module))
+    return out
 
 
 def _write_run(
