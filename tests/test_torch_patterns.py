@@ -560,3 +560,44 @@ def test_named_sequential_lifted_keys_stay_unique() -> None:
     fused, _ = _fused(model, torch.randn(2, 4, 6, 6))
     assert list(fused._modules) == ["x_bn", "x_conv", "x_bn_1"]
     assert [type(m) for m in fused] == [nn.BatchNorm2d, nn.Conv2d, nn.ReLU]
+
+
+def test_example_inputs_pin_channels_layers_cannot() -> None:
+    """``x + avgpool(x)`` has no layer that says how many channels x has; shapes do."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.AvgPool2d(3, 1, 1)
+
+        def forward(self, x):
+            return torch.tanh(x + self.pool(x))
+
+    x = torch.randn(2, 5, 6, 6)
+    fused, report = _fused(Net(), x, policy="always")
+    assert not report.merges and not report.declines and count_convs(fused) == 0
+    fused, report = _fused(Net(), x, example_inputs=x, policy="always")
+    assert count_convs(fused) == 1 and report.merges[0].kind == "sum"
+    _, report = _fused(Net(), x, example_inputs=x)  # the pool has no parameters, the conv would
+    assert _reasons(report) == {Reason.NOT_PROFITABLE}
+
+
+def test_half_precision_model() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1), rand_bn(8)).eval()
+    fused = convfuse.fuse(model.half())
+    assert count_convs(fused) == 1 and fused[0].weight.dtype == torch.float16
+    x = torch.randn(2, 3, 6, 6)
+    ref = model.float()(x)
+    assert rel_error(ref, fused.float()(x)) <= 2e-3  # fp16 weights
+
+
+def test_fused_graph_module_saves_and_loads(tmp_path) -> None:
+    torch.manual_seed(10)
+    model = RepVGGBlock(4, 4).eval()
+    fused = convfuse.fuse(model)
+    path = tmp_path / "fused.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)
+    x = torch.randn(1, 4, 6, 6)
+    assert torch.equal(loaded(x), fused(x))

@@ -714,6 +714,11 @@ class _GraphFuser:
             owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
             if hasattr(owner, leaf):
                 delattr(owner, leaf)
+        for node in self.graph.nodes:
+            if isinstance(node.type, str):
+                # A PEP 563 string annotation ends up as a string global in the generated code,
+                # which torch.save cannot pickle; the annotation carries no behaviour.
+                node.type = None
         self.graph.lint()
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
