@@ -1,7 +1,7 @@
 """Per block style: convs, parameters and MACs before/after ``convfuse.fuse``, and the worst
 fp32 relative error (max abs error / max abs output) over seeds and input sizes.
 
-    .venv/bin/python benchmarks/torch_styles.py [--seeds 5]
+    .venv/bin/python benchmarks/torch_styles.py [--seeds 5] [--threads 1]
 
 Uses the small test-suite models of ``tests/_torch_models.py`` (random BN statistics).
 """
@@ -26,7 +26,10 @@ from _torch_models import STYLES, count_convs, rel_error  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [(16, 16), (17, 15), (32, 31)]
     header = f"{'style':<11} {'convs':>9} {'params':>15} {'MACs (N=1, 32x31)':>23} {'worst fp32 rel err':>19} {'fp64':>9} {'fuse s':>7}"
     print(header)

@@ -58,10 +58,15 @@ def fuse(
 ) -> nn.Module | tuple[nn.Module, Report]:
     """A new module computing what ``module`` computes with its linear runs merged.
 
+    An ``nn.Sequential`` comes back as an ``nn.Sequential``; another module as a
+    ``torch.fx.GraphModule`` when something merged (else as a copy of itself); a module fx
+    cannot trace keeps its forward and has its children fused (the report names it).
     ``policy``: ``"flops"`` (default) merges only what does not increase MACs or parameters,
-    ``"always"`` every exact candidate. ``example_inputs`` (a tensor or tuple) lets the report
-    count MACs and check outputs. The caller's module is never modified. Returns the module, or
-    ``(module, report)`` with ``return_report=True``.
+    ``"always"`` every exact candidate. ``example_inputs`` (a tensor or tuple) gives shapes to
+    regions whose layers do not fix their channel count, and lets the report count MACs and
+    the output error. The caller's module is never modified. Raises ``TrainingModeError`` for
+    a BatchNorm in training mode. Returns the module, or ``(module, report)`` with
+    ``return_report=True``.
     """
     fused, report = fuse_with_report(module, policy=policy, example_inputs=example_inputs)
     return (fused, report) if return_report else fused
