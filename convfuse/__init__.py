@@ -5,6 +5,7 @@ from __future__ import annotations
 from .algebra import ChannelAffine, Cost, add, compose, compose_chain, concat, then_affine
 from .decline import Decline, Reason
 from .errors import ConvfuseError
+from .frontends.torch_fx import fuse, fuse_with_report
 from .spec import ConvSpec
 from .verify import verify
 
@@ -22,6 +23,8 @@ __all__ = [
     "compose",
     "compose_chain",
     "concat",
+    "fuse",
+    "fuse_with_report",
     "then_affine",
     "verify",
 ]
