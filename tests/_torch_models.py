@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .helpers import rel_err as rel_error
+
 __all__ = [
     "rand_bn",
     "conv_bn",
@@ -47,11 +49,6 @@ def conv_bn(c_in: int, c_out: int, k, stride=1, padding=0, groups=1, nd=2, bias=
 
 def count_convs(module: nn.Module) -> int:
     return sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in module.modules())
-
-
-def rel_error(ref, out) -> float:
-    """Max abs error over max abs reference output."""
-    return float((ref - out).detach().abs().max() / ref.detach().abs().max())
 
 
 class RepVGGBlock(nn.Module):

@@ -11,7 +11,7 @@ import convfuse
 from convfuse import Reason
 from convfuse.errors import TrainingModeError
 
-from _torch_models import (
+from ._torch_models import (
     STYLES,
     ACNetBlock,
     DBBBlock,

@@ -14,7 +14,7 @@ from convfuse import Reason
 from convfuse.errors import InvalidModelError, TrainingModeError
 from convfuse.report import Report
 
-from _torch_models import RepVGGBlock, conv_bn, count_convs, rand_bn, rel_error
+from ._torch_models import RepVGGBlock, conv_bn, count_convs, rand_bn, rel_error
 
 TOL = 1e-5
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

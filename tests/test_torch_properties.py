@@ -12,7 +12,7 @@ from torch import nn
 
 import convfuse
 
-from _torch_models import count_convs, rel_error
+from ._torch_models import count_convs, rel_error
 
 TOL64 = 1e-10
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
