@@ -6,6 +6,9 @@ import click
 
 from convfuse import __version__
 
+from .inspect_cmd import inspect
+from .merge import merge
+
 __all__ = ["main"]
 
 
@@ -13,6 +16,10 @@ __all__ = ["main"]
 @click.version_option(__version__, prog_name="convfuse")
 def main() -> None:
     """Merge runs of linear convolutions into one exactly equivalent convolution."""
+
+
+main.add_command(merge)
+main.add_command(inspect)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .algebra import ChannelAffine, Cost, add, compose, compose_chain, concat, then_affine
 from .decline import Decline, Reason
 from .errors import ConvfuseError
+from .frontends.onnx_graph import fuse_onnx
 from .spec import ConvSpec
 
 __version__ = "0.1.0"
@@ -21,5 +22,6 @@ __all__ = [
     "compose",
     "compose_chain",
     "concat",
+    "fuse_onnx",
     "then_affine",
 ]
