@@ -96,8 +96,19 @@ def test_term_from_another_tensor_stays_in_a_smaller_sum() -> None:
     b = g.conv("x", 4, 4, 1)
     y = g.node("Sum", [a, r, b])
     fused, report = fuse_checked(g.model([y]))
-    assert ops(fused) == {"Conv": 1, "Relu": 1, "Add": 1}
+    assert ops(fused) == {"Conv": 1, "Relu": 1, "Sum": 1}  # the root keeps its op type
     assert report.merges[-1].kind == "sum"
+    assert list(fused.graph.node[-1].input) == [fused.graph.node[1].output[0], r]  # terms keep their order
+
+
+def test_partial_add_tree_becomes_a_shorter_add_chain() -> None:
+    g = Graph([1, 4, 8, 8])
+    r = g.node("Relu", ["x"])
+    a = g.conv("x", 4, 4, 3, pads=[1, 1, 1, 1])
+    b = g.conv("x", 4, 4, 1)
+    y = g.node("Add", [g.node("Add", [r, a]), b])
+    fused, report = fuse_checked(g.model([y]))
+    assert ops(fused) == {"Conv": 1, "Relu": 1, "Add": 1}
 
 
 def test_shared_branch_output_is_kept() -> None:

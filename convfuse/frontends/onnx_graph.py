@@ -649,11 +649,16 @@ def _rewrite_sum(
         built.append((p, *made))
     if not built:
         return
+    # The remaining sum keeps the terms' order (a merged group sits where its first term was)
+    # and the root's op type: one Sum node for a Sum, a chain of Adds for an Add tree.
+    first_of = {min(p.members): node.output[0] for p, node, _ in built}
     covered = {m for p, _, _ in built for m in p.members}
+    summands = [first_of[i] if i in first_of else t for i, t in enumerate(terms) if i in first_of or i not in covered]
     new_nodes = [node for _, node, _ in built]
-    summands = [node.output[0] for node in new_nodes] + [t for i, t in enumerate(terms) if i not in covered]
+    if len(summands) > 1 and root.op_type == "Sum":
+        new_nodes.append(helper.make_node("Sum", summands, [out], name=root.name))
     acc = summands[0]
-    for k, term in enumerate(summands[1:], start=1):
+    for k, term in enumerate(summands[1:] if root.op_type != "Sum" else [], start=1):
         last = k == len(summands) - 1
         y = out if last else state.names.fresh(f"{out}/partial{k}")
         node_name = root.name if last else state.names.fresh(f"{root.name or 'Add'}/partial{k}")
