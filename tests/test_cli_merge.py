@@ -26,12 +26,12 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _model_file(tmp_path: Path, name: str = "model.onnx", blocks: int = 1) -> Path:
-    g = Graph(["N", 4, 8, 8])
+def _model_file(tmp_path: Path, name: str = "model.onnx", blocks: int = 1, c: int = 4) -> Path:
+    g = Graph(["N", c, 8, 8])
     y = "x"
     for _ in range(blocks):
-        a = g.bn(g.conv(y, 4, 4, 3, pads=[1, 1, 1, 1], bias=False), 4)
-        b = g.bn(g.conv(y, 4, 4, 1, bias=False), 4)
+        a = g.bn(g.conv(y, c, c, 3, pads=[1, 1, 1, 1], bias=False), c)
+        b = g.bn(g.conv(y, c, c, 1, bias=False), c)
         y = g.node("Relu", [g.node("Add", [a, b])])
     model = g.model([y])
     onnx.helper.set_model_props(model, {"origin": "test"})
@@ -191,3 +191,17 @@ def test_real_process_with_the_console_script(tmp_path: Path) -> None:
     check_fused(onnx.load(str(src)), onnx.load(str(tmp_path / "repvgg.fused.onnx")))
     bad = subprocess.run([*command, "merge", str(tmp_path / "nope.onnx")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr == f"convfuse: error: {tmp_path / 'nope.onnx'}: no such file\n"
+
+
+def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> None:
+    src_model = onnx.load(str(_model_file(tmp_path, "plain.onnx", c=8)))  # merged weight 2 KiB
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(src_model, src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    before = {p.name: _digest(p) for p in tmp_path.iterdir()}
+    result = _invoke("merge", str(src))
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "ext.fused.onnx"
+    assert (tmp_path / "ext.fused.onnx.data").exists()
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(out), load_external_data=False).graph.initializer)
+    check_fused(onnx.load(str(src)), onnx.load(str(out)))
+    assert {name: _digest(tmp_path / name) for name in before} == before

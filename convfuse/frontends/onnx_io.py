@@ -139,7 +139,8 @@ def save_model(
     """Write ``model`` to ``path`` atomically (temporary file in the target directory, then rename).
 
     ``external_data=None`` keeps tensors inside the file unless the model is over 2 GiB; ``True``
-    puts every tensor of 1 KiB or more into ``<name>.data`` beside it, also written atomically.
+    puts every initializer of 1 KiB or more into ``<name>.data`` beside it, also written
+    atomically (no data file when no tensor is that large).
     ``model`` itself is never modified. Same model, same bytes.
     """
     target = Path(path)
@@ -161,9 +162,10 @@ def save_model(
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             tmp_data = tmpdir / data_name
-            _write_external_data(copy, tmp_data, data_name)
+            moved = _write_external_data(copy, tmp_data, data_name)
             _write_bytes(tmp_model, copy.SerializeToString())
-            os.replace(tmp_data, parent / data_name)
+            if moved:
+                os.replace(tmp_data, parent / data_name)
         else:
             _write_bytes(tmp_model, model.SerializeToString())
         os.replace(tmp_model, target)
@@ -173,8 +175,10 @@ def save_model(
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str) -> None:
-    """Move every initializer of ``_EXTERNAL_THRESHOLD`` bytes or more into ``data_path``, in order."""
+def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str) -> int:
+    """Move every initializer of ``_EXTERNAL_THRESHOLD`` bytes or more into ``data_path``, in
+    order; return how many moved."""
+    moved = 0
     with open(data_path, "wb") as f:
         for tensor in _graph_tensors(model.graph, initializers_only=True):
             if tensor.data_type == onnx.TensorProto.STRING:
@@ -190,8 +194,10 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str)
             f.write(tensor.raw_data)
             external_data_helper.set_external_data(tensor, location, offset, len(tensor.raw_data))
             tensor.ClearField("raw_data")
+            moved += 1
         f.flush()
         os.fsync(f.fileno())
+    return moved
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
