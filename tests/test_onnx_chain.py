@@ -138,6 +138,21 @@ def test_initializer_listed_as_graph_input_is_overridable_so_non_constant() -> N
     fused, report = convfuse_fuse(model)
     assert ops(fused)["Conv"] == 2
     assert reasons(report) == {Reason.NON_CONSTANT}
+    assert "overridden" in report.declines[0].decline.message
+
+
+def test_weights_from_constant_nodes() -> None:
+    from onnx import numpy_helper
+
+    g = Graph([1, 4, 8, 8])
+    w1 = numpy_helper.from_array(g.rng.standard_normal((8, 4, 1, 1)).astype("float32"))
+    g.nodes.append(helper.make_node("Constant", [], ["w_const"], value=w1))
+    g.nodes.append(helper.make_node("Constant", [], ["b_const"], value_floats=[0.5] * 4))
+    a = g.node("Conv", ["x", "w_const"])
+    w2 = g.const(g.rng.standard_normal((4, 8, 3, 3)) / 8)
+    b = g.node("Conv", [a, w2, "b_const"], pads=[1, 1, 1, 1])
+    fused, _ = fuse_checked(g.model([b]))
+    assert ops(fused) == {"Conv": 1}  # and the Constant nodes are gone with their readers
 
 
 @pytest.mark.parametrize("ndim", [1, 3])

@@ -175,9 +175,12 @@ class _Index:
         self.inputs = {i.name for i in graph.input}
         self.output_set = {o.name for o in graph.output}
         self.constants: dict[str, onnx.TensorProto] = {k: v for k, v in outer.items() if k not in self.inputs}
+        self.overridable: set[str] = set()  # initializers that are also graph inputs
         for init in graph.initializer:
             if init.name not in self.inputs:
                 self.constants[init.name] = init
+            else:
+                self.overridable.add(init.name)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in nodes:
@@ -198,6 +201,8 @@ class _Index:
             found = self.constants.get(name)
             if found is not None:
                 return found
+            if name in self.overridable:
+                return "an initializer listed as a graph input, so it may be overridden at run time"
             if name in self.inputs:
                 return "a graph input"
             producer = self.producer.get(name)
