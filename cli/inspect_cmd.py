@@ -12,7 +12,7 @@ from .options import json_option, model_argument, policy_option
 __all__ = ["inspect"]
 
 
-@click.command("inspect")
+@click.command("inspect", short_help="Show what merge would do; write nothing.")
 @model_argument
 @policy_option
 @json_option

@@ -32,7 +32,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-@click.command("merge")
+@click.command("merge", short_help="Fuse a model and write the result.")
 @model_argument
 @output_option
 @policy_option

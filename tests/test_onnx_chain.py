@@ -139,6 +139,7 @@ def test_initializer_listed_as_graph_input_is_overridable_so_non_constant() -> N
     assert ops(fused)["Conv"] == 2
     assert reasons(report) == {Reason.NON_CONSTANT}
     assert "overridden" in report.declines[0].decline.message
+    assert any("keep_initializers_as_inputs" in n for n in report.notes)
 
 
 def test_weights_from_constant_nodes() -> None:

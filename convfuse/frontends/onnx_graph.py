@@ -922,6 +922,13 @@ def fuse_onnx(
         report.notes.append(note)
     if state.subgraphs:
         report.notes.append(f"walked {state.subgraphs} subgraph(s) (If/Loop/Scan bodies)")
+    inputs = {i.name for i in fused.graph.input}
+    overridable = sum(1 for t in fused.graph.initializer if t.name in inputs)
+    if overridable and any(d.reason is Reason.NON_CONSTANT for d in report.declines):
+        report.notes.append(
+            f"{overridable} initializer(s) are also graph inputs, so they may be overridden at run time and "
+            "are not merged; export without them as inputs (torch: keep_initializers_as_inputs=False)"
+        )
     if fused.functions:
         report.notes.append(f"{len(fused.functions)} model-local function(s) were not walked")
     if report.before.macs is not None:
