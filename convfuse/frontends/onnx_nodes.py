@@ -454,6 +454,8 @@ def conv_node(
     Weights are cast to ``elem_type`` once, here; an all-zero bias is left out (adding zero is
     exact). A weight that does not fit the type (float16 overflow) is a decline.
     """
+    if spec.padding_mode != "zeros" and spec.is_padded:
+        return Decline(Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros")
     dtype = FLOAT_TYPES[elem_type]
     weight = spec.weight.detach().to(dtype)
     bias = None if spec.bias is None or not bool(torch.any(spec.bias != 0)) else spec.bias.detach().to(dtype)
