@@ -308,10 +308,15 @@ def build_models(candidate: Candidate, seed: int = 0) -> tuple[onnx.ModelProto, 
     original = _Builder(elem, seed)
     y = original.block("x", candidate.original)
     merged = _Builder(elem, seed)
-    return original.model("x", y, in_shape, out_shape), merged.model("x", merged.conv("x", candidate.merged), in_shape, out_shape)
+    z = merged.conv("x", candidate.merged)
+    return original.model("x", y, in_shape, out_shape), merged.model("x", z, in_shape, out_shape)
 
 
 # --------------------------------------------------------------------------- timing
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160]
+
+
 def _ort():  # noqa: ANN202 - the onnxruntime module
     from .runtime import ort
 
@@ -358,7 +363,10 @@ class OrtTimer:
         self.max_seconds = max_seconds
 
     def describe(self) -> str:
-        return f"ONNX Runtime {self.device}, {self.threads} thread(s), median of up to {self.repeats} interleaved samples"
+        return (
+            f"ONNX Runtime {self.device}, {self.threads} thread(s), "
+            f"median of up to {self.repeats} interleaved samples"
+        )
 
     def _session(self, model: onnx.ModelProto, what: str):  # noqa: ANN202 - an InferenceSession
         rt = _ort()
@@ -374,15 +382,18 @@ class OrtTimer:
         try:
             session = rt.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/NotImplemented types
-            raise TimingError(f"onnxruntime cannot load the {what} timing model: {' '.join(str(exc).split())[:160]}") from None
+            raise TimingError(f"onnxruntime cannot load the {what} timing model: {_one_line(exc)}") from None
         if self.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-            raise DeviceUnavailableError("onnxruntime could not start its CUDA provider (no usable GPU or CUDA libraries)")
+            raise DeviceUnavailableError(
+                "onnxruntime could not start its CUDA provider (no usable GPU or CUDA libraries)"
+            )
         return session
 
     def _runner(self, session, x: np.ndarray, out_shape: Sequence[int]) -> Callable[[], None]:  # noqa: ANN001
         rt = _ort()
         binding = session.io_binding()
-        binding.bind_ortvalue_input(session.get_inputs()[0].name, rt.OrtValue.ortvalue_from_numpy(x, self.device, 0))
+        value = rt.OrtValue.ortvalue_from_numpy(x, self.device, 0)
+        binding.bind_ortvalue_input(session.get_inputs()[0].name, value)
         out = rt.OrtValue.ortvalue_from_shape_and_type(list(out_shape), x.dtype, self.device, 0)
         binding.bind_ortvalue_output(session.get_outputs()[0].name, out)
 
@@ -395,7 +406,8 @@ class OrtTimer:
         original, merged = build_models(candidate)
         shape = [int(d) for d in candidate.input_shape]  # type: ignore[arg-type]
         out_shape = [int(d) for d in advance(tuple(shape), candidate.merged)]  # type: ignore[arg-type]
-        x = np.random.default_rng(1).standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(_ELEM[candidate.dtype]))
+        np_type = helper.tensor_dtype_to_np_dtype(_ELEM[candidate.dtype])
+        x = np.random.default_rng(1).standard_normal(shape).astype(np_type)
         runs = [
             self._runner(self._session(original, "original"), x, out_shape),
             self._runner(self._session(merged, "merged"), x, out_shape),
@@ -422,7 +434,7 @@ class OrtTimer:
                 if r >= 2 and time.perf_counter() - start > self.max_seconds:
                     break
         except Exception as exc:  # a kernel ORT lacks shows up at run time for some types
-            raise TimingError(f"onnxruntime failed to run a timing model: {' '.join(str(exc).split())[:160]}") from None
+            raise TimingError(f"onnxruntime failed to run a timing model: {_one_line(exc)}") from None
         return Timing(statistics.median(samples[0]), statistics.median(samples[1]))
 
 

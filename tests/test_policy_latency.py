@@ -280,7 +280,8 @@ def test_torch_sum_block_decided_by_timing() -> None:
 
 def test_torch_nested_sequential_gets_recorded_shapes() -> None:
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), rand_bn(8)))
+    inner = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), rand_bn(8))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), inner)
     x = torch.randn(2, 3, 17, 17)
     timer = FakeTimer(FAST)
     fused, _ = _fuse_torch(model, x, timer, example_inputs=x)
@@ -331,7 +332,8 @@ def test_timing_models_compute_the_same_function() -> None:
     assert isinstance(merged2, ConvSpec)
     _check_models(Candidate(chain2, merged2, (2, 8, 11, 13)))
     branches = ((conv3.replace(pads=((1, 1), (1, 1))), _affine(8)), (_spec(8, 8, 1), _affine(8)), (_affine(8),), ())
-    merged3 = add([compose_chain(list(b)) if len(b) > 1 else b[0] if b else identity(8, 2, torch.float64) for b in branches])
+    folded = [compose_chain(list(b)) if len(b) > 1 else b[0] if b else identity(8, 2, torch.float64) for b in branches]
+    merged3 = add(folded)
     assert isinstance(merged3, ConvSpec)
     _check_models(Candidate((Parallel(branches),), merged3, (1, 8, 9, 9)))
 

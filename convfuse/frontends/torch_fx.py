@@ -78,7 +78,12 @@ def fuse(
     CUDA. Returns the module, or ``(module, report)`` with ``return_report=True``.
     """
     fused, report = fuse_with_report(
-        module, policy=policy, example_inputs=example_inputs, device=device, latency_budget=latency_budget, timer=timer
+        module,
+        policy=policy,
+        example_inputs=example_inputs,
+        device=device,
+        latency_budget=latency_budget,
+        timer=timer,
     )
     return (fused, report) if return_report else fused
 
@@ -119,7 +124,9 @@ def fuse_with_report(
     if ref_out is not None and out is not None:
         report.notes.append(f"example_inputs: max relative output error {_relative_error(ref_out, out):.2e}")
     if judge.times:
-        report.notes.append("latency: torch layers timed as ONNX graphs built from their conv specs (a proxy for torch)")
+        report.notes.append(
+            "latency: torch layers timed as ONNX graphs built from their conv specs (a proxy for torch)"
+        )
     report.notes.extend(judge.notes())
     return fused, report
 

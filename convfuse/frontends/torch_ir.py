@@ -491,7 +491,9 @@ class _Reducer:
         self.judge = judge
         self.report = report
 
-    def _decide(self, before: Cost, merged: ConvSpec | None, layers: Block, shape: Shape, dtype: torch.dtype) -> Decision:
+    def _decide(
+        self, before: Cost, merged: ConvSpec | None, layers: Block, shape: Shape, dtype: torch.dtype
+    ) -> Decision:
         """The judge on replacing ``layers`` (reading ``shape``) by ``merged`` (None: by nothing)."""
         if merged is None:
             return Decision(None)
@@ -625,7 +627,9 @@ class _Reducer:
             before = sum((u.before for u in group), Cost(0, 0))
             n_ops = sum(u.n_ops for u in group) + len(group) - 1
             decision = decisions[0]
-            piece = Merged(_cast(spec, info.dtype), sources, "sum", before, cost([spec]), decision.note, decision.timing)
+            piece = Merged(
+                _cast(spec, info.dtype), sources, "sum", before, cost([spec]), decision.note, decision.timing
+            )
             notes = "; ".join(sorted({u.note for u in group if u.note}))
             layers: Block = (Parallel(tuple(u.layers for u in group)),)
             return _Unit(
@@ -638,9 +642,10 @@ class _Reducer:
                 members = [units[i] for i in group]
                 srcs = tuple(s for u in members for s in u.sources)
                 before = sum((u.before for u in members), Cost(0, 0))
-                branch_pieces.append(
-                    [Merged(_cast(spec, info.dtype), srcs, "sum", before, cost([spec]), decision.note, decision.timing)]
+                merged = Merged(
+                    _cast(spec, info.dtype), srcs, "sum", before, cost([spec]), decision.note, decision.timing
                 )
+                branch_pieces.append([merged])
         for bi in [g[0] for g in groups if len(g) == 1] + loose:
             r = self.steps(step.branches[bi], info)  # alone: reduce it under the policy
             if isinstance(r, Decline):
@@ -750,7 +755,9 @@ class _Reducer:
             return units[i].before
         return _math_cost(m, self._info_in(units, i))
 
-    def _merged(self, units: Sequence[_Unit], i: int, j: int, m: Math, note: str, decision: Decision | None) -> Merged:
+    def _merged(
+        self, units: Sequence[_Unit], i: int, j: int, m: Math, note: str, decision: Decision | None
+    ) -> Merged:
         seg = units[i : j + 1]
         info_in = self._info_in(units, i)
         sources = tuple(s for u in seg for s in u.sources)
