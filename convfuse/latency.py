@@ -512,7 +512,9 @@ class LatencyMeter:
         return result
 
     def notes(self) -> list[str]:
-        """What the report should say about the timings."""
+        """What the report should say about the timings (nothing when no candidate was judged)."""
+        if not (self.timed or self.reused or self.over_budget or self.failures):
+            return []
         how = self.timer.describe() if isinstance(self.timer, OrtTimer) else "an injected timer"
         out = [
             f"latency: timed {self.timed} candidate merge(s) with {how} in {self.spent:.1f} s "
