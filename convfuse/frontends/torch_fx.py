@@ -15,7 +15,7 @@ import copy
 import inspect
 import operator
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..decline import Decline, Reason
 from ..errors import InvalidModelError, TrainingModeError
-from ..policy import Policy
+from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
+from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from .torch_ir import (
     Branches,
@@ -55,6 +56,10 @@ def fuse(
     policy: Policy | str = "flops",
     return_report: bool = False,
     example_inputs: Any = None,
+    *,
+    device: str = "cpu",
+    latency_budget: float = DEFAULT_BUDGET,
+    timer: Timer | None = None,
 ) -> nn.Module | tuple[nn.Module, Report]:
     """A new module computing what ``module`` computes with its linear runs merged.
 
@@ -62,33 +67,53 @@ def fuse(
     ``torch.fx.GraphModule`` when something merged (else as a copy of itself); a module fx
     cannot trace keeps its forward and has its children fused (the report names it).
     ``policy``: ``"flops"`` (default) merges only what does not increase MACs or parameters,
-    ``"always"`` every exact candidate. ``example_inputs`` (a tensor or tuple) gives shapes to
-    regions whose layers do not fix their channel count, and lets the report count MACs and
+    ``"always"`` every exact candidate, ``"latency"`` the candidates ONNX Runtime measures
+    faster on ``device`` (``"cpu"`` or ``"cuda"``; the layers are timed as ONNX graphs built from
+    their specs, a proxy for torch), timing for at most ``latency_budget`` seconds in all (then
+    the flops rule); ``timer`` replaces the ONNX Runtime timer (:mod:`convfuse.latency`).
+    ``example_inputs`` (a tensor or tuple) gives shapes to regions whose layers do not fix
+    their channel count and to the latency timings, and lets the report count MACs and
     the output error. The caller's module is never modified. Raises ``TrainingModeError`` for
-    a BatchNorm in training mode. Returns the module, or ``(module, report)`` with
-    ``return_report=True``.
+    a BatchNorm in training mode and ``DeviceUnavailableError`` for ``device="cuda"`` without
+    CUDA. Returns the module, or ``(module, report)`` with ``return_report=True``.
     """
-    fused, report = fuse_with_report(module, policy=policy, example_inputs=example_inputs)
+    fused, report = fuse_with_report(
+        module,
+        policy=policy,
+        example_inputs=example_inputs,
+        device=device,
+        latency_budget=latency_budget,
+        timer=timer,
+    )
     return (fused, report) if return_report else fused
 
 
 def fuse_with_report(
-    module: nn.Module, policy: Policy | str = "flops", example_inputs: Any = None
+    module: nn.Module,
+    policy: Policy | str = "flops",
+    example_inputs: Any = None,
+    *,
+    device: str = "cpu",
+    latency_budget: float = DEFAULT_BUDGET,
+    timer: Timer | None = None,
 ) -> tuple[nn.Module, Report]:
     """Like :func:`fuse`, always returning ``(module, report)``."""
     if not isinstance(module, nn.Module):
         raise InvalidModelError(f"fuse expects a torch.nn.Module, got {type(module).__name__}")
     policy = Policy.parse(policy)
+    meter = LatencyMeter(device, latency_budget, timer=timer) if policy is Policy.LATENCY else None
+    judge = Judge(policy, meter)
     _refuse_training_batchnorm(module)
     inputs = _as_inputs(example_inputs)
     report = Report()
     report.notes.append(f"policy: {policy.value}")
     report.before, ref_out = _stats(module, inputs, report)
+    shapes = _input_shapes(module, inputs) if judge.times and inputs is not None else {}
     try:
         work = copy.deepcopy(module)
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot work on a copy
         raise InvalidModelError(f"cannot copy {type(module).__name__} to fuse it: {exc}") from exc
-    ctx = _Context(policy, report, inputs)
+    ctx = _Context(judge, report, inputs, shapes)
     with torch.no_grad():
         fused = _fuse_any(work, "", ctx, top=True)
     report.after, out = _stats(fused, inputs, report)
@@ -98,6 +123,11 @@ def fuse_with_report(
         )
     if ref_out is not None and out is not None:
         report.notes.append(f"example_inputs: max relative output error {_relative_error(ref_out, out):.2e}")
+    if judge.times:
+        report.notes.append(
+            "latency: torch layers timed as ONNX graphs built from their conv specs (a proxy for torch)"
+        )
+    report.notes.extend(judge.notes())
     return fused, report
 
 
@@ -137,6 +167,41 @@ def _stats(module: nn.Module, inputs: tuple[Any, ...] | None, report: Report) ->
     return stats, out
 
 
+_Args = tuple[tuple[tuple[int, ...], torch.dtype], ...]  # shape and dtype of each positional argument
+
+
+def _input_shapes(module: nn.Module, inputs: tuple[Any, ...]) -> dict[str, _Args]:
+    """Shape and dtype of the tensors each submodule reads on ``inputs`` (first call), by name.
+
+    Only the top module is traced with ``inputs``; this is where the latency policy learns the
+    shapes of Sequential runs and nested modules. Hooks are removed before returning; a module
+    that fails to run gives no shapes, and a call with a non-tensor argument records nothing.
+    """
+    shapes: dict[str, _Args] = {}
+    handles = []
+
+    def record(name: str):  # noqa: ANN202 - a forward pre-hook
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in shapes or not args or not all(isinstance(a, torch.Tensor) for a in args):
+                return
+            shapes[name] = tuple((tuple(int(d) for d in a.shape), a.dtype) for a in args)
+
+        return hook
+
+    try:
+        for name, sub in module.named_modules():
+            if name:
+                handles.append(sub.register_forward_pre_hook(record(name)))
+        with torch.no_grad():
+            module(*inputs)
+    except Exception:  # noqa: BLE001 - shapes are optional; timings fall back to defaults
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
 def _relative_error(ref: Any, out: Any) -> float:
     """Max abs error over max abs reference output, over all tensors of the outputs."""
     ref_leaves = [t for t in tree_flatten(ref)[0] if isinstance(t, torch.Tensor)]
@@ -151,9 +216,10 @@ def _relative_error(ref: Any, out: Any) -> float:
 # --------------------------------------------------------------------------- dispatch
 @dataclass
 class _Context:
-    policy: Policy
+    judge: Judge
     report: Report
     inputs: tuple[Any, ...] | None
+    shapes: dict[str, _Args] = field(default_factory=dict)  # module input shapes (latency)
     untraced: list[str] = field(default_factory=list)
 
 
@@ -279,7 +345,7 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Context) -> nn.Seque
     out = [(str(i), m) for i, (_, m) in enumerate(out)] if numbered else _unique_keys(out)
     for index, piece in merges:
         target = _join(prefix, out[index][0]) if index >= 0 else "(removed)"
-        ctx.report.merged(piece.kind, piece.sources, target, piece.before, piece.after, piece.note)
+        ctx.report.merged(piece.kind, piece.sources, target, piece.before, piece.after, piece.note, piece.timing)
     seq._modules.clear()
     seq._modules.update(OrderedDict(out))
     return seq
@@ -312,7 +378,11 @@ def _write_run(
     if info is None:
         out += unchanged
         return
-    red = reduce_region(steps, info, ctx.policy, ctx.report)
+    args = ctx.shapes.get(steps[0].name)
+    shape = args[0][0] if args else None
+    if shape is not None and len(shape) == info.ndim + 2 and shape[1] == info.channels:
+        info = replace(info, batch=shape[0], spatial=shape[2:])
+    red = reduce_region(steps, info, ctx.judge, ctx.report)
     if isinstance(red, Decline):
         ctx.report.declined(tuple(op.name for op in steps), red)
         out += unchanged
@@ -396,6 +466,11 @@ class _GraphFuser:
         self.shared_reported: set[fx.Node] = set()
         self.changed = False
         self._const_cache: dict[fx.Node, Any] = {}
+        args = ctx.shapes.get(prefix) if inputs is None and prefix else None
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if args is not None and len(args) == len(placeholders):
+            # A nested module under the latency policy: its recorded input shapes, as zeros.
+            inputs = tuple(torch.zeros(shape, dtype=dtype) for shape, dtype in args)
         if inputs is not None:
             try:
                 ShapeProp(gm).propagate(*inputs)
@@ -518,7 +593,7 @@ class _GraphFuser:
             if hazard is not None:
                 self.ctx.report.declined(names, hazard)
                 continue
-            red = reduce_region(steps, info, self.ctx.policy, self.ctx.report)
+            red = reduce_region(steps, info, self.ctx.judge, self.ctx.report)
             if isinstance(red, Decline):
                 self.ctx.report.declined(names, red)
                 continue
@@ -568,7 +643,7 @@ class _GraphFuser:
             pieces = _verbatim(steps)
             info = self._info(src, steps) if steps else None
             if info is not None:
-                red = reduce_region(steps, info, self.ctx.policy, self.ctx.report)
+                red = reduce_region(steps, info, self.ctx.judge, self.ctx.report)
                 if isinstance(red, Decline):
                     self.ctx.report.declined((root.name,), red)
                 elif red.changed:
@@ -653,7 +728,7 @@ class _GraphFuser:
                 self.gm.add_submodule(target, conv_from_spec(piece.spec))
                 value = self.graph.call_module(target, (value,))
                 self.ctx.report.merged(
-                    piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note
+                    piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note, piece.timing
                 )
             elif isinstance(piece, Branches):
                 outs = [self._emit(branch, value) for branch in piece.branches]
