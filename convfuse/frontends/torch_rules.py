@@ -395,6 +395,12 @@ def _batchnorm_call(node: fx.Node, resolve: Resolve, bound: dict[str, Any] | Non
         return None
     training = bound["training"]
     if _is_graph(training) or training is UNKNOWN or bool(training):
+        if bound["running_mean"] is None and bound["running_var"] is None:
+            return Decline(
+                Reason.TRAINING_MODE,
+                f"{node.name} is a batch_norm call without running statistics (track_running_stats=False): "
+                "it always normalises with batch statistics",
+            )
         how = "computed at run time" if _is_graph(training) else repr(training)
         return Decline(
             Reason.TRAINING_MODE,
