@@ -21,6 +21,7 @@ import convfuse
 from convfuse import Reason
 from convfuse.errors import TrainingModeError
 
+from ._torch_models import randomize_bn
 from .helpers import rel_err
 
 FP32_TOL = 1e-5
@@ -171,17 +172,6 @@ class _Net(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.normal_(0.0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.5)
-                m.bias.normal_(0.0, 0.5)
-    return model
-
-
 def _convs(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -194,7 +184,7 @@ def _check(make, x: torch.Tensor, after: int):
     """Fuse a fresh eval-mode model in fp32 and float64; outputs equal, ``after`` convs left.
     Returns the fp32 model, its fused form and the report."""
     torch.manual_seed(0)
-    model = _randomize_bn(make()).eval()
+    model = randomize_bn(make()).eval()
     fused, report = convfuse.fuse(model, return_report=True)
     with torch.no_grad():
         err = rel_err(model(x), fused(x))
@@ -513,7 +503,7 @@ def test_shape_read_that_cannot_move_declines() -> None:
             return self.bn(self.conv(x))
 
     torch.manual_seed(2)
-    model = _randomize_bn(Block()).eval()
+    model = randomize_bn(Block()).eval()
     x = torch.randn(2, 3, 6, 6)
     fused, report = convfuse.fuse(model, return_report=True)
     assert _convs(fused) == 1 and rel_err(model(x), fused(x)) == 0.0
@@ -546,7 +536,7 @@ def test_dynamic_same_padding_conv_is_reported_untraceable() -> None:
         def forward(self, x):
             return self.bn(self.conv(x))
 
-    model = _randomize_bn(Block()).eval()
+    model = randomize_bn(Block()).eval()
     x = torch.randn(2, 3, 7, 7)
     fused, report = convfuse.fuse(model, return_report=True)
     assert _convs(fused) == 1 and rel_err(model(x), fused(x)) == 0.0
