@@ -24,9 +24,13 @@ LARGE_NODES = 300
 
 
 def fail(path: Path | str, error: ConvfuseError | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``convfuse: error: PATH: CAUSE`` on one line of stderr and exit with ``code``."""
-    cause = " ".join(str(error).split())
-    click.echo(f"convfuse: error: {path}: {cause}", err=True)
+    """Print ``convfuse: error: PATH: CAUSE`` on one line of stderr and exit with ``code``
+    (the error's own file when it names one, else ``path``)."""
+    if isinstance(error, ConvfuseError) and error.path is not None:
+        line = str(error)
+    else:
+        line = f"{path}: {error}"
+    click.echo(f"convfuse: error: {' '.join(line.split())}", err=True)
     raise click.exceptions.Exit(code)
 
 

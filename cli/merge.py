@@ -1,21 +1,30 @@
-"""``convfuse merge MODEL.onnx [-o OUT.onnx]``: fuse, check, write atomically, report.
+"""``convfuse merge MODEL.onnx [-o OUT.onnx | --in-place]``: fuse, check, write atomically, report.
 
-Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage.
+Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage, 3 internal error.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 import onnx
 
 from convfuse.errors import ConvfuseError
-from convfuse.frontends.onnx_io import MAX_PROTOBUF, save_model
+from convfuse.frontends.onnx_io import MAX_PROTOBUF, external_data_name, stage_model
 from convfuse.verify import verify_onnx
 
 from . import _run
-from .options import EXIT_VERIFY_FAILED, json_option, model_argument, output_option, policy_option, verify_option
+from .options import (
+    EXIT_VERIFY_FAILED,
+    in_place_option,
+    json_option,
+    model_argument,
+    output_option,
+    policy_option,
+    verify_option,
+)
 
 __all__ = ["merge", "default_output"]
 
@@ -32,42 +41,76 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _target(model: Path, output: Path | None, in_place: bool, verify: bool) -> Path:
+    """Where to write, or exit 2 with one line: never over the input unless ``--in-place``."""
+    if in_place:
+        if output is not None and not _same_file(model, output):
+            raise click.UsageError("give either -o/--output or --in-place, not both")
+        if not verify:
+            raise click.UsageError("--in-place replaces the input only after verification; drop --no-verify")
+        return model
+    target = output if output is not None else default_output(model)
+    if _same_file(model, target):
+        _run.fail(target, "is the input file; choose another output, or replace the input with --in-place")
+    if target.is_dir():
+        _run.fail(target, "is a directory; give a file name")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        _run.fail(target, f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _run.fail(target, f"directory {parent} is not writable")
+    if target.exists() and not os.access(target, os.W_OK) and not os.access(parent, os.W_OK):
+        _run.fail(target, "is not writable")
+    return target
+
+
 @click.command("merge", short_help="Fuse a model and write the result.")
 @model_argument
 @output_option
 @policy_option
 @json_option
 @verify_option
-def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: bool) -> None:
+@in_place_option
+def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: bool, in_place: bool) -> None:
     """Merge linear runs in MODEL.onnx into single convolutions and write the fused model.
 
-    Writes MODEL.fused.onnx beside the input unless -o is given; the input is never modified.
-    Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage.
+    Writes MODEL.fused.onnx beside the input unless -o is given. The input is never modified,
+    unless --in-place asks to replace it with the verified result.
+    Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage,
+    3 internal error (a bug: please report it).
     """
-    target = output if output is not None else default_output(model)
-    if _same_file(model, target):
-        _run.fail(target, "is the input file; choose another output (the input is never overwritten)")
-    if target.is_dir():
-        _run.fail(target, "is a directory; give a file name")
-    if not target.parent.is_dir():
-        _run.fail(target, f"directory {target.parent} does not exist")
+    target = _target(model, output, in_place, verify)
     loaded, fused, report = _run.fuse(model, policy)
+    if not in_place:
+        data = target.parent / external_data_name(target)
+        for used in loaded.data_files:
+            if _same_file(used, target) or _same_file(used, data):
+                _run.fail(target, f"writing it would overwrite {used}, which holds the input's external data")
     extra = {"input": str(model), "output": None}
-    if verify:
-        passed, detail = _verify(loaded.model, fused)
-        report.notes.append(detail)
-        if not passed:
-            _run.emit(report, as_json, extra)
-            cause = detail.removeprefix("verified: ")
-            _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
-    else:
-        report.notes.append("verification skipped (--no-verify)")
     try:
-        save_model(fused, target, external_data=True if loaded.external_data else None)
+        staged = stage_model(fused, target, external_data=True if loaded.external_data else None)
     except ConvfuseError as exc:
         _run.fail(target, exc)
+    with staged:
+        if verify:
+            passed, detail = _verify(loaded.model, fused)
+            report.notes.append(detail)
+            if not passed:
+                _run.emit(report, as_json, extra)
+                cause = detail.removeprefix("verified: ")
+                _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
+        else:
+            report.notes.append("verification skipped (--no-verify)")
+        try:
+            staged.commit()
+        except ConvfuseError as exc:
+            _run.fail(target, exc)
+    if in_place:
+        stale = [p for p in loaded.data_files if not _same_file(p, target.parent / external_data_name(target))]
+        if stale:
+            report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
     extra["output"] = str(target)
-    _run.emit(report, as_json, extra, lines=(f"wrote {target}",))
+    _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",))
 
 
 def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[bool, str]:

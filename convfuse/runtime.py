@@ -140,7 +140,7 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, what: str = "mo
     try:
         return read_model(path).model
     except InvalidModelError as e:
-        raise InvalidModelError(f"{what} '{path}': {e}") from None
+        raise InvalidModelError(f"{what} '{path}': {e.message}") from None
 
 
 def model_label(source: str | os.PathLike[str] | onnx.ModelProto) -> str:

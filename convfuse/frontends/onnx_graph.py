@@ -32,12 +32,13 @@ from onnx import helper
 
 from ..algebra import Cost
 from ..decline import Decline, Reason
+from ..errors import InvalidModelError, InvalidOptionError
 from ..plan import SumPlan, plan_chain, plan_sum
 from ..policy import Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
-from .onnx_nodes import Dims, LinearOp, conv_macs, conv_node, label, read_linear
+from .onnx_nodes import Dims, LinearOp, conv_macs, conv_node, label, read_linear, unread_nodes
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -209,7 +210,8 @@ class _Index:
             if producer is None:
                 return "not a constant of this graph"
             if producer.op_type != "Identity" or not _is_default(producer):
-                return f"computed at run time by {producer.op_type} node {label(producer)!r}"
+                quantized = " (quantized: convfuse merges float weights)" if producer.op_type == "DequantizeLinear" else ""
+                return f"computed at run time by {producer.op_type} node {label(producer)!r}{quantized}"
             name = producer.input[0]
         return "behind too many Identity nodes"
 
@@ -729,7 +731,7 @@ def _fuse_graph(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], stat
     else:
         state.report.notes.append(f"{where}: stopped after {_MAX_ROUNDS} rounds of rewriting")
     seen: set[tuple[tuple[int, ...], str, str]] = set()
-    for sources, decline in declines:
+    for sources, decline in [*declines, *unread_nodes(nodes)]:
         key = (tuple(id(n) for n in sources), decline.reason.value, decline.message)
         if key not in seen:
             seen.add(key)
@@ -896,7 +898,8 @@ def fuse_onnx(
     ``model`` is a ``ModelProto`` (left unchanged) or a path (external data beside it is read).
     ``policy``: ``"flops"`` merges only what does not increase MACs or parameters, ``"always"``
     every exact merge. ``progress`` receives one-line status messages (for large models).
-    Raises :class:`~convfuse.errors.InvalidModelError` for input that is not a valid model.
+    Raises :class:`~convfuse.errors.InvalidModelError` for input that is not a valid model (the
+    message names the file) and :class:`~convfuse.errors.InvalidOptionError` for an unknown policy.
     """
     if isinstance(model, (str, os.PathLike)):
         source = load_model(model)
@@ -904,8 +907,11 @@ def fuse_onnx(
         check_model(model)
         source = model
     else:
-        raise TypeError(f"fuse_onnx needs an onnx.ModelProto or a path, got {type(model).__name__}")
-    chosen = Policy.parse(policy)
+        raise InvalidModelError(f"fuse_onnx needs an onnx.ModelProto or a path, got {type(model).__name__}")
+    try:
+        chosen = Policy.parse(policy)
+    except ValueError as exc:
+        raise InvalidOptionError(str(exc)) from None
     say: Progress = progress or (lambda message: None)
     fused = onnx.ModelProto()
     fused.CopyFrom(source)

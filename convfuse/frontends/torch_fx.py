@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -24,7 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten
 
 from ..decline import Decline, Reason
-from ..errors import InvalidModelError, TrainingModeError
+from ..errors import InvalidModelError, InvalidOptionError, TrainingModeError
 from ..policy import Policy
 from ..report import ModelStats, Report
 from .torch_ir import (
@@ -77,8 +78,17 @@ def fuse_with_report(
 ) -> tuple[nn.Module, Report]:
     """Like :func:`fuse`, always returning ``(module, report)``."""
     if not isinstance(module, nn.Module):
-        raise InvalidModelError(f"fuse expects a torch.nn.Module, got {type(module).__name__}")
-    policy = Policy.parse(policy)
+        hint = ""
+        if isinstance(module, (str, os.PathLike, bytes)):
+            hint = (
+                "; convfuse reads no torch files (no pickles): build or load the module yourself, "
+                "or use convfuse.fuse_onnx for an ONNX file"
+            )
+        raise InvalidModelError(f"fuse expects a torch.nn.Module, got {type(module).__name__}{hint}")
+    try:
+        policy = Policy.parse(policy)
+    except ValueError as exc:
+        raise InvalidOptionError(str(exc)) from None
     _refuse_training_batchnorm(module)
     inputs = _as_inputs(example_inputs)
     report = Report()
