@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usag
 from __future__ import annotations
 
 import os
+from enum import Enum
 from pathlib import Path
 
 import click
@@ -93,12 +94,17 @@ def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: 
         _run.fail(target, exc)
     with staged:
         if verify:
-            passed, detail = _verify(loaded.model, fused)
+            verdict, detail = _verify(loaded.model, fused)
             report.notes.append(detail)
-            if not passed:
+            if verdict is _Verdict.FAILED:
                 _run.emit(report, as_json, extra)
                 cause = detail.removeprefix("verified: ")
                 _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
+            if verdict is _Verdict.NOT_RUN:
+                if in_place:
+                    _run.emit(report, as_json, extra)
+                    _run.fail(model, f"{detail}; --in-place replaces the input only after verification", EXIT_VERIFY_FAILED)
+                click.echo(f"convfuse: warning: {model}: {detail}", err=True)
         else:
             report.notes.append("verification skipped (--no-verify)")
         try:
@@ -113,16 +119,32 @@ def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: 
     _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",))
 
 
-def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[bool, str]:
+class _Verdict(Enum):
+    PASSED = "passed"
+    FAILED = "failed"  # the candidate differs, or cannot be run where the input can
+    NOT_RUN = "not-run"  # the input itself cannot be run here (custom operators, over 2 GiB)
+
+
+def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[_Verdict, str]:
     """Whether ``candidate`` computes what ``reference`` computes (:func:`convfuse.verify.verify_onnx`
-    on CPU, two seeded random samples), and the verdict on one line."""
+    on CPU, two seeded random samples), and the verdict on one line.
+
+    When the check cannot run, the input is tried alone: if it cannot run either (operators ONNX
+    Runtime lacks, shapes it cannot guess) the merge is not verified, which is not a failure of
+    the merge; if it can, the candidate is at fault and that is a failure.
+    """
     if reference.ByteSize() > MAX_PROTOBUF or candidate.ByteSize() > MAX_PROTOBUF:
-        return True, "verification skipped: model over 2 GiB; run `convfuse verify` on the written files"
+        return _Verdict.NOT_RUN, "not verified: model over 2 GiB; run `convfuse verify` on the written files"
     try:
         result = verify_onnx(reference, candidate)
     except ConvfuseError as exc:
-        return False, f"verification could not run the models ({exc}); use --no-verify to skip"
+        try:
+            verify_onnx(reference, reference, samples=1, attribution=False)
+        except ConvfuseError as alone:
+            return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({alone}); check the output with `convfuse verify` where it runs"
+        return _Verdict.FAILED, f"verification could not run the fused model ({exc}); use --no-verify to skip"
     detail = result.summary()
     if not result.passed:
         detail += "; " + "; ".join(s.line() for s in result.suspects)
-    return result.passed, detail
+        return _Verdict.FAILED, detail
+    return _Verdict.PASSED, detail

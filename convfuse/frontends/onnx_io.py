@@ -145,12 +145,12 @@ def read_model(path: str | os.PathLike[str]) -> LoadedModel:
     for tensor in outside:
         location = _external_location(tensor)
         data_files[p.parent / location] = None
-        try:
-            external_data_helper.load_external_data_for_tensor(tensor, str(p.parent))
-        except FileNotFoundError:
+        if not (p.parent / location).is_file():
             raise InvalidModelError(
                 f"external data file {location!r} of tensor {tensor.name!r} does not exist beside the model", path=p
-            ) from None
+            )
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, str(p.parent))
         except Exception as exc:
             raise InvalidModelError(
                 f"cannot read external data of {tensor.name!r} from {location!r} ({_one_line(exc)})", path=p
