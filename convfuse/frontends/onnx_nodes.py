@@ -21,7 +21,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from ..algebra import ChannelAffine, affine_conv, average_pool
+from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
 from ..decline import Decline, Reason
 from ..spec import ConvSpec, InvalidSpecError, same_pads
 
@@ -156,6 +156,16 @@ def _non_finite(node: onnx.NodeProto, *tensors: tuple[str, str, torch.Tensor | N
 
 
 # --------------------------------------------------------------------------- geometry
+def _geometry_problem(kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> str | None:
+    """Why these attributes describe no window (wrong lengths, sizes below 1), or ``None``."""
+    n = len(kernel)
+    if len(strides) != n or len(dilations) != n:
+        return f"strides {list(strides)} or dilations {list(dilations)} are not {n}D"
+    if min(kernel, default=1) < 1 or min(strides, default=1) < 1 or min(dilations, default=1) < 1:
+        return f"kernel {list(kernel)}, strides {list(strides)} and dilations {list(dilations)} must be >= 1"
+    return None
+
+
 def _explicit_pads(
     attrs: dict[str, Any],
     kernel: Sequence[int],
@@ -223,8 +233,9 @@ def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     strides = list(attrs.get("strides", [1] * n))
     dilations = list(attrs.get("dilations", [1] * n))
     group = int(attrs.get("group", 1))
-    if len(strides) != n or len(dilations) != n:
-        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"strides {strides} or dilations {dilations} are not {n}D")
+    problem = _geometry_problem(kernel, strides, dilations)
+    if problem is not None:
+        return _refuse(node, "conv", x, Reason.UNSUPPORTED, problem)
     pads = _explicit_pads(attrs, kernel, strides, dilations, env.shape(x))
     if isinstance(pads, str):
         return _refuse(node, "conv", x, Reason.UNSUPPORTED, pads)
@@ -425,6 +436,9 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     n = len(kernel)
     strides = list(attrs.get("strides", [1] * n))
     dilations = list(attrs.get("dilations", [1] * n))
+    problem = _geometry_problem(kernel, strides, dilations)
+    if problem is not None:
+        return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, problem)
     if attrs.get("ceil_mode", 0):
         return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, "ceil_mode=1 windows past the border are not a conv")
     pads = _explicit_pads(attrs, kernel, strides, dilations, env.shape(x))
@@ -436,6 +450,13 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         )
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        elements = channels * math.prod(kernel)
+        if elements > MAX_MERGED_ELEMENTS:
+            return Decline(
+                Reason.TOO_LARGE,
+                f"{label(node)}: kernel {kernel} on {channels} channels would need {elements:,} weight elements, "
+                f"over the limit of {MAX_MERGED_ELEMENTS:,}",
+            )
         spec = average_pool(channels, kernel, strides, pads, dtype=torch.float64)
         return spec.replace(dilation=tuple(dilations))
 
