@@ -11,7 +11,7 @@ import click
 
 from convfuse import fuse_onnx
 from convfuse.errors import ConvfuseError
-from convfuse.frontends.onnx_io import LoadedModel, read_model
+from convfuse.frontends.onnx_io import LoadedModel, is_large, read_model
 from convfuse.report import Report
 
 from .options import EXIT_BAD_INPUT
@@ -55,17 +55,27 @@ def load(path: Path) -> tuple[LoadedModel, Callable[[str], None] | None]:
     except ConvfuseError as exc:
         fail(path, exc)
     large = loaded.total_bytes > LARGE_BYTES or len(loaded.model.graph.node) > LARGE_NODES
+    if loaded.total_bytes > LARGE_BYTES:
+        _say(start)(f"loaded {path} ({loaded.total_bytes / 2**20:,.0f} MiB)")
     return loaded, (_say(start) if large else None)
 
 
-def fuse(path: Path, policy: str) -> tuple[LoadedModel, Any, Report]:
-    """Load and fuse; every ConvfuseError becomes exit 2 naming ``path``."""
+def fuse(
+    path: Path, policy: str, keep_input: bool = True
+) -> tuple[LoadedModel, Any, Report, Callable[[str], None] | None]:
+    """Load and fuse; every ConvfuseError becomes exit 2 naming ``path``. Returns the loaded
+    input, the fused model, the report and the progress printer (``None`` for small models).
+
+    ``keep_input=False``, or a model over 2 GiB, fuses the loaded model itself (``fused is
+    loaded.model``) rather than a copy: one copy of every weight in memory, not two.
+    """
     loaded, progress = load(path)
+    inplace = not keep_input or is_large(loaded.model)
     try:
-        fused, report = fuse_onnx(loaded.model, policy=policy, progress=progress)
+        fused, report = fuse_onnx(loaded.model, policy=policy, progress=progress, inplace=inplace)
     except ConvfuseError as exc:
         fail(path, exc)
-    return loaded, fused, report
+    return loaded, fused, report, progress
 
 
 def emit(report: Report, as_json: bool, extra: dict[str, Any] | None = None, lines: tuple[str, ...] = ()) -> None:

@@ -13,7 +13,7 @@ import click
 import onnx
 
 from convfuse.errors import ConvfuseError
-from convfuse.frontends.onnx_io import MAX_PROTOBUF, external_data_name, stage_model
+from convfuse.frontends.onnx_io import external_data_name, stage_model
 from convfuse.verify import verify_onnx
 
 from . import _run
@@ -81,20 +81,30 @@ def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: 
     3 internal error (a bug: please report it).
     """
     target = _target(model, output, in_place, verify)
-    loaded, fused, report = _run.fuse(model, policy)
+    loaded, fused, report, progress = _run.fuse(model, policy, keep_input=verify)
+    say = progress or (lambda message: None)
     if not in_place:
         data = target.parent / external_data_name(target)
         for used in loaded.data_files:
             if _same_file(used, target) or _same_file(used, data):
                 _run.fail(target, f"writing it would overwrite {used}, which holds the input's external data")
+    # The input in memory is kept only to verify against; a large one was fused in place and is
+    # verified from its file, so that one copy of the weights is in memory at a time.
+    reference: onnx.ModelProto | Path = loaded.model if fused is not loaded.model else model
+    external, data_files = loaded.external_data, loaded.data_files
+    del loaded
     extra = {"input": str(model), "output": None}
+    say(f"writing {target} (temporary name until verified)")
     try:
-        staged = stage_model(fused, target, external_data=True if loaded.external_data else None)
+        staged = stage_model(fused, target, external_data=True if external else None)
     except ConvfuseError as exc:
         _run.fail(target, exc)
+    candidate: onnx.ModelProto | Path = fused if isinstance(reference, onnx.ModelProto) else staged.path
+    del fused
     with staged:
         if verify:
-            verdict, detail = _verify(loaded.model, fused)
+            say("verifying")
+            verdict, detail = _verify(reference, candidate)
             report.notes.append(detail)
             if verdict is _Verdict.FAILED:
                 _run.emit(report, as_json, extra)
@@ -112,7 +122,7 @@ def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: 
         except ConvfuseError as exc:
             _run.fail(target, exc)
     if in_place:
-        stale = [p for p in loaded.data_files if not _same_file(p, target.parent / external_data_name(target))]
+        stale = [p for p in data_files if not _same_file(p, target.parent / external_data_name(target))]
         if stale:
             report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
     extra["output"] = str(target)
@@ -122,19 +132,18 @@ def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: 
 class _Verdict(Enum):
     PASSED = "passed"
     FAILED = "failed"  # the candidate differs, or cannot be run where the input can
-    NOT_RUN = "not-run"  # the input itself cannot be run here (custom operators, over 2 GiB)
+    NOT_RUN = "not-run"  # the input itself cannot be run here (custom operators)
 
 
-def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[_Verdict, str]:
+def _verify(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path) -> tuple[_Verdict, str]:
     """Whether ``candidate`` computes what ``reference`` computes (:func:`convfuse.verify.verify_onnx`
-    on CPU, two seeded random samples), and the verdict on one line.
+    on CPU, two seeded random samples), and the verdict on one line. Models over 2 GiB are given
+    as file paths (ONNX Runtime loads them with their external data).
 
     When the check cannot run, the input is tried alone: if it cannot run either (operators ONNX
     Runtime lacks, shapes it cannot guess) the merge is not verified, which is not a failure of
     the merge; if it can, the candidate is at fault and that is a failure.
     """
-    if reference.ByteSize() > MAX_PROTOBUF or candidate.ByteSize() > MAX_PROTOBUF:
-        return _Verdict.NOT_RUN, "not verified: model over 2 GiB; run `convfuse verify` on the written files"
     try:
         result = verify_onnx(reference, candidate)
     except ConvfuseError as exc:

@@ -892,17 +892,21 @@ def fuse_onnx(
     policy: Policy | str = Policy.FLOPS,
     *,
     progress: Progress | None = None,
+    inplace: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Merge every linear run of ``model`` into single convolutions; return a new model and a report.
 
-    ``model`` is a ``ModelProto`` (left unchanged) or a path (external data beside it is read).
-    ``policy``: ``"flops"`` merges only what does not increase MACs or parameters, ``"always"``
-    every exact merge. ``progress`` receives one-line status messages (for large models).
+    ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``) or a path (external data
+    beside it is read). ``policy``: ``"flops"`` merges only what does not increase MACs or
+    parameters, ``"always"`` every exact merge. ``progress`` receives one-line status messages
+    (for large models). ``inplace=True`` fuses the given ModelProto itself and returns it,
+    saving a copy of every weight (for models of gigabytes whose original is not needed).
     Raises :class:`~convfuse.errors.InvalidModelError` for input that is not a valid model (the
     message names the file) and :class:`~convfuse.errors.InvalidOptionError` for an unknown policy.
     """
     if isinstance(model, (str, os.PathLike)):
         source = load_model(model)
+        inplace = True  # nobody else holds it
     elif isinstance(model, onnx.ModelProto):
         check_model(model)
         source = model
@@ -913,8 +917,11 @@ def fuse_onnx(
     except ValueError as exc:
         raise InvalidOptionError(str(exc)) from None
     say: Progress = progress or (lambda message: None)
-    fused = onnx.ModelProto()
-    fused.CopyFrom(source)
+    if inplace:
+        fused = source
+    else:
+        fused = onnx.ModelProto()
+        fused.CopyFrom(source)
     say("inferring shapes")
     shapes, note = infer_shapes(fused)
     report = Report()

@@ -8,6 +8,7 @@ caller (the CLI prints ``convfuse: error: FILE: MESSAGE``).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from ..errors import InvalidModelError, OutputError
 
 __all__ = [
     "MAX_PROTOBUF",
+    "is_large",
     "LoadedModel",
     "read_model",
     "load_model",
@@ -40,6 +42,9 @@ MAX_PROTOBUF = 2**31 - 1
 
 #: Tensors at least this many bytes go to the data file when saving with external data.
 _EXTERNAL_THRESHOLD = 1024
+
+#: What the model holds besides tensors and nodes (value_info, metadata...) is assumed below this.
+_LARGE_MARGIN = 64 * 2**20
 
 #: Bytes read from the start of a file to tell text from protobuf.
 _SNIFF_BYTES = 512
@@ -108,12 +113,14 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 yield from attr.tensors
 
 
-def read_model(path: str | os.PathLike[str]) -> LoadedModel:
+def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> LoadedModel:
     """Read and check an ONNX file, loading external data that sits beside it.
 
     Raises :class:`InvalidModelError` (``path`` set, one-line message) for a missing path, a
     directory, an empty, text, corrupt or truncated file, a protobuf that is not a model,
     missing or short external data, and a model the ONNX checker rejects.
+    ``load_external_data=False`` checks the data files (present, long enough) without reading
+    them: the model keeps its references (to hand the path to ONNX Runtime, say).
     """
     p = Path(path)
     if not p.exists():
@@ -149,6 +156,9 @@ def read_model(path: str | os.PathLike[str]) -> LoadedModel:
             raise InvalidModelError(
                 f"external data file {location!r} of tensor {tensor.name!r} does not exist beside the model", path=p
             )
+        if not load_external_data:
+            total += _check_external_range(tensor, p, location)
+            continue
         try:
             external_data_helper.load_external_data_for_tensor(tensor, str(p.parent))
         except Exception as exc:
@@ -156,8 +166,32 @@ def read_model(path: str | os.PathLike[str]) -> LoadedModel:
                 f"cannot read external data of {tensor.name!r} from {location!r} ({_one_line(exc)})", path=p
             ) from None
         total += len(tensor.raw_data)
-    check_model(model, p)
+    if load_external_data or not outside:
+        check_model(model, p)
+    else:
+        try:
+            onnx.checker.check_model(str(p))
+        except Exception as exc:
+            raise InvalidModelError(f"fails the ONNX checker: {_one_line(exc)}", path=p) from None
     return LoadedModel(model, p, bool(outside), total, tuple(data_files))
+
+
+def _check_external_range(tensor: onnx.TensorProto, path: Path, location: str) -> int:
+    """The length of ``tensor``'s external data, after checking its file holds that many bytes."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    offset = int(info["offset"]) if info.get("offset", "").isdigit() else 0
+    if info.get("length", "").isdigit():
+        length = int(info["length"])
+    else:  # no length given: the tensor's own size
+        length = _tensor_bytes(onnx.TensorProto(dims=tensor.dims, data_type=tensor.data_type, raw_data=b""))
+    available = (path.parent / location).stat().st_size
+    if offset + length > available:
+        raise InvalidModelError(
+            f"cannot read external data of {tensor.name!r} from {location!r} ({length} bytes at offset {offset}, "
+            f"file holds {available})",
+            path=path,
+        )
+    return length
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -176,12 +210,38 @@ def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
             "external data is not loaded; pass the file path or load it with load_external_data=True", path=path
         )
     try:
-        if model.ByteSize() <= MAX_PROTOBUF:
+        if not is_large(model):
             onnx.checker.check_model(model)
         elif path is not None:
             onnx.checker.check_model(str(path))
     except Exception as exc:  # onnx.checker.ValidationError and C++ errors surfacing as others
         raise InvalidModelError(f"fails the ONNX checker: {_one_line(exc)}", path=path) from None
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, counted from its dims and fields without copying the data."""
+    if external_data_helper.uses_external_data(tensor):
+        return 0
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(v) for v in tensor.string_data)
+    if tensor.HasField("raw_data"):
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except Exception:  # an unknown type code: the checker reports it
+            itemsize = 8
+        return math.prod(tensor.dims) * itemsize
+    return 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * (
+        len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)
+    )
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too big to serialise as one protobuf (2 GiB), so it must be saved with
+    external data and checked or run from a file. Estimated from the tensors' sizes and the
+    nodes without serialising (or copying) the whole model; errs on the large side."""
+    total = sum(_tensor_bytes(t) for t in _all_tensors(model))
+    total += sum(node.ByteSize() for node in model.graph.node)
+    return total > MAX_PROTOBUF - _LARGE_MARGIN
 
 
 def external_data_name(path: str | os.PathLike[str]) -> str:
@@ -255,8 +315,8 @@ def stage_model(
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist", path=target)
     if external_data is None:
-        external_data = model.ByteSize() > MAX_PROTOBUF
-    elif not external_data and model.ByteSize() > MAX_PROTOBUF:
+        external_data = is_large(model)
+    elif not external_data and is_large(model):
         raise OutputError("the model is over 2 GiB; save it with external data", path=target)
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".convfuse-", dir=parent))
