@@ -38,8 +38,18 @@ def _finish(code: int, line: str | None = None) -> NoReturn:
     sys.exit(code)
 
 
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past click (which would print a blank line for it)."""
+
+
 class ConvfuseGroup(click.Group):
     """A click group whose ``main`` turns every ending into an exit code and at most one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
 
     def main(  # type: ignore[override]
         self,
@@ -60,9 +70,7 @@ class ConvfuseGroup(click.Group):
             _finish(e.exit_code, f"convfuse: error: {_one_line(e.format_message())}{hint}")
         except click.ClickException as e:
             _finish(e.exit_code, f"convfuse: error: {_one_line(e.format_message())}")
-        except click.Abort:  # click's form of KeyboardInterrupt / EOF
-            _finish(EXIT_INTERRUPTED, "convfuse: interrupted; nothing written")
-        except KeyboardInterrupt:
+        except (_Interrupted, click.Abort, KeyboardInterrupt):  # Abort: click's form of Ctrl-C / EOF
             _finish(EXIT_INTERRUPTED, "convfuse: interrupted; nothing written")
         except MemoryError:
             _finish(EXIT_INTERNAL, "convfuse: internal error: out of memory")

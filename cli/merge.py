@@ -13,7 +13,7 @@ import click
 import onnx
 
 from convfuse.errors import ConvfuseError
-from convfuse.frontends.onnx_io import external_data_name, stage_model
+from convfuse.frontends.onnx_io import check_file, external_data_name, stage_model
 from convfuse.verify import verify_onnx
 
 from . import _run
@@ -80,6 +80,10 @@ def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: 
     Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage,
     3 internal error (a bug: please report it).
     """
+    try:
+        check_file(model)  # the input's own problems first, before the output's
+    except ConvfuseError as exc:
+        _run.fail(model, exc)
     target = _target(model, output, in_place, verify)
     loaded, fused, report, progress = _run.fuse(model, policy, keep_input=verify)
     say = progress or (lambda message: None)

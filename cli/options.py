@@ -28,7 +28,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); nothing wr
 
 # The library checks the file itself (missing, directory, empty, corrupt) so that every bad
 # input gets the same one-line error; click only passes the path through.
-model_argument = click.argument("model", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+model_argument = click.argument("model", metavar="MODEL.onnx", type=click.Path(path_type=Path, readable=False))
 
 output_option = click.option(
     "-o",

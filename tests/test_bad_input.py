@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -116,8 +118,8 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing path": (_missing, "does not exist"),
     "directory": (_directory, "is a directory"),
     "empty file": (_empty, "empty file"),
-    "random bytes": (_random_bytes, "corrupt or truncated"),
-    "truncated model": (_truncated, "corrupt or truncated"),
+    "random bytes": (_random_bytes, "corrupt or truncated file"),
+    "truncated model": (_truncated, "corrupt or truncated file"),
     "text file": (_text, "text file"),
     "protobuf that is a tensor": (_tensor_protobuf, "not an ONNX model"),
     "protobuf without a graph": (_graph_only_protobuf, "not an ONNX model"),
@@ -161,13 +163,52 @@ def test_bad_file_is_an_invalid_model_error_naming_the_file(tmp_path: Path, case
         convfuse.verify(path, path)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file(tmp_path: Path) -> None:
-    path = tmp_path / "secret.onnx"
+def _unprivileged(args: list[str]) -> tuple[int, str]:
+    """Exit code and stderr of the command run where file permissions apply: in this process if
+    it is not root, else in a forked child that drops to uid/gid ``nobody`` (no new interpreter
+    is started, so the child needs no access to the Python installation)."""
+    if os.geteuid() != 0:
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        return result.exit_code, result.stderr
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop privileges, run, report through the pipe, never return
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            result = CliRunner().invoke(main, args, catch_exceptions=False)
+            os.write(write, f"{result.exit_code}\n{result.stderr}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    exit_code, _, stderr = text.partition("\n")
+    return int(exit_code), stderr
+
+
+@pytest.fixture
+def shared_dir():  # type: ignore[no-untyped-def]
+    """A directory anyone may enter (pytest's tmp_path is private to its owner)."""
+    folder = Path(tempfile.mkdtemp(prefix="convfuse-perm-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to drop privileges")
+def test_unreadable_file(shared_dir: Path) -> None:
+    path = shared_dir / "secret.onnx"
     onnx.save_model(_good_model(), path)
     path.chmod(0)
-    result = _invoke("merge", str(path))
-    assert result.exit_code == 2 and "cannot read" in _one_error_line(result)
+    code, stderr = _unprivileged(["merge", str(path), "-o", str(shared_dir / "out.onnx")])
+    assert code == 2 and stderr == f"convfuse: error: {path}: cannot read (Permission denied)\n"
+    assert sorted(p.name for p in shared_dir.iterdir()) == ["secret.onnx"]
 
 
 def test_api_rejects_what_is_not_a_model_or_a_policy(tmp_path: Path) -> None:
@@ -254,13 +295,23 @@ def test_output_in_an_unwritable_directory(model_file: Path, monkeypatch: pytest
     assert caught.value.path == str(out_dir / "api.onnx")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
-def test_output_directory_without_write_permission(model_file: Path) -> None:
-    out_dir = model_file.parent / "ro"
-    out_dir.mkdir(mode=0o500)
-    result = _invoke("merge", str(model_file), "-o", str(out_dir / "out.onnx"))
-    assert result.exit_code == 2 and "not writable" in _one_error_line(result)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to drop privileges")
+def test_output_directory_without_write_permission(shared_dir: Path) -> None:
+    src = shared_dir / "model.onnx"
+    onnx.save_model(_good_model(), src)
+    src.chmod(0o644)
+    out_dir = shared_dir / "ro"
+    out_dir.mkdir(mode=0o555)
+    out_dir.chmod(0o555)
+    code, stderr = _unprivileged(["merge", str(src), "-o", str(out_dir / "out.onnx")])
+    assert code == 2 and stderr == f"convfuse: error: {out_dir / 'out.onnx'}: directory {out_dir} is not writable\n"
     assert list(out_dir.iterdir()) == []
+    existing = shared_dir / "existing.onnx"  # a read-only file in a writable directory is replaced
+    existing.write_bytes(b"old")
+    existing.chmod(0o444)
+    shared_dir.chmod(0o777)
+    code, stderr = _unprivileged(["merge", str(src), "-o", str(existing)])
+    assert code == 0, stderr
 
 
 def test_output_must_not_overwrite_the_inputs_external_data(tmp_path: Path) -> None:
@@ -388,5 +439,5 @@ def test_interrupt_is_exit_130_and_writes_nothing(model_file: Path, monkeypatch:
     before = _digests(model_file.parent)
     result = _invoke("merge", str(model_file))
     assert result.exit_code == 130
-    assert result.stderr.strip() == "convfuse: interrupted; nothing written"
+    assert result.stderr == "convfuse: interrupted; nothing written\n"
     assert _digests(model_file.parent) == before

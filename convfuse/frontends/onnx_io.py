@@ -29,6 +29,7 @@ __all__ = [
     "is_large",
     "LoadedModel",
     "read_model",
+    "check_file",
     "load_model",
     "check_model",
     "save_model",
@@ -113,15 +114,9 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 yield from attr.tensors
 
 
-def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> LoadedModel:
-    """Read and check an ONNX file, loading external data that sits beside it.
-
-    Raises :class:`InvalidModelError` (``path`` set, one-line message) for a missing path, a
-    directory, an empty, text, corrupt or truncated file, a protobuf that is not a model,
-    missing or short external data, and a model the ONNX checker rejects.
-    ``load_external_data=False`` checks the data files (present, long enough) without reading
-    them: the model keeps its references (to hand the path to ONNX Runtime, say).
-    """
+def check_file(path: str | os.PathLike[str]) -> int:
+    """The size of ``path`` after the checks that need no parsing: it exists, is a readable
+    regular file, is not empty and is not text. :class:`InvalidModelError` saying which failed."""
     p = Path(path)
     if not p.exists():
         raise InvalidModelError("does not exist", path=p)
@@ -139,13 +134,31 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
         raise InvalidModelError("empty file, not an ONNX model", path=p)
     if _looks_like_text(head):
         raise InvalidModelError("is a text file, not an ONNX model (ONNX files are binary protobuf)", path=p)
+    return size
+
+
+def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> LoadedModel:
+    """Read and check an ONNX file, loading external data that sits beside it.
+
+    Raises :class:`InvalidModelError` (``path`` set, one-line message) for a missing path, a
+    directory, an empty, text, corrupt or truncated file, a protobuf that is not a model,
+    missing or short external data, and a model the ONNX checker rejects.
+    ``load_external_data=False`` checks the data files (present, long enough) without reading
+    them: the model keeps its references (to hand the path to ONNX Runtime, say).
+    """
+    p = Path(path)
+    size = check_file(p)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except OSError as exc:
         raise InvalidModelError(f"cannot read ({exc.strerror or _one_line(exc)})", path=p) from None
     except Exception as exc:  # protobuf DecodeError and friends: the bytes are not a model
         cause = _one_line(exc).removeprefix("Error parsing message with type 'onnx.ModelProto': ")
-        raise InvalidModelError(f"not an ONNX model: corrupt or truncated protobuf ({cause})", path=p) from None
+        raise InvalidModelError(
+            f"not an ONNX model: the bytes do not parse as one (corrupt or truncated file, or another format; "
+            f"protobuf: {cause[:1].lower() + cause[1:]})",
+            path=p,
+        ) from None
     outside = [t for t in _all_tensors(model) if external_data_helper.uses_external_data(t)]
     total = size
     data_files: dict[Path, None] = {}
