@@ -321,7 +321,8 @@ def verify_onnx(
     Inputs: ``inputs`` (one mapping of arrays, or a sequence of them, one per sample) or else
     ``samples`` random sets from ``seed``, shaped by the declared dims, ``shapes`` for symbolic
     ones (else 1, noted). On a mismatch with ``attribution`` on, :func:`attribute` names the
-    regions that are wrong on their own. Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
+    regions that are wrong on their own (not for files over 2 GiB, which ONNX Runtime runs from the
+    file, one model at a time). Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
     and :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
     """
     if samples < 1:
