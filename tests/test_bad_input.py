@@ -113,6 +113,19 @@ def _external_data_truncated(d: Path) -> Path:
     return d / "short.onnx"
 
 
+def _external_data_outside(d: Path) -> Path:
+    """External data whose location climbs out of the model's directory: refused, not followed."""
+    onnx.save_model(_good_model(8), d / "secret.onnx", save_as_external_data=True, location="secret.data", size_threshold=0)
+    model = onnx.load(str(d / "secret.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.data"
+    (d / "sub").mkdir()
+    (d / "sub" / "outside.onnx").write_bytes(model.SerializeToString())
+    return d / "sub" / "outside.onnx"
+
+
 #: case -> (make the file, words the message must contain)
 BAD_FILES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing path": (_missing, "does not exist"),
@@ -126,6 +139,7 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "fails the checker": (_fails_checker, "fails the ONNX checker"),
     "external data missing": (_external_data_missing, "does not exist"),
     "external data truncated": (_external_data_truncated, "cannot read external data"),
+    "external data outside the directory": (_external_data_outside, "points outside the directory"),
 }
 
 
