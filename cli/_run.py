@@ -11,7 +11,7 @@ import click
 
 from convfuse import fuse_onnx
 from convfuse.errors import ConvfuseError
-from convfuse.frontends.onnx_io import LoadedModel, read_model
+from convfuse.frontends.onnx_io import LoadedModel, is_large, read_model
 from convfuse.latency import DEFAULT_BUDGET
 from convfuse.policy import Policy
 from convfuse.report import Report
@@ -26,9 +26,13 @@ LARGE_NODES = 300
 
 
 def fail(path: Path | str, error: ConvfuseError | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``convfuse: error: PATH: CAUSE`` on one line of stderr and exit with ``code``."""
-    cause = " ".join(str(error).split())
-    click.echo(f"convfuse: error: {path}: {cause}", err=True)
+    """Print ``convfuse: error: PATH: CAUSE`` on one line of stderr and exit with ``code``
+    (the error's own file when it names one, else ``path``)."""
+    if isinstance(error, ConvfuseError) and error.path is not None:
+        line = str(error)
+    else:
+        line = f"{path}: {error}"
+    click.echo(f"convfuse: error: {' '.join(line.split())}", err=True)
     raise click.exceptions.Exit(code)
 
 
@@ -53,24 +57,41 @@ def load(path: Path) -> tuple[LoadedModel, Callable[[str], None] | None]:
     except ConvfuseError as exc:
         fail(path, exc)
     large = loaded.total_bytes > LARGE_BYTES or len(loaded.model.graph.node) > LARGE_NODES
+    if loaded.total_bytes > LARGE_BYTES:
+        _say(start)(f"loaded {path} ({loaded.total_bytes / 2**20:,.0f} MiB)")
     return loaded, (_say(start) if large else None)
 
 
 def fuse(
-    path: Path, policy: str, device: str = "cpu", latency_budget: float = DEFAULT_BUDGET
-) -> tuple[LoadedModel, Any, Report]:
-    """Load and fuse; every ConvfuseError becomes exit 2 naming ``path``. The latency policy
-    always reports progress on stderr (timing takes seconds)."""
+    path: Path,
+    policy: str,
+    device: str = "cpu",
+    latency_budget: float = DEFAULT_BUDGET,
+    keep_input: bool = True,
+) -> tuple[LoadedModel, Any, Report, Callable[[str], None] | None]:
+    """Load and fuse; every ConvfuseError becomes exit 2 naming ``path``. Returns the loaded
+    input, the fused model, the report and the progress printer (``None`` for small models).
+
+    ``keep_input=False``, or a model over 2 GiB, fuses the loaded model itself (``fused is
+    loaded.model``) rather than a copy: one copy of every weight in memory, not two. The
+    latency policy always reports progress on stderr (timing takes seconds).
+    """
     loaded, progress = load(path)
     if progress is None and policy == Policy.LATENCY.value:
         progress = _say(time.monotonic())
+    inplace = not keep_input or is_large(loaded.model)
     try:
         fused, report = fuse_onnx(
-            loaded.model, policy=policy, progress=progress, device=device, latency_budget=latency_budget
+            loaded.model,
+            policy=policy,
+            progress=progress,
+            device=device,
+            latency_budget=latency_budget,
+            inplace=inplace,
         )
     except ConvfuseError as exc:
         fail(path, exc)
-    return loaded, fused, report
+    return loaded, fused, report, progress
 
 
 def emit(report: Report, as_json: bool, extra: dict[str, Any] | None = None, lines: tuple[str, ...] = ()) -> None:

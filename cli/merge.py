@@ -1,21 +1,31 @@
-"""``convfuse merge MODEL.onnx [-o OUT.onnx]``: fuse, check, write atomically, report.
+"""``convfuse merge MODEL.onnx [-o OUT.onnx | --in-place]``: fuse, check, write atomically, report.
 
-Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage.
+Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage, 3 internal error.
 """
 
 from __future__ import annotations
 
+import os
+from enum import Enum
 from pathlib import Path
 
 import click
 import onnx
 
 from convfuse.errors import ConvfuseError
-from convfuse.frontends.onnx_io import MAX_PROTOBUF, save_model
+from convfuse.frontends.onnx_io import check_file, external_data_name, stage_model
 from convfuse.verify import verify_onnx
 
 from . import _run
-from .options import EXIT_VERIFY_FAILED, json_option, model_argument, output_option, policy_option, verify_option
+from .options import (
+    EXIT_VERIFY_FAILED,
+    in_place_option,
+    json_option,
+    model_argument,
+    output_option,
+    policy_option,
+    verify_option,
+)
 
 __all__ = ["merge", "default_output"]
 
@@ -32,56 +42,129 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _target(model: Path, output: Path | None, in_place: bool, verify: bool) -> Path:
+    """Where to write, or exit 2 with one line: never over the input unless ``--in-place``."""
+    if in_place:
+        if output is not None and not _same_file(model, output):
+            raise click.UsageError("give either -o/--output or --in-place, not both")
+        if not verify:
+            raise click.UsageError("--in-place replaces the input only after verification; drop --no-verify")
+        return model
+    target = output if output is not None else default_output(model)
+    if _same_file(model, target):
+        _run.fail(target, "is the input file; choose another output, or replace the input with --in-place")
+    if target.is_dir():
+        _run.fail(target, "is a directory; give a file name")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        _run.fail(target, f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _run.fail(target, f"directory {parent} is not writable")
+    return target
+
+
 @click.command("merge", short_help="Fuse a model and write the result.")
 @model_argument
 @output_option
 @policy_option
 @json_option
 @verify_option
+@in_place_option
 def merge(
-    model: Path, output: Path | None, policy: str, device: str, latency_budget: float, as_json: bool, verify: bool
+    model: Path,
+    output: Path | None,
+    policy: str,
+    device: str,
+    latency_budget: float,
+    as_json: bool,
+    verify: bool,
+    in_place: bool,
 ) -> None:
     """Merge linear runs in MODEL.onnx into single convolutions and write the fused model.
 
-    Writes MODEL.fused.onnx beside the input unless -o is given; the input is never modified.
-    Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage.
+    Writes MODEL.fused.onnx beside the input unless -o is given. The input is never modified,
+    unless --in-place asks to replace it with the verified result.
+    Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage,
+    3 internal error (a bug: please report it).
     """
-    target = output if output is not None else default_output(model)
-    if _same_file(model, target):
-        _run.fail(target, "is the input file; choose another output (the input is never overwritten)")
-    if target.is_dir():
-        _run.fail(target, "is a directory; give a file name")
-    if not target.parent.is_dir():
-        _run.fail(target, f"directory {target.parent} does not exist")
-    loaded, fused, report = _run.fuse(model, policy, device, latency_budget)
-    extra = {"input": str(model), "output": None}
-    if verify:
-        passed, detail = _verify(loaded.model, fused)
-        report.notes.append(detail)
-        if not passed:
-            _run.emit(report, as_json, extra)
-            cause = detail.removeprefix("verified: ")
-            _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
-    else:
-        report.notes.append("verification skipped (--no-verify)")
     try:
-        save_model(fused, target, external_data=True if loaded.external_data else None)
+        check_file(model)  # the input's own problems first, before the output's
+    except ConvfuseError as exc:
+        _run.fail(model, exc)
+    target = _target(model, output, in_place, verify)
+    loaded, fused, report, progress = _run.fuse(model, policy, device, latency_budget, keep_input=verify)
+    say = progress or (lambda message: None)
+    if not in_place:
+        data = target.parent / external_data_name(target)
+        for used in loaded.data_files:
+            if _same_file(used, target) or _same_file(used, data):
+                _run.fail(target, f"writing it would overwrite {used}, which holds the input's external data")
+    # The input in memory is kept only to verify against; a large one was fused in place and is
+    # verified from its file, so that one copy of the weights is in memory at a time.
+    reference: onnx.ModelProto | Path = loaded.model if fused is not loaded.model else model
+    external, data_files = loaded.external_data, loaded.data_files
+    del loaded
+    extra = {"input": str(model), "output": None}
+    say(f"writing {target} (temporary name until verified)")
+    try:
+        staged = stage_model(fused, target, external_data=True if external else None)
     except ConvfuseError as exc:
         _run.fail(target, exc)
+    candidate: onnx.ModelProto | Path = fused if isinstance(reference, onnx.ModelProto) else staged.path
+    del fused
+    with staged:
+        if verify:
+            say("verifying")
+            verdict, detail = _verify(reference, candidate)
+            report.notes.append(detail)
+            if verdict is _Verdict.FAILED:
+                _run.emit(report, as_json, extra)
+                cause = detail.removeprefix("verified: ")
+                _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
+            if verdict is _Verdict.NOT_RUN:
+                if in_place:
+                    _run.emit(report, as_json, extra)
+                    _run.fail(model, f"{detail}; --in-place replaces the input only after verification", EXIT_VERIFY_FAILED)
+                click.echo(f"convfuse: warning: {model}: {detail}", err=True)
+        else:
+            report.notes.append("verification skipped (--no-verify)")
+        try:
+            staged.commit()
+        except ConvfuseError as exc:
+            _run.fail(target, exc)
+    if in_place:
+        stale = [p for p in data_files if not _same_file(p, target.parent / external_data_name(target))]
+        if stale:
+            report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
     extra["output"] = str(target)
-    _run.emit(report, as_json, extra, lines=(f"wrote {target}",))
+    _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",))
 
 
-def _verify(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> tuple[bool, str]:
+class _Verdict(Enum):
+    PASSED = "passed"
+    FAILED = "failed"  # the candidate differs, or cannot be run where the input can
+    NOT_RUN = "not-run"  # the input itself cannot be run here (custom operators)
+
+
+def _verify(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path) -> tuple[_Verdict, str]:
     """Whether ``candidate`` computes what ``reference`` computes (:func:`convfuse.verify.verify_onnx`
-    on CPU, two seeded random samples), and the verdict on one line."""
-    if reference.ByteSize() > MAX_PROTOBUF or candidate.ByteSize() > MAX_PROTOBUF:
-        return True, "verification skipped: model over 2 GiB; run `convfuse verify` on the written files"
+    on CPU, two seeded random samples), and the verdict on one line. Models over 2 GiB are given
+    as file paths (ONNX Runtime loads them with their external data).
+
+    When the check cannot run, the input is tried alone: if it cannot run either (operators ONNX
+    Runtime lacks, shapes it cannot guess) the merge is not verified, which is not a failure of
+    the merge; if it can, the candidate is at fault and that is a failure.
+    """
     try:
         result = verify_onnx(reference, candidate)
     except ConvfuseError as exc:
-        return False, f"verification could not run the models ({exc}); use --no-verify to skip"
+        try:
+            verify_onnx(reference, reference, samples=1, attribution=False)
+        except ConvfuseError as alone:
+            return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({alone}); check the output with `convfuse verify` where it runs"
+        return _Verdict.FAILED, f"verification could not run the fused model ({exc}); use --no-verify to skip"
     detail = result.summary()
     if not result.passed:
         detail += "; " + "; ".join(s.line() for s in result.suspects)
-    return result.passed, detail
+        return _Verdict.FAILED, detail
+    return _Verdict.PASSED, detail

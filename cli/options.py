@@ -14,20 +14,25 @@ __all__ = [
     "EXIT_OK",
     "EXIT_VERIFY_FAILED",
     "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
     "model_argument",
     "output_option",
     "policy_option",
     "json_option",
     "verify_option",
+    "in_place_option",
 ]
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1  # the fused model does not compute what the input computes; nothing written
 EXIT_BAD_INPUT = 2  # unreadable model, unwritable output, bad usage (click uses 2 for usage too)
+EXIT_INTERNAL = 3  # a bug in convfuse (an exception it did not expect) or out of memory; never bad input
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); nothing written
 
 # The library checks the file itself (missing, directory, empty, corrupt) so that every bad
 # input gets the same one-line error; click only passes the path through.
-model_argument = click.argument("model", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+model_argument = click.argument("model", metavar="MODEL.onnx", type=click.Path(path_type=Path, readable=False))
 
 output_option = click.option(
     "-o",
@@ -79,4 +84,10 @@ verify_option = click.option(
     default=True,
     show_default=True,
     help="Check the fused model against the input with ONNX Runtime before writing it.",
+)
+
+in_place_option = click.option(
+    "--in-place",
+    is_flag=True,
+    help="Replace MODEL.onnx with the fused model (atomically, after verification; not with -o or --no-verify).",
 )

@@ -17,8 +17,8 @@ EXIT_ERROR = 2
 
 
 @click.command("verify")
-@click.argument("reference", type=click.Path())
-@click.argument("candidate", type=click.Path())
+@click.argument("reference", type=click.Path(readable=False))
+@click.argument("candidate", type=click.Path(readable=False))
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).")
 @click.option("--inputs", "inputs_file", type=click.Path(), default=None,

@@ -3,13 +3,19 @@
 Ordinary unmergeable cases are *not* exceptions: they are :class:`convfuse.algebra.Decline`
 values. Exceptions are for input the tool cannot work with at all (a file that is not a model,
 a module in training mode, an output path that cannot be written).
+
+An error about a file carries it in ``path`` and prints as ``PATH: MESSAGE``, so the API names
+the file as the command line does (``convfuse: error: PATH: MESSAGE``).
 """
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "ConvfuseError",
     "InvalidModelError",
+    "InvalidOptionError",
     "TrainingModeError",
     "OutputError",
     "DeviceUnavailableError",
@@ -18,11 +24,31 @@ __all__ = [
 
 
 class ConvfuseError(Exception):
-    """Base class: a one-line message a user can act on."""
+    """Base class: a one-line message a user can act on, and the file it is about (if any)."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+
+    def __str__(self) -> str:
+        return self.message if self.path is None else f"{self.path}: {self.message}"
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Keep ``path`` through pickling (multiprocessing, pytest-xdist).
+        return (_rebuild, (type(self), self.message, self.path))
+
+
+def _rebuild(cls: type[ConvfuseError], message: str, path: str | None) -> ConvfuseError:
+    return cls(message, path=path)
 
 
 class InvalidModelError(ConvfuseError):
     """The input is not a model convfuse can read (missing, corrupt, fails the checker)."""
+
+
+class InvalidOptionError(ConvfuseError, ValueError):
+    """An option has a value convfuse does not know (a policy name); also a ``ValueError``."""
 
 
 class TrainingModeError(ConvfuseError):

@@ -20,7 +20,7 @@ from onnx import TensorProto
 
 from .compare import DEFAULT_RTOL
 from .errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
-from .frontends.onnx_io import read_model
+from .frontends.onnx_io import MAX_PROTOBUF, is_large, read_model
 
 __all__ = [
     "DEVICES",
@@ -37,6 +37,7 @@ __all__ = [
     "given_feeds",
     "input_specs",
     "load_inputs",
+    "load_for_run",
     "load_model",
     "model_label",
     "one_line",
@@ -140,7 +141,29 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, what: str = "mo
     try:
         return read_model(path).model
     except InvalidModelError as e:
-        raise InvalidModelError(f"{what} '{path}': {e}") from None
+        raise InvalidModelError(f"{what} '{path}': {e.message}") from None
+
+
+def load_for_run(
+    source: str | os.PathLike[str] | onnx.ModelProto, what: str = "model"
+) -> tuple[onnx.ModelProto, str | None]:
+    """:func:`load_model`, except that a file over 2 GiB (external data) is checked but its data is
+    not read: its model comes back without tensor data, with the path ONNX Runtime loads it from
+    (``None`` for every other model)."""
+    if isinstance(source, onnx.ModelProto):
+        if is_large(source):
+            raise InvalidModelError(
+                f"{what} is over 2 GiB: pass the file path (ONNX Runtime loads its external data itself)"
+            )
+        return load_model(source, what), None
+    path = os.fspath(source)
+    try:
+        header = read_model(path, load_external_data=False)
+    except InvalidModelError as e:
+        raise InvalidModelError(f"{what} '{path}': {e.message}") from None
+    if header.total_bytes <= MAX_PROTOBUF - (64 << 20):
+        return load_model(path, what), None
+    return header.model, path
 
 
 def model_label(source: str | os.PathLike[str] | onnx.ModelProto) -> str:
@@ -384,12 +407,13 @@ class ReferenceSession:
         return self.evaluator.run(list(names), dict(feed))
 
 
-def session(model: onnx.ModelProto, device: str, what: str) -> Any:
+def session(model: onnx.ModelProto, device: str, what: str, path: str | None = None) -> Any:
     """An ONNX Runtime session on ``device`` with graph optimizations off: the graph as written.
 
     Both models get the same settings. With optimizations off ORT does not fold Conv+BN or
     reorder arithmetic itself, so the reference computes exactly what its graph says. On CPU, a
-    model ONNX Runtime has no kernels for runs on :class:`ReferenceSession` instead.
+    model ONNX Runtime has no kernels for runs on :class:`ReferenceSession` instead. ``path``
+    (a model over 2 GiB, see :func:`load_for_run`): ORT loads the file and its external data.
     """
     rt = ort()
     options = rt.SessionOptions()
@@ -399,9 +423,10 @@ def session(model: onnx.ModelProto, device: str, what: str) -> Any:
     if device == "cuda":
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        sess = rt.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+        source = path if path is not None else model.SerializeToString()
+        sess = rt.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        if device == "cpu" and "NOT_IMPLEMENTED" in str(e):
+        if device == "cpu" and "NOT_IMPLEMENTED" in str(e) and path is None:
             return ReferenceSession(model)
         raise InvalidModelError(f"onnxruntime cannot load the {what}: {_ort_message(e)}") from None
     if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():

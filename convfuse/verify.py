@@ -321,12 +321,14 @@ def verify_onnx(
     Inputs: ``inputs`` (one mapping of arrays, or a sequence of them, one per sample) or else
     ``samples`` random sets from ``seed``, shaped by the declared dims, ``shapes`` for symbolic
     ones (else 1, noted). On a mismatch with ``attribution`` on, :func:`attribute` names the
-    regions that are wrong on their own. Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
+    regions that are wrong on their own (not for files over 2 GiB, which ONNX Runtime runs from the
+    file, one model at a time). Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
     and :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
     """
     if samples < 1:
         raise ConvfuseError(f"samples must be >= 1, got {samples}")
-    ref_model, cand_model = rt.load_model(reference, "reference"), rt.load_model(candidate, "candidate")
+    ref_model, ref_path = rt.load_for_run(reference, "reference")
+    cand_model, cand_path = rt.load_for_run(candidate, "candidate")
     ref_in, ref_out = rt.signature(ref_model)
     cand_in, cand_out = rt.signature(cand_model)
     rt.check_same_names("input", ref_in, cand_in)
@@ -352,20 +354,25 @@ def verify_onnx(
 
     checks: list[OutputCheck] = []
     suspects: tuple[Suspect, ...] = ()
+    for path in (ref_path, cand_path):
+        if path is not None:
+            notes.append(f"{path}: over 2 GiB, run by ONNX Runtime from the file")
     for dev in devices:
-        ref_sess = rt.session(ref_model, dev, "reference")
-        cand_sess = rt.session(cand_model, dev, "candidate")
-        for what, sess in (("reference", ref_sess), ("candidate", cand_sess)):
+        # One model at a time: a session holds every weight, and models can be gigabytes.
+        runs = []
+        for what, model, path in (("reference", ref_model, ref_path), ("candidate", cand_model, cand_path)):
+            sess = rt.session(model, dev, what, path)
             if isinstance(sess, rt.ReferenceSession):
                 notes.append(f"{what}: onnxruntime has no CPU kernel for an op (float64 Conv?); ran the ONNX reference evaluator")
-        try:
-            ref_runs = [rt.run(ref_sess, f, ports, names, "reference") for f in feeds]
-            cand_runs = [rt.run(cand_sess, f, ports, names, "candidate") for f in feeds]
-        except InvalidModelError as e:
-            if inputs is None and guessed:
-                hint = "symbolic input dims were set to 1: give sizes with --shape"
-                raise InvalidModelError(f"{e} ({hint})") from None
-            raise
+            try:
+                runs.append([rt.run(sess, f, ports, names, what) for f in feeds])
+            except InvalidModelError as e:
+                if inputs is None and guessed:
+                    hint = "symbolic input dims were set to 1: give sizes with --shape"
+                    raise InvalidModelError(f"{e} ({hint})") from None
+                raise
+            del sess
+        ref_runs, cand_runs = runs
         found = [
             _check(
                 p.name,
@@ -381,6 +388,9 @@ def verify_onnx(
         ]
         checks += found
         if attribution and not suspects and not all(c.passed for c in found):
+            if ref_path is not None or cand_path is not None:
+                notes.append("attribution skipped: a model is over 2 GiB")
+                continue
             try:
                 suspects = attribute(
                     ref_model, cand_model, feeds=feeds, device=dev, rtol=rtol, atol=atol, notes=notes
@@ -425,7 +435,8 @@ def attribute(
     :class:`Suspect`. Front ends need only keep the names of the tensors at region boundaries.
     Samples run one at a time (``feeds``, or ``samples`` generated ones) until one diverges.
     """
-    ref_model, cand_model = rt.load_model(reference, "reference"), rt.load_model(candidate, "candidate")
+    ref_model, ref_path = rt.load_for_run(reference, "reference")
+    cand_model, cand_path = rt.load_for_run(candidate, "candidate")
     notes = [] if notes is None else notes
     ref_in, _ = rt.signature(ref_model)
     cand_in, _ = rt.signature(cand_model)

@@ -2,8 +2,10 @@
 
 Conv (every attribute form: explicit asymmetric pads, SAME_UPPER, SAME_LOWER, VALID, omitted
 attributes), BatchNormalization, Add (of branches and of unrelated tensors), Mul/Add by
-constants, Relu, Concat, Pad, AveragePool, Identity; tensors are freely shared between
-consumers and sometimes exposed as extra graph outputs.
+constants on either side, Relu, Concat, Pad, AveragePool, Identity; tensors are freely shared
+between consumers and sometimes exposed as extra graph outputs. Models are float32 or
+(one in five) float16, at opset 11, 13 or 17; a constant is sometimes a ``Constant`` node
+instead of an initializer.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 __all__ = ["random_model"]
 
@@ -26,10 +28,16 @@ class _Value:
     spatial: tuple[int, ...]
 
 
+#: IR version ONNX Runtime accepts for each opset drawn.
+_IR_FOR_OPSET = {11: 6, 13: 7, 17: 8}
+
+
 @dataclass
 class _Builder:
     ndim: int
     rng: np.random.Generator
+    dtype: type = np.float32
+    constant_nodes: float = 0.0  # probability that a constant is a Constant node
     nodes: list = field(default_factory=list)
     inits: list = field(default_factory=list)
     values: list[_Value] = field(default_factory=list)
@@ -41,7 +49,11 @@ class _Builder:
 
     def const(self, array: np.ndarray, prefix: str) -> str:
         name = self.fresh(prefix)
-        self.inits.append(numpy_helper.from_array(array.astype(np.float32), name))
+        tensor = numpy_helper.from_array(np.asarray(array).astype(self.dtype), name)
+        if self.rng.random() < self.constant_nodes:
+            self.nodes.append(helper.make_node("Constant", [], [name], name=self.fresh("Constant_n"), value=tensor))
+        else:
+            self.inits.append(tensor)
         return name
 
     def add(self, op: str, inputs: list[str], channels: int, spatial: tuple[int, ...], **attrs) -> _Value:
@@ -149,11 +161,13 @@ def _branch(draw: st.DrawFn, b: _Builder, src: _Value, channels: int) -> _Value 
 
 @st.composite
 def random_model(draw: st.DrawFn, max_ops: int = 8, opset: int | None = None) -> onnx.ModelProto:
-    """A random valid float32 model with one input ``x`` and one to three outputs."""
+    """A random valid float32 or float16 model with one input ``x`` and one to three outputs."""
     ndim = draw(st.sampled_from([1, 2, 2, 2, 3]))
     spatial = tuple(draw(st.integers(3, 9 if ndim < 3 else 5)) for _ in range(ndim))
     channels = draw(st.sampled_from([1, 2, 3, 4]))
-    b = _Builder(ndim, np.random.default_rng(draw(st.integers(0, 2**31 - 1))))
+    dtype = draw(st.sampled_from([np.float32] * 4 + [np.float16]))
+    constant_nodes = draw(st.sampled_from([0.0, 0.0, 0.5]))
+    b = _Builder(ndim, np.random.default_rng(draw(st.integers(0, 2**31 - 1))), dtype, constant_nodes)
     x = _Value("x", channels, spatial)
     b.values.append(x)
     for _ in range(draw(st.integers(1, max_ops))):
@@ -206,14 +220,15 @@ def random_model(draw: st.DrawFn, max_ops: int = 8, opset: int | None = None) ->
     for v in b.values[1:-1]:
         if v not in outputs and draw(st.integers(0, 9)) == 0:
             outputs.append(v)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(
         b.nodes,
         "fuzz",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, *spatial])],
-        [helper.make_tensor_value_info(v.name, TensorProto.FLOAT, [1, v.channels, *v.spatial]) for v in outputs],
+        [helper.make_tensor_value_info("x", elem, [1, channels, *spatial])],
+        [helper.make_tensor_value_info(v.name, elem, [1, v.channels, *v.spatial]) for v in outputs],
         initializer=b.inits,
     )
-    opset = opset or draw(st.sampled_from([13, 17]))
+    opset = opset or draw(st.sampled_from([11, 13, 17, 17]))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="fuzz")
-    model.ir_version = 8
+    model.ir_version = _IR_FOR_OPSET.get(opset, 8)
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import operator
+import pickle
 
 import pytest
 import torch
@@ -595,11 +596,16 @@ def test_half_precision_model() -> None:
 
 
 def test_fused_graph_module_saves_and_loads(tmp_path) -> None:
+    """A fused GraphModule pickles (in memory: nothing here loads pickled code from a file) and its
+    weights round-trip through torch.save / torch.load(weights_only=True)."""
     torch.manual_seed(10)
     model = RepVGGBlock(4, 4).eval()
     fused = convfuse.fuse(model)
-    path = tmp_path / "fused.pt"
-    torch.save(fused, path)
-    loaded = torch.load(path, weights_only=False)
+    loaded = pickle.loads(pickle.dumps(fused))
     x = torch.randn(1, 4, 6, 6)
     assert torch.equal(loaded(x), fused(x))
+    path = tmp_path / "fused_weights.pt"
+    torch.save(fused.state_dict(), path)
+    fresh = convfuse.fuse(RepVGGBlock(4, 4).eval())
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(fresh(x), fused(x))

@@ -33,13 +33,14 @@ from onnx import helper
 
 from ..algebra import Cost
 from ..decline import Decline, Reason
+from ..errors import InvalidModelError, InvalidOptionError
 from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ..plan import SumPlan, plan_chain, plan_sum
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
-from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, read_linear
+from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, read_linear, unread_nodes
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -211,7 +212,8 @@ class _Index:
             if producer is None:
                 return "not a constant of this graph"
             if producer.op_type != "Identity" or not _is_default(producer):
-                return f"computed at run time by {producer.op_type} node {label(producer)!r}"
+                quantized = " (quantized: convfuse merges float weights)" if producer.op_type == "DequantizeLinear" else ""
+                return f"computed at run time by {producer.op_type} node {label(producer)!r}{quantized}"
             name = producer.input[0]
         return "behind too many Identity nodes"
 
@@ -755,7 +757,7 @@ def _fuse_graph(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], stat
     else:
         state.report.notes.append(f"{where}: stopped after {_MAX_ROUNDS} rounds of rewriting")
     seen: set[tuple[tuple[int, ...], str, str]] = set()
-    for sources, decline in declines:
+    for sources, decline in [*declines, *unread_nodes(nodes)]:
         key = (tuple(id(n) for n in sources), decline.reason.value, decline.message)
         if key not in seen:
             seen.add(key)
@@ -919,31 +921,42 @@ def fuse_onnx(
     device: str = "cpu",
     latency_budget: float = DEFAULT_BUDGET,
     timer: Timer | None = None,
+    inplace: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Merge every linear run of ``model`` into single convolutions; return a new model and a report.
 
-    ``model`` is a ``ModelProto`` (left unchanged) or a path (external data beside it is read).
-    ``policy``: ``"flops"`` merges only what does not increase MACs or parameters, ``"always"``
-    every exact merge, ``"latency"`` the merges ONNX Runtime measures faster on ``device``
-    (``"cpu"`` or ``"cuda"``), timing for at most ``latency_budget`` seconds in all (then the
-    flops rule); ``timer`` replaces the ONNX Runtime timer (:mod:`convfuse.latency`).
-    ``progress`` receives one-line status messages (for large models and timings).
-    Raises :class:`~convfuse.errors.InvalidModelError` for input that is not a valid model and
-    :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
+    ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``) or a path (external data
+    beside it is read). ``policy``: ``"flops"`` merges only what does not increase MACs or
+    parameters, ``"always"`` every exact merge, ``"latency"`` the merges ONNX Runtime measures
+    faster on ``device`` (``"cpu"`` or ``"cuda"``), timing for at most ``latency_budget`` seconds
+    in all (then the flops rule); ``timer`` replaces the ONNX Runtime timer
+    (:mod:`convfuse.latency`). ``progress`` receives one-line status messages (for large models
+    and timings). ``inplace=True`` fuses the given ModelProto itself and returns it, saving a
+    copy of every weight (for models of gigabytes whose original is not needed).
+    Raises :class:`~convfuse.errors.InvalidModelError` for input that is not a valid model (the
+    message names the file), :class:`~convfuse.errors.InvalidOptionError` for an unknown policy
+    and :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
     """
     if isinstance(model, (str, os.PathLike)):
         source = load_model(model)
+        inplace = True  # nobody else holds it
     elif isinstance(model, onnx.ModelProto):
         check_model(model)
         source = model
     else:
-        raise TypeError(f"fuse_onnx needs an onnx.ModelProto or a path, got {type(model).__name__}")
-    chosen = Policy.parse(policy)
+        raise InvalidModelError(f"fuse_onnx needs an onnx.ModelProto or a path, got {type(model).__name__}")
+    try:
+        chosen = Policy.parse(policy)
+    except ValueError as exc:
+        raise InvalidOptionError(str(exc)) from None
     say: Progress = progress or (lambda message: None)
     meter = LatencyMeter(device, latency_budget, timer=timer, progress=say) if chosen is Policy.LATENCY else None
     judge = Judge(chosen, meter)
-    fused = onnx.ModelProto()
-    fused.CopyFrom(source)
+    if inplace:
+        fused = source
+    else:
+        fused = onnx.ModelProto()
+        fused.CopyFrom(source)
     say("inferring shapes")
     shapes, note = infer_shapes(fused)
     report = Report()

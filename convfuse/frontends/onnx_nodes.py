@@ -21,7 +21,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from ..algebra import ChannelAffine, affine_conv, average_pool
+from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
 from ..decline import Decline, Reason
 from ..spec import ConvSpec, InvalidSpecError, same_pads
 
@@ -33,6 +33,7 @@ __all__ = [
     "read_linear",
     "label",
     "conv_node",
+    "unread_nodes",
 ]
 
 #: Element types convfuse merges: float32, float16, float64 (ONNX ``TensorProto`` codes).
@@ -140,7 +141,31 @@ def _constant(env: Env, name: str, what: str) -> onnx.TensorProto | tuple[Reason
     return problem if problem is not None else found
 
 
+def _non_finite(node: onnx.NodeProto, *tensors: tuple[str, str, torch.Tensor | None]) -> Decline | None:
+    """A NON_FINITE decline naming the first of ``(what, name, values)`` holding NaN or Inf."""
+    for what, name, values in tensors:
+        if values is None:
+            continue
+        count = int((~torch.isfinite(values)).sum())
+        if count:
+            return Decline(
+                Reason.NON_FINITE,
+                f"{label(node)}: {what} {name!r} of shape {list(values.shape)} has {count} NaN/Inf value(s)",
+            )
+    return None
+
+
 # --------------------------------------------------------------------------- geometry
+def _geometry_problem(kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> str | None:
+    """Why these attributes describe no window (wrong lengths, sizes below 1), or ``None``."""
+    n = len(kernel)
+    if len(strides) != n or len(dilations) != n:
+        return f"strides {list(strides)} or dilations {list(dilations)} are not {n}D"
+    if min(kernel, default=1) < 1 or min(strides, default=1) < 1 or min(dilations, default=1) < 1:
+        return f"kernel {list(kernel)}, strides {list(strides)} and dilations {list(dilations)} must be >= 1"
+    return None
+
+
 def _explicit_pads(
     attrs: dict[str, Any],
     kernel: Sequence[int],
@@ -208,8 +233,9 @@ def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     strides = list(attrs.get("strides", [1] * n))
     dilations = list(attrs.get("dilations", [1] * n))
     group = int(attrs.get("group", 1))
-    if len(strides) != n or len(dilations) != n:
-        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"strides {strides} or dilations {dilations} are not {n}D")
+    problem = _geometry_problem(kernel, strides, dilations)
+    if problem is not None:
+        return _refuse(node, "conv", x, Reason.UNSUPPORTED, problem)
     pads = _explicit_pads(attrs, kernel, strides, dilations, env.shape(x))
     if isinstance(pads, str):
         return _refuse(node, "conv", x, Reason.UNSUPPORTED, pads)
@@ -225,9 +251,13 @@ def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"group={group} does not divide {dims[0]} outputs")
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        weight, bias = _f64(w), None if b is None else _f64(b)
+        bad = _non_finite(node, ("weight", w_name, weight), ("bias", b_name, bias))
+        if bad is not None:
+            return bad
         return ConvSpec(
-            weight=_f64(w),
-            bias=None if b is None else _f64(b),
+            weight=weight,
+            bias=bias,
             stride=tuple(strides),
             dilation=tuple(dilations),
             groups=group,
@@ -267,6 +297,11 @@ def read_batchnorm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         if c != channels:
             return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} has {channels} channels, its input {c}")
         gamma, beta, mean, var = (_f64(p) for p in params)
+        bad = _non_finite(
+            node, *((what, p.name, t) for what, p, t in zip(("scale", "bias", "mean", "variance"), params, (gamma, beta, mean, var)))
+        )
+        if bad is not None:
+            return bad
         affine = ChannelAffine.from_batchnorm(mean, var, gamma, beta, eps)
         if not (torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()):
             return Decline(Reason.NON_FINITE, f"{label(node)}: variance + epsilon is not positive")
@@ -401,6 +436,9 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     n = len(kernel)
     strides = list(attrs.get("strides", [1] * n))
     dilations = list(attrs.get("dilations", [1] * n))
+    problem = _geometry_problem(kernel, strides, dilations)
+    if problem is not None:
+        return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, problem)
     if attrs.get("ceil_mode", 0):
         return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, "ceil_mode=1 windows past the border are not a conv")
     pads = _explicit_pads(attrs, kernel, strides, dilations, env.shape(x))
@@ -412,6 +450,13 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         )
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        elements = channels * math.prod(kernel)
+        if elements > MAX_MERGED_ELEMENTS:
+            return Decline(
+                Reason.TOO_LARGE,
+                f"{label(node)}: kernel {kernel} on {channels} channels would need {elements:,} weight elements, "
+                f"over the limit of {MAX_MERGED_ELEMENTS:,}",
+            )
         spec = average_pool(channels, kernel, strides, pads, dtype=torch.float64)
         return spec.replace(dilation=tuple(dilations))
 
@@ -437,6 +482,38 @@ def read_linear(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         return None
     reader = READERS.get(node.op_type)
     return None if reader is None else reader(node, env)
+
+
+#: Convolutions in the ONNX domain that convfuse leaves alone, and why.
+_INTEGER_CONVS = {
+    "QLinearConv": "a quantized convolution (8-bit integer arithmetic with scales and zero points)",
+    "ConvInteger": "an integer convolution",
+}
+
+
+def unread_nodes(nodes: Sequence[onnx.NodeProto]) -> list[tuple[list[onnx.NodeProto], Decline]]:
+    """Nodes convfuse does not read although they may hold convolutions: operators outside the
+    ONNX domain (``UNSUPPORTED``) and integer or quantized convolutions (``DTYPE``); one decline per
+    op type, so that the report says why they were left as they are."""
+    groups: dict[tuple[str, str], list[onnx.NodeProto]] = {}
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _INTEGER_CONVS:
+            groups.setdefault((node.domain, node.op_type), []).append(node)
+    found = []
+    for (domain, op), members in groups.items():
+        if domain not in ("", "ai.onnx"):
+            decline = Decline(
+                Reason.UNSUPPORTED,
+                f"{len(members)} {op} node(s) of operator domain {domain!r}: convfuse reads only the ONNX domain, "
+                "so these are left as they are and runs through them are not merged",
+            )
+        else:
+            decline = Decline(
+                Reason.DTYPE,
+                f"{len(members)} {op} node(s): {_INTEGER_CONVS[op]}; convfuse merges floating-point Conv only",
+            )
+        found.append((members, decline))
+    return found
 
 
 # --------------------------------------------------------------------------- writer

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
@@ -32,7 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten
 
 from ..decline import Decline, Reason
-from ..errors import InvalidModelError, TrainingModeError
+from ..errors import InvalidModelError, InvalidOptionError, TrainingModeError
 from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
@@ -109,8 +110,17 @@ def fuse_with_report(
 ) -> tuple[nn.Module, Report]:
     """Like :func:`fuse`, always returning ``(module, report)``."""
     if not isinstance(module, nn.Module):
-        raise InvalidModelError(f"fuse expects a torch.nn.Module, got {type(module).__name__}")
-    policy = Policy.parse(policy)
+        hint = ""
+        if isinstance(module, (str, os.PathLike, bytes)):
+            hint = (
+                "; convfuse reads no torch files (no pickles): build or load the module yourself, "
+                "or use convfuse.fuse_onnx for an ONNX file"
+            )
+        raise InvalidModelError(f"fuse expects a torch.nn.Module, got {type(module).__name__}{hint}")
+    try:
+        policy = Policy.parse(policy)
+    except ValueError as exc:
+        raise InvalidOptionError(str(exc)) from None
     meter = LatencyMeter(device, latency_budget, timer=timer) if policy is Policy.LATENCY else None
     judge = Judge(policy, meter)
     _refuse_training_batchnorm(module)
