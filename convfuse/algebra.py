@@ -238,6 +238,10 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     mode = b.padding_mode if padded_dims else "zeros"
     if a.is_padded:
         mode = a.padding_mode
+    if _is_channel_scale(b):  # conv then BN: no dense C x C intermediate
+        return _cast(simplify(then_affine(a, _scale_of(b))), a.dtype)
+    if _is_channel_scale(a):  # BN then conv (padding already checked above)
+        return _cast(simplify(_scale_inputs(_scale_of(a), b).replace(padding_mode=mode)), a.dtype)
 
     g = math.gcd(a.groups, b.groups)
     sa = a.stride
@@ -320,6 +324,35 @@ def _check_b_padding(a: ConvSpec, b: ConvSpec, padded_dims: list[int]) -> Declin
             f"merged conv would need {a.padding_mode!r} padding in some dims and zeros in others",
         )
     return None
+
+
+def _is_channel_scale(spec: ConvSpec) -> bool:
+    """A per-channel affine written as a conv: depthwise, kernel 1, stride 1, unpadded."""
+    return (
+        spec.groups == spec.out_channels == spec.in_channels
+        and spec.is_pointwise
+        and not spec.is_padded
+        and all(s == 1 for s in spec.stride)
+    )
+
+
+def _scale_of(spec: ConvSpec) -> ChannelAffine:
+    return ChannelAffine(spec.weight.detach().flatten(), spec.bias_or_zeros().detach())
+
+
+def _scale_inputs(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
+    """``spec`` after ``x -> scale*x + shift`` (the shortcut of :func:`compose` for BN then conv):
+    ``W'[o, c] = W[o, c] * scale[c]``, ``b'[o] = b[o] + sum_{c,j} W[o, c, j] * shift[c]``."""
+    w = _f64(spec.weight)
+    cig = w.shape[1]
+    co_g = spec.out_channels // spec.groups
+    scale = _f64(affine.scale).reshape(spec.groups, 1, cig).expand(spec.groups, co_g, cig).reshape(-1, cig)
+    shift = _f64(affine.shift).reshape(spec.groups, 1, cig).expand(spec.groups, co_g, cig).reshape(-1, cig)
+    spatial = list(range(2, w.dim()))
+    weight = w * scale.reshape(*scale.shape, *([1] * len(spatial)))
+    bias = _f64(spec.bias_or_zeros()) + (w.sum(dim=spatial) * shift).sum(dim=1)
+    has_bias = spec.bias is not None or bool(torch.any(affine.shift != 0))
+    return spec.replace(weight=weight, bias=bias if has_bias else None)
 
 
 def compose_chain(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:

@@ -9,6 +9,7 @@ from torch import nn
 from convfuse.algebra import ChannelAffine, add, affine_conv, compose, then_affine
 from convfuse.decline import Decline, Reason
 from convfuse.frontends.torch_layers import affine_from_batchnorm, spec_from_conv
+from convfuse.spec import ConvSpec
 
 from .helpers import rel_err
 from .strategies import rand
@@ -97,3 +98,32 @@ def test_per_channel_and_scalar_constants() -> None:
     # Negative twin: a constant with the wrong channel count is declined, not broadcast.
     result = then_affine(spec_from_conv(conv), ChannelAffine(rand(3, seed=1), rand(3, seed=2)))
     assert isinstance(result, Decline) and result.reason is Reason.CHANNEL_MISMATCH
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_per_channel_shortcuts_of_compose_are_exact(groups: int) -> None:
+    """compose takes a shortcut when one side is a per-channel affine; it must equal the oracle."""
+    scale = affine_conv(ChannelAffine(rand(6, seed=1), rand(6, seed=2)), 2)
+    conv = ConvSpec(rand(6, 6 // groups, 3, 3, seed=3), rand(6, seed=4), stride=(2, 1), groups=groups)
+    x = rand(2, 6, 9, 8, seed=5)
+    for a, b in ((conv, scale), (scale, conv)):
+        merged = compose(a, b)
+        assert isinstance(merged, ConvSpec) and merged.groups == groups
+        assert rel_err(b.apply(a.apply(x)), merged.apply(x)) <= TOL
+    # A zero-shift scale before a padded conv is case 1 (exact); a shifted one is case 2.
+    no_shift = affine_conv(ChannelAffine(rand(6, seed=1), torch.zeros(6, dtype=torch.float64)), 2)
+    padded = conv.replace(pads=((1, 1), (1, 1)))
+    merged = compose(no_shift, padded)
+    assert isinstance(merged, ConvSpec) and merged.pads == ((1, 1), (1, 1))
+    assert rel_err(padded.apply(no_shift.apply(x)), merged.apply(x)) <= TOL
+    assert compose(scale, padded).reason is Reason.PADDED_AFTER_BIASED_POINTWISE
+
+
+def test_conv_bn_on_wide_layers() -> None:
+    """2048 channels: the shortcut scales the weight (the dense route would build 2048x2048)."""
+    conv = ConvSpec(rand(2048, 16, 3, 3, seed=1), pads=((1, 1), (1, 1)))
+    bn = affine_conv(ChannelAffine(rand(2048, seed=2).abs() + 0.5, rand(2048, seed=3)), 2)
+    merged = compose(conv, bn)
+    assert isinstance(merged, ConvSpec) and merged.weight.shape == (2048, 16, 3, 3)
+    x = rand(1, 16, 5, 5, seed=4)
+    assert rel_err(bn.apply(conv.apply(x)), merged.apply(x)) <= TOL
