@@ -238,10 +238,15 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     mode = b.padding_mode if padded_dims else "zeros"
     if a.is_padded:
         mode = a.padding_mode
+    keep_bias = a.bias is not None or b.bias is not None  # as the general route below
     if _is_channel_scale(b):  # conv then BN: no dense C x C intermediate
-        return _cast(simplify(then_affine(a, _scale_of(b))), a.dtype)
-    if _is_channel_scale(a):  # BN then conv (padding already checked above)
-        return _cast(simplify(_scale_inputs(_scale_of(a), b).replace(padding_mode=mode)), a.dtype)
+        merged = then_affine(a, _scale_of(b))
+    elif _is_channel_scale(a):  # BN then conv (padding already checked above)
+        merged = _scale_inputs(_scale_of(a), b).replace(padding_mode=mode)
+    else:
+        merged = None
+    if merged is not None:
+        return _cast(simplify(merged.replace(bias=merged.bias if keep_bias else None)), a.dtype)
 
     g = math.gcd(a.groups, b.groups)
     sa = a.stride
@@ -351,8 +356,7 @@ def _scale_inputs(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
     spatial = list(range(2, w.dim()))
     weight = w * scale.reshape(*scale.shape, *([1] * len(spatial)))
     bias = _f64(spec.bias_or_zeros()) + (w.sum(dim=spatial) * shift).sum(dim=1)
-    has_bias = spec.bias is not None or bool(torch.any(affine.shift != 0))
-    return spec.replace(weight=weight, bias=bias if has_bias else None)
+    return spec.replace(weight=weight, bias=bias)
 
 
 def compose_chain(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
