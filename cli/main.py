@@ -6,6 +6,8 @@ import click
 
 from convfuse import __version__
 
+from .verify_cmd import verify
+
 __all__ = ["main"]
 
 
@@ -14,6 +16,8 @@ __all__ = ["main"]
 def main() -> None:
     """Merge runs of linear convolutions into one exactly equivalent convolution."""
 
+
+main.add_command(verify)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

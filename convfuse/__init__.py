@@ -6,6 +6,7 @@ from .algebra import ChannelAffine, Cost, add, compose, compose_chain, concat, t
 from .decline import Decline, Reason
 from .errors import ConvfuseError
 from .spec import ConvSpec
+from .verify import verify
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "compose_chain",
     "concat",
     "then_affine",
+    "verify",
 ]
