@@ -63,6 +63,7 @@ class ModelResult:
     ort: dict[int, dict[str, Timing]] = field(default_factory=dict)  # threads -> variant -> timing
     eager: dict[int, dict[str, Timing]] = field(default_factory=dict)
     eager_rel_err: float | None = None
+    background: float | None = None  # cores other processes kept busy while this model was timed
     merges: int | None = None
     declines: dict[str, int] = field(default_factory=dict)
     passes: dict[str, passcost.PassCost] = field(default_factory=dict)

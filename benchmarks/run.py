@@ -31,7 +31,7 @@ from . import adapters, onnx_tools, passcost
 from .models import MODELS, BenchModel
 from .results import AA, PEERS, VARIANTS, VARIANTS_TIMED, ModelResult, Options, Results
 from .tables import render
-from .timing import interleaved
+from .timing import background_load, interleaved
 
 __all__ = ["main", "machine_info", "measure_large", "measure_model", "parse_args", "run"]
 
@@ -220,9 +220,11 @@ def measure_model(bench: BenchModel, opts: Options, workdir: Path) -> ModelResul
     x = torch.randn(bench.input_shape, generator=torch.Generator().manual_seed(1)).numpy()
     models = _variants(proto, opts, result)
     _measure_graphs(models, result)
-    _measure_ort(models, x, opts, result)
-    if opts.torch:
-        _measure_torch(module, x, opts, result)
+    with background_load() as load:
+        _measure_ort(models, x, opts, result)
+        if opts.torch:
+            _measure_torch(module, x, opts, result)
+    result.background = load[0] if load else None
     _measure_pass_in_process(path, workdir, opts, result)
     _log(f"  {bench.name}: {time.perf_counter() - t0:.1f} s")
     return result

@@ -32,6 +32,10 @@ def _x(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}×"
 
 
+def _cores(n: float | None) -> str:
+    return "—" if n is None else f"{n:.2f} cores"
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -48,7 +52,7 @@ def _med(t: dict[str, Timing], key: str) -> float | None:
 
 def _latency_table(results: Sequence[ModelResult], threads: int) -> str:
     header = ["model"] + [f"{VARIANTS[k][0]} ms" for k in VARIANTS]
-    header += ["convfuse vs ORT-opt", "convfuse+ORT-opt vs ORT-opt", "A/A noise"]
+    header += ["convfuse vs ORT-opt", "convfuse+ORT-opt vs ORT-opt", "A/A noise", "other load"]
     rows = []
     for r in results:
         t = r.ort.get(threads)
@@ -66,6 +70,7 @@ def _latency_table(results: Sequence[ModelResult], threads: int) -> str:
         cells.append(_x(_med(t, "ort"), _med(t, "convfuse")))
         cells.append(_x(_med(t, "ort"), _med(t, "convfuse+ort")))
         cells.append(_x(base, _med(t, AA)))
+        cells.append(_cores(r.background))
         rows.append(cells)
     return _table(header, rows)
 
@@ -254,9 +259,11 @@ def render(res: Results) -> str:
     out = ["# convfuse benchmarks", ""]
     out.append("Machine: " + "; ".join(f"{k} {v}" for k, v in res.machine.items()))
     out.append("")
-    out.append(f"Load average (1 min) at start {res.load[0]:.2f}, at end {res.load[1]:.2f}: other processes on the "
-               "machine share its cores; the A/A columns (original against an identical copy, timed in the same "
-               "round-robin) show the resulting noise floor.")
+    out.append(f"Load average (1 min) at start {res.load[0]:.2f}, at end {res.load[1]:.2f}. Other processes "
+               "share the machine's cores: `other load` is the average number of cores they kept busy while a "
+               "model was timed (ORT and torch), and the `A/A noise` columns (the original against an identical "
+               "copy, timed in the same round-robin) show the resulting noise floor. Read a difference smaller "
+               "than the A/A deviation as no difference.")
     out.append("")
     out.append(f"Settings: batch 1, opset {onnx_tools.OPSET}, train-form export (BatchNormalization kept); "
                f"latency = median of {o.reps} round-robin repetitions per variant; ORT CPU provider, "

@@ -9,12 +9,14 @@ timing.
 from __future__ import annotations
 
 import gc
+import os
+from contextlib import contextmanager
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
-__all__ = ["Timing", "interleaved"]
+__all__ = ["Timing", "background_load", "interleaved"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,33 @@ def interleaved(
         q1, med, q3 = _quartiles(samples[n])
         out[n] = Timing(med, q1, q3, reps, inner[n])
     return out
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all cores spent busy since boot (``/proc/stat``), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    guest = sum(fields[8:10]) if len(fields) > 9 else 0  # already counted in user/nice
+    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def background_load() -> Iterator[list[float]]:
+    """Average number of cores other processes kept busy inside the ``with`` block.
+
+    Yields a list that holds one value when the block ends (empty when ``/proc/stat`` is
+    unavailable): machine-wide busy CPU time minus this process's, over the wall time.
+    """
+    out: list[float] = []
+    busy0, own0, t0 = _busy_seconds(), os.times(), time.perf_counter()
+    try:
+        yield out
+    finally:
+        busy1, own1, wall = _busy_seconds(), os.times(), time.perf_counter() - t0
+        if busy0 is not None and busy1 is not None and wall > 0:
+            own = (own1.user - own0.user) + (own1.system - own0.system)
+            out.append(max(0.0, (busy1 - busy0 - own) / wall))
