@@ -6,6 +6,8 @@ import click
 
 from convfuse import __version__
 
+from .inspect_cmd import inspect
+from .merge import merge
 from .verify_cmd import verify
 
 __all__ = ["main"]
@@ -17,6 +19,8 @@ def main() -> None:
     """Merge runs of linear convolutions into one exactly equivalent convolution."""
 
 
+main.add_command(merge)
+main.add_command(inspect)
 main.add_command(verify)
 
 if __name__ == "__main__":  # pragma: no cover

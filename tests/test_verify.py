@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-import verify_models as vm
+from . import verify_models as vm
 from convfuse import runtime, verify
 from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
 from convfuse.testing import assert_equivalent

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from click.testing import CliRunner, Result
 
-import verify_models as vm
+from . import verify_models as vm
 from convfuse.runtime import cuda_in_ort
 from convfuse_cli.main import main
 

@@ -1,0 +1,76 @@
+"""Plumbing shared by ``merge`` and ``inspect``: load, fuse, print, fail with one line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import click
+
+from convfuse import fuse_onnx
+from convfuse.errors import ConvfuseError
+from convfuse.frontends.onnx_io import LoadedModel, read_model
+from convfuse.report import Report
+
+from .options import EXIT_BAD_INPUT
+
+__all__ = ["fail", "load", "fuse", "emit", "LARGE_BYTES", "LARGE_NODES"]
+
+#: Models this big get progress messages on stderr.
+LARGE_BYTES = 50 * 2**20
+LARGE_NODES = 300
+
+
+def fail(path: Path | str, error: ConvfuseError | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print ``convfuse: error: PATH: CAUSE`` on one line of stderr and exit with ``code``."""
+    cause = " ".join(str(error).split())
+    click.echo(f"convfuse: error: {path}: {cause}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _say(start: float) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        click.echo(f"convfuse: [{time.monotonic() - start:6.1f}s] {message}", err=True)
+
+    return say
+
+
+def load(path: Path) -> tuple[LoadedModel, Callable[[str], None] | None]:
+    """Read ``path`` (exit 2 with one line if unusable) and a progress printer if it is large."""
+    start = time.monotonic()
+    try:
+        big_file = path.is_file() and path.stat().st_size > LARGE_BYTES
+    except OSError:
+        big_file = False
+    if big_file:
+        _say(start)(f"loading {path}")
+    try:
+        loaded = read_model(path)
+    except ConvfuseError as exc:
+        fail(path, exc)
+    large = loaded.total_bytes > LARGE_BYTES or len(loaded.model.graph.node) > LARGE_NODES
+    return loaded, (_say(start) if large else None)
+
+
+def fuse(path: Path, policy: str) -> tuple[LoadedModel, Any, Report]:
+    """Load and fuse; every ConvfuseError becomes exit 2 naming ``path``."""
+    loaded, progress = load(path)
+    try:
+        fused, report = fuse_onnx(loaded.model, policy=policy, progress=progress)
+    except ConvfuseError as exc:
+        fail(path, exc)
+    return loaded, fused, report
+
+
+def emit(report: Report, as_json: bool, extra: dict[str, Any] | None = None, lines: tuple[str, ...] = ()) -> None:
+    """Print the report: text with ``lines`` after it, or JSON with ``extra`` keys (only JSON)."""
+    if as_json:
+        payload = report.to_dict()
+        payload.update(extra or {})
+        click.echo(json.dumps(payload, indent=2))
+        return
+    click.echo(report.to_text())
+    for line in lines:
+        click.echo(line)

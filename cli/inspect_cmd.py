@@ -1,0 +1,22 @@
+"""``convfuse inspect MODEL.onnx``: the plan and report of ``merge``, writing nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import _run
+from .options import json_option, model_argument, policy_option
+
+__all__ = ["inspect"]
+
+
+@click.command("inspect", short_help="Show what merge would do; write nothing.")
+@model_argument
+@policy_option
+@json_option
+def inspect(model: Path, policy: str, as_json: bool) -> None:
+    """Show what `convfuse merge` would merge and decline in MODEL.onnx, without writing anything."""
+    _, _, report = _run.fuse(model, policy)
+    _run.emit(report, as_json, extra={"input": str(model), "output": None})

@@ -1,0 +1,490 @@
+"""ONNX nodes as linear maps: read a node into a :class:`~convfuse.spec.ConvSpec`, write one back.
+
+Plumbing only. A reader looks at one node and its constant inputs and returns a
+:class:`LinearOp` (a node that maps one activation tensor to another as a convolution), a
+:class:`LinearOp` carrying the reason it cannot be used (``refused``), or ``None`` when the node
+is not linear at all (Relu, MaxPool, an Add of two activations...). Readers are a table,
+:data:`READERS`, from op type to function; adding an op means adding an entry.
+
+Readers look only at shapes, types and attributes; weights are read (into float64, the
+precision the algebra works in) when :meth:`LinearOp.spec` is called for a run being merged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..algebra import ChannelAffine, affine_conv, average_pool
+from ..decline import Decline, Reason
+from ..spec import ConvSpec, InvalidSpecError, same_pads
+
+__all__ = [
+    "FLOAT_TYPES",
+    "Env",
+    "LinearOp",
+    "READERS",
+    "read_linear",
+    "label",
+    "conv_node",
+]
+
+#: Element types convfuse merges: float32, float16, float64 (ONNX ``TensorProto`` codes).
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.DOUBLE: torch.float64,
+}
+#: Floating types that are not merged (a typed decline rather than silence).
+_OTHER_FLOAT_TYPES = {
+    onnx.TensorProto.BFLOAT16,
+    getattr(onnx.TensorProto, "FLOAT8E4M3FN", -1),
+    getattr(onnx.TensorProto, "FLOAT8E4M3FNUZ", -1),
+    getattr(onnx.TensorProto, "FLOAT8E5M2", -1),
+    getattr(onnx.TensorProto, "FLOAT8E5M2FNUZ", -1),
+}
+
+Pads = tuple[tuple[int, int], ...]
+Dims = tuple[int | None, ...]
+
+
+class Env(Protocol):
+    """What a reader may ask about the graph around a node."""
+
+    opset: int  # version of the default ONNX domain
+
+    def tensor(self, name: str) -> onnx.TensorProto | str:
+        """The constant value of ``name``, or a phrase saying why it is not constant."""
+
+    def shape(self, name: str) -> Dims | None:
+        """Inferred dims of ``name`` (``None`` entries unknown), or ``None`` if the rank is unknown."""
+
+
+@dataclass(frozen=True, eq=False)
+class LinearOp:
+    """A node computing ``y = conv(x)`` for some convolution, with ``x`` its only activation input.
+
+    ``ndim`` and channel counts are filled in when the node itself fixes them (a Conv does, a
+    per-channel Mul does not); :meth:`spec` receives them from the run the node sits in.
+    """
+
+    node: onnx.NodeProto
+    kind: str  # "conv", "bn", "mul", "add", "sub", "div", "pad", "avgpool"
+    x: str
+    y: str
+    ndim: int | None = None
+    in_channels: int | None = None
+    out_channels: int | None = None
+    elem_type: int | None = None  # activation element type when the node fixes it
+    resolve: Callable[[int, int], ConvSpec | Decline] | None = None
+    refused: Decline | None = None  # set when the node looks linear but cannot be merged
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind == "conv"
+
+    def spec(self, ndim: int, channels: int) -> ConvSpec | Decline:
+        """This node as a float64 conv on a ``ndim``-D tensor with ``channels`` input channels."""
+        if self.refused is not None:
+            return self.refused
+        if self.ndim is not None and self.ndim != ndim:
+            return Decline(Reason.RANK_MISMATCH, f"{label(self.node)} is {self.ndim}D in a run of {ndim}D convs")
+        assert self.resolve is not None
+        try:
+            return self.resolve(ndim, channels)
+        except InvalidSpecError as exc:
+            return Decline(Reason.UNSUPPORTED, f"{label(self.node)}: {exc}")
+
+
+def label(node: onnx.NodeProto) -> str:
+    """How reports name a node: its name, or its op type and first output when it has none."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        out[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return out
+
+
+def _refuse(node: onnx.NodeProto, kind: str, x: str, reason: Reason, message: str) -> LinearOp:
+    return LinearOp(node, kind, x, node.output[0], refused=Decline(reason, f"{label(node)}: {message}"))
+
+
+def _f64(tensor: onnx.TensorProto) -> torch.Tensor:
+    return torch.from_numpy(numpy_helper.to_array(tensor).astype(np.float64, copy=True))
+
+
+def _type_problem(tensor: onnx.TensorProto, what: str) -> tuple[Reason, str] | None:
+    if tensor.data_type in FLOAT_TYPES:
+        return None
+    name = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if tensor.data_type in _OTHER_FLOAT_TYPES:
+        return Reason.DTYPE, f"{what} is {name}; convfuse merges float32, float16 and float64"
+    return Reason.DTYPE, f"{what} has element type {name}, not floating point"
+
+
+def _constant(env: Env, name: str, what: str) -> onnx.TensorProto | tuple[Reason, str]:
+    found = env.tensor(name)
+    if isinstance(found, str):
+        return Reason.NON_CONSTANT, f"{what} {name!r} is {found}"
+    problem = _type_problem(found, f"{what} {name!r}")
+    return problem if problem is not None else found
+
+
+# --------------------------------------------------------------------------- geometry
+def _explicit_pads(
+    attrs: dict[str, Any],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    x_shape: Dims | None,
+) -> Pads | str:
+    """Begin/end pads for every ``auto_pad`` form, or a sentence saying why they are unknown.
+
+    ``SAME_*`` follows the ONNX definition: output ``ceil(n / s)``, total padding
+    ``max(0, (out - 1) * s + extent - n)``, the odd element at the end (UPPER) or the beginning
+    (LOWER). At stride 1 that does not depend on ``n``; otherwise the input size must be static.
+    """
+    n = len(kernel)
+    auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad == "NOTSET":
+        flat = list(attrs.get("pads", [0] * 2 * n))
+        if len(flat) != 2 * n:
+            return f"has {len(flat)} pads for {n} spatial dims"
+        if min(flat, default=0) < 0:
+            return f"has negative pads {flat}"
+        return tuple((int(flat[i]), int(flat[i + n])) for i in range(n))
+    if auto_pad == "VALID":
+        return ((0, 0),) * n
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return f"has unknown auto_pad {auto_pad!r}"
+    upper = auto_pad == "SAME_UPPER"
+    if all(s == 1 for s in strides):
+        return same_pads(kernel, dilations, upper=upper)
+    spatial = None if x_shape is None or len(x_shape) != n + 2 else x_shape[2:]
+    if spatial is None or any(d is None or d <= 0 for d in spatial):
+        return (
+            f"uses auto_pad={auto_pad} with strides {list(strides)}: its padding depends on the input "
+            "size, which is not static here"
+        )
+    pads = []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        assert size is not None
+        extent = d * (k - 1) + 1
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + extent - size)
+        small = total // 2
+        pads.append((small, total - small) if upper else (total - small, small))
+    return tuple(pads)
+
+
+# --------------------------------------------------------------------------- readers
+def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``Conv(X, W[, B])`` with constant ``W`` and ``B``; every ``auto_pad`` form, 1D to 3D."""
+    if len(node.input) < 2 or len(node.output) != 1:
+        return None
+    x, w_name = node.input[0], node.input[1]
+    b_name = node.input[2] if len(node.input) > 2 else ""
+    w = _constant(env, w_name, "weight")
+    if isinstance(w, tuple):
+        return _refuse(node, "conv", x, *w)
+    dims = [int(d) for d in w.dims]
+    if not 3 <= len(dims) <= 5:
+        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"weight of shape {dims} is not 1D, 2D or 3D")
+    n = len(dims) - 2
+    attrs = _attrs(node)
+    kernel = list(attrs.get("kernel_shape", dims[2:]))
+    if kernel != dims[2:]:
+        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"kernel_shape {kernel} does not match weight {dims}")
+    strides = list(attrs.get("strides", [1] * n))
+    dilations = list(attrs.get("dilations", [1] * n))
+    group = int(attrs.get("group", 1))
+    if len(strides) != n or len(dilations) != n:
+        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"strides {strides} or dilations {dilations} are not {n}D")
+    pads = _explicit_pads(attrs, kernel, strides, dilations, env.shape(x))
+    if isinstance(pads, str):
+        return _refuse(node, "conv", x, Reason.UNSUPPORTED, pads)
+    b: onnx.TensorProto | None = None
+    if b_name:
+        found = _constant(env, b_name, "bias")
+        if isinstance(found, tuple):
+            return _refuse(node, "conv", x, *found)
+        b = found
+        if list(b.dims) != [dims[0]]:
+            return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"bias of shape {list(b.dims)} for {dims[0]} outputs")
+    if group < 1 or dims[0] % group:
+        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"group={group} does not divide {dims[0]} outputs")
+
+    def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        return ConvSpec(
+            weight=_f64(w),
+            bias=None if b is None else _f64(b),
+            stride=tuple(strides),
+            dilation=tuple(dilations),
+            groups=group,
+            pads=pads,
+        )
+
+    return LinearOp(node, "conv", x, node.output[0], n, dims[1] * group, dims[0], w.data_type, resolve)
+
+
+def read_batchnorm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """Inference ``BatchNormalization``: ``a = scale / sqrt(var + eps)``, a per-channel affine."""
+    if len(node.input) != 5 or not node.output:
+        return None
+    x = node.input[0]
+    attrs = _attrs(node)
+    if any(node.output[1:]):
+        return _refuse(node, "bn", x, Reason.TRAINING_MODE, "has running-statistics outputs (training mode)")
+    if attrs.get("training_mode", 0):
+        return _refuse(node, "bn", x, Reason.TRAINING_MODE, "training_mode=1 computes batch statistics")
+    if env.opset < 7 and not attrs.get("is_test", 0):
+        return _refuse(node, "bn", x, Reason.TRAINING_MODE, "is_test=0 computes batch statistics")
+    if env.opset < 9 and attrs.get("spatial", 1) == 0:
+        return _refuse(node, "bn", x, Reason.UNSUPPORTED, "spatial=0 normalises per element, not per channel")
+    params = []
+    for name, what in zip(node.input[1:], ("scale", "bias", "mean", "variance")):
+        found = _constant(env, name, f"BatchNormalization {what}")
+        if isinstance(found, tuple):
+            return _refuse(node, "bn", x, *found)
+        params.append(found)
+    shapes = {tuple(p.dims) for p in params}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        return _refuse(node, "bn", x, Reason.UNSUPPORTED, f"statistics of shapes {sorted(shapes)} are not per channel")
+    channels = int(params[0].dims[0])
+    eps = float(attrs.get("epsilon", 1e-5))
+
+    def resolve(ndim: int, c: int) -> ConvSpec | Decline:
+        if c != channels:
+            return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} has {channels} channels, its input {c}")
+        gamma, beta, mean, var = (_f64(p) for p in params)
+        affine = ChannelAffine.from_batchnorm(mean, var, gamma, beta, eps)
+        if not (torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()):
+            return Decline(Reason.NON_FINITE, f"{label(node)}: variance + epsilon is not positive")
+        return affine_conv(affine, ndim)
+
+    return LinearOp(node, "bn", x, node.output[0], None, channels, channels, None, resolve)
+
+
+def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
+    """``Mul``/``Add``/``Sub``/``Div`` of an activation by a constant: scalar or one per channel."""
+
+    def read(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+        if len(node.input) != 2 or len(node.output) != 1:
+            return None
+        a, b = node.input
+        ta, tb = env.tensor(a), env.tensor(b)
+        const_a, const_b = not isinstance(ta, str), not isinstance(tb, str)
+        if const_a == const_b:
+            return None  # two activations (a sum, a product) or two constants
+        const, x = (ta, b) if const_a else (tb, a)
+        assert not isinstance(const, str)
+        if op == "Div" and const_a:
+            return None  # c / x is not linear in x
+        kind = op.lower()
+        if const.data_type not in FLOAT_TYPES:
+            if const.data_type in _OTHER_FLOAT_TYPES:
+                problem = _type_problem(const, "constant")
+                assert problem is not None
+                return _refuse(node, kind, x, *problem)
+            return None  # integer arithmetic: not a float conv graph
+        dims = tuple(int(d) for d in const.dims)
+
+        def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+            rank = ndim + 2
+            if len(dims) > rank:
+                return Decline(Reason.UNSUPPORTED, f"{label(node)}: constant of shape {list(dims)} has rank over {rank}")
+            padded = (1,) * (rank - len(dims)) + dims
+            if padded[0] != 1 or any(d != 1 for d in padded[2:]):
+                return Decline(
+                    Reason.UNSUPPORTED,
+                    f"{label(node)}: constant of shape {list(dims)} is not one value per channel of a {rank}D tensor",
+                )
+            if padded[1] not in (1, channels):
+                return Decline(
+                    Reason.CHANNEL_MISMATCH, f"{label(node)}: constant has {padded[1]} channels, tensor has {channels}"
+                )
+            c = _f64(const).reshape(-1).expand(channels).clone()
+            one, zero = torch.ones_like(c), torch.zeros_like(c)
+            scale, shift = {
+                "Mul": (c, zero),
+                "Add": (one, c),
+                "Sub": (-one, c) if const_a else (one, -c),
+                "Div": (1.0 / c, zero),
+            }[op]
+            if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+                return Decline(Reason.NON_FINITE, f"{label(node)}: constant is not finite (or divides by zero)")
+            return affine_conv(ChannelAffine(scale, shift), ndim)
+
+        return LinearOp(node, kind, x, node.output[0], elem_type=const.data_type, resolve=resolve)
+
+    return read
+
+
+def read_pad(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """Constant-zero ``Pad`` of spatial dims: the identity conv with those pads (folds into a conv)."""
+    if not node.input or len(node.output) != 1:
+        return None
+    x = node.input[0]
+    attrs = _attrs(node)
+    mode = attrs.get("mode", "constant")
+    axes: list[int] | None = None
+    if env.opset < 11:
+        pads = list(attrs.get("pads", attrs.get("paddings", [])))
+        value = float(attrs.get("value", 0.0))
+    else:
+        if len(node.input) < 2 or not node.input[1]:
+            return None
+        found = env.tensor(node.input[1])
+        if isinstance(found, str):
+            return _refuse(node, "pad", x, Reason.NON_CONSTANT, f"pads {node.input[1]!r} are {found}")
+        pads = [int(p) for p in numpy_helper.to_array(found).reshape(-1)]
+        value = 0.0
+        if len(node.input) > 2 and node.input[2]:
+            found = env.tensor(node.input[2])
+            if isinstance(found, str):
+                return _refuse(node, "pad", x, Reason.NON_CONSTANT, f"pad value {node.input[2]!r} is {found}")
+            array = numpy_helper.to_array(found).reshape(-1)
+            value = float(array[0]) if array.size else 0.0
+        if len(node.input) > 3 and node.input[3]:
+            found = env.tensor(node.input[3])
+            if isinstance(found, str):
+                return _refuse(node, "pad", x, Reason.NON_CONSTANT, f"axes {node.input[3]!r} are {found}")
+            axes = [int(a) for a in numpy_helper.to_array(found).reshape(-1)]
+    if mode != "constant":
+        return _refuse(node, "pad", x, Reason.PADDING_MODE, f"pads in {mode!r} mode; ONNX Conv pads with zeros only")
+    if value != 0.0:
+        return _refuse(node, "pad", x, Reason.UNSUPPORTED, f"pads with the value {value:g}, not zero")
+    if not pads or len(pads) % 2:
+        return None
+    if min(pads) < 0:
+        return _refuse(node, "pad", x, Reason.UNSUPPORTED, f"negative pads {pads} crop the tensor")
+    k = len(pads) // 2
+    begins, ends = pads[:k], pads[k:]
+
+    def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        rank = ndim + 2
+        full = [[0, 0] for _ in range(rank)]
+        if axes is None and k != rank:
+            return Decline(Reason.RANK_MISMATCH, f"{label(node)} pads {k} dims of a {rank}D tensor")
+        for axis, b, e in zip(axes if axes is not None else range(k), begins, ends):
+            axis = axis + rank if axis < 0 else axis
+            if not 0 <= axis < rank:
+                return Decline(Reason.RANK_MISMATCH, f"{label(node)} pads axis {axis} of a {rank}D tensor")
+            full[axis] = [b, e]
+        if any(full[0]) or any(full[1]):
+            return Decline(Reason.UNSUPPORTED, f"{label(node)} pads the batch or channel dimension")
+        weight = torch.ones(channels, 1, *([1] * ndim), dtype=torch.float64)
+        return ConvSpec(weight=weight, groups=channels, pads=tuple((b, e) for b, e in full[2:]))
+
+    return LinearOp(node, "pad", x, node.output[0], ndim=k - 2 if axes is None else None, resolve=resolve)
+
+
+def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``AveragePool`` that counts padding (or has none) and floors: a uniform depthwise conv."""
+    if not node.input or len(node.output) != 1:
+        return None
+    x = node.input[0]
+    attrs = _attrs(node)
+    kernel = [int(k) for k in attrs.get("kernel_shape", [])]
+    if not kernel:
+        return None
+    n = len(kernel)
+    strides = list(attrs.get("strides", [1] * n))
+    dilations = list(attrs.get("dilations", [1] * n))
+    if attrs.get("ceil_mode", 0):
+        return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, "ceil_mode=1 windows past the border are not a conv")
+    pads = _explicit_pads(attrs, kernel, strides, dilations, env.shape(x))
+    if isinstance(pads, str):
+        return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, pads)
+    if any(b or e for b, e in pads) and not attrs.get("count_include_pad", 0):
+        return _refuse(
+            node, "avgpool", x, Reason.UNSUPPORTED, "count_include_pad=0 averages border windows over fewer inputs"
+        )
+
+    def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        spec = average_pool(channels, kernel, strides, pads, dtype=torch.float64)
+        return spec.replace(dilation=tuple(dilations))
+
+    return LinearOp(node, "avgpool", x, node.output[0], ndim=n, resolve=resolve)
+
+
+#: Op type (default ONNX domain) -> reader. The pattern table of the ONNX front end.
+READERS: dict[str, Callable[[onnx.NodeProto, Env], LinearOp | None]] = {
+    "Conv": read_conv,
+    "BatchNormalization": read_batchnorm,
+    "Mul": _affine_reader("Mul"),
+    "Add": _affine_reader("Add"),
+    "Sub": _affine_reader("Sub"),
+    "Div": _affine_reader("Div"),
+    "Pad": read_pad,
+    "AveragePool": read_average_pool,
+}
+
+
+def read_linear(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """The node as a linear op, a refused one, or ``None`` when it is not of that kind."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    reader = READERS.get(node.op_type)
+    return None if reader is None else reader(node, env)
+
+
+# --------------------------------------------------------------------------- writer
+def conv_node(
+    spec: ConvSpec,
+    *,
+    name: str,
+    x: str,
+    y: str,
+    elem_type: int,
+    fresh: Callable[[str], str],
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | Decline:
+    """One ``Conv`` node computing ``spec`` from ``x`` into ``y``, with explicit pads.
+
+    Weights are cast to ``elem_type`` once, here; an all-zero bias is left out (adding zero is
+    exact). A weight that does not fit the type (float16 overflow) is a decline.
+    """
+    if spec.padding_mode != "zeros" and spec.is_padded:
+        return Decline(Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros")
+    dtype = FLOAT_TYPES[elem_type]
+    weight = spec.weight.detach().to(dtype)
+    bias = None if spec.bias is None or not bool(torch.any(spec.bias != 0)) else spec.bias.detach().to(dtype)
+    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    w_name = fresh(f"{name}.weight")
+    initializers = [numpy_helper.from_array(weight.cpu().numpy(), w_name)]
+    inputs = [x, w_name]
+    if bias is not None:
+        b_name = fresh(f"{name}.bias")
+        initializers.append(numpy_helper.from_array(bias.cpu().numpy(), b_name))
+        inputs.append(b_name)
+    node = helper.make_node(
+        "Conv",
+        inputs,
+        [y],
+        name=name,
+        kernel_shape=list(spec.kernel_size),
+        strides=list(spec.stride),
+        dilations=list(spec.dilation),
+        group=spec.groups,
+        pads=[b for b, _ in spec.pads] + [e for _, e in spec.pads],
+    )
+    return node, initializers
+
+
+def conv_macs(weight_dims: Sequence[int], out_dims: Dims | None) -> int | None:
+    """Multiply-accumulates of one Conv per sample: ``Co * Ci/g * prod(k) * prod(output spatial)``."""
+    if out_dims is None or len(out_dims) != len(weight_dims) or any(d is None for d in out_dims[2:]):
+        return None
+    spatial = [d for d in out_dims[2:] if d is not None]
+    return math.prod(weight_dims) * math.prod(spatial)
