@@ -94,6 +94,7 @@ class Results:
     machine: dict[str, str]
     models: list[ModelResult]
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at start and end
+    cores: int = 1  # cores this process may run on
     markdown: str = ""
 
     @property

@@ -289,7 +289,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 def run(opts: Options) -> Results:
     """Measure everything ``opts`` asks for and render the Markdown."""
-    res = Results(opts, machine_info(), [])
+    res = Results(opts, machine_info(), [], cores=len(os.sched_getaffinity(0)))
     start_load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="convfuse-bench-") as tmp:
         workdir = opts.workdir or Path(tmp)

@@ -253,6 +253,16 @@ def _targets(results: Sequence[ModelResult], threads: Sequence[int]) -> str:
     return _table(["target", "case", "measured", "verdict"], rows)
 
 
+def _contention(results: Sequence[ModelResult], threads: int, cores: int) -> list[str]:
+    """A warning when other processes left fewer free cores than the timed threads needed."""
+    busy = [r.background for r in results if r.background is not None]
+    if not busy or max(busy) + threads <= cores + 0.25:
+        return []
+    return [f"**Contended:** other processes kept up to {max(busy):.2f} of {cores} cores busy, so the "
+            f"{threads}-thread figures shared cores with them; trust the ratios only as far as the A/A column "
+            "allows (torch's OpenMP threads degrade much more than ORT's under contention).", ""]
+
+
 def render(res: Results) -> str:
     """The whole report as Markdown."""
     o = res.options
@@ -275,6 +285,7 @@ def render(res: Results) -> str:
     for n in o.threads:
         out += [f"## ONNX Runtime latency, {n} intra-op thread{'s' if n > 1 else ''} "
                 "(ms; in brackets: speed-up vs original)", "", _latency_table(latency, n), ""]
+        out += _contention(latency, n, res.cores)
     out += ["## Graph: nodes (Conv/BatchNormalization/Add) and MACs", "",
             "Conv/BN/Add count nodes on the data path (depending on the input); in brackets: all nodes, "
             "including arithmetic on constants only (onnxoptimizer's fuse_bn_into_conv emits the fused-weight "
@@ -286,6 +297,8 @@ def render(res: Results) -> str:
     if o.torch:
         out += ["## torch eager latency (ms): original module vs `convfuse.fuse(module)`", "",
                 _eager_table(latency, o.threads), ""]
+        for n in o.threads:
+            out += _contention(latency, n, res.cores)
     out += ["## Merge pass cost: file to file (onnx.load + transform + onnx.save)", "",
             "`load+save` is the bare round trip; brackets: ratio to it. Peak memory = peak resident set during "
             "the pass minus the resident set just before it (imports done), measured in a fresh subprocess "
