@@ -20,6 +20,7 @@ from onnx import TensorProto
 
 from .compare import DEFAULT_RTOL
 from .errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
+from .frontends.onnx_io import read_model
 
 __all__ = [
     "DEVICES",
@@ -128,23 +129,18 @@ def _ort_message(error: BaseException) -> str:
 
 # =========================================================================== files and options
 def load_model(source: str | os.PathLike[str] | onnx.ModelProto, what: str = "model") -> onnx.ModelProto:
-    """An ONNX model from a path (or the ModelProto itself), or :class:`InvalidModelError` saying why not."""
+    """An ONNX model from a path (read and checked like ``convfuse merge`` reads it, external
+    data included) or the ModelProto itself; :class:`InvalidModelError` saying why not."""
     if isinstance(source, onnx.ModelProto):
-        model, label = source, what
-    else:
-        path = os.fspath(source)
-        label = f"{what} '{path}'"
-        if not os.path.exists(path):
-            raise InvalidModelError(f"{label} does not exist")
-        if os.path.isdir(path):
-            raise InvalidModelError(f"{label} is a directory, not an ONNX file")
-        try:
-            model = onnx.load(path)
-        except Exception as e:  # protobuf DecodeError, missing external data, ...
-            raise InvalidModelError(f"{label} is not a readable ONNX model: {one_line(e)}") from None
-    if not model.HasField("graph") or not model.graph.output:
-        raise InvalidModelError(f"{label} is not an ONNX model (no graph or no outputs)")
-    return model
+        model = source
+        if not model.HasField("graph") or not model.graph.output:
+            raise InvalidModelError(f"{what} is not an ONNX model (no graph or no outputs)")
+        return model
+    path = os.fspath(source)
+    try:
+        return read_model(path).model
+    except InvalidModelError as e:
+        raise InvalidModelError(f"{what} '{path}': {e}") from None
 
 
 def model_label(source: str | os.PathLike[str] | onnx.ModelProto) -> str:
@@ -375,11 +371,25 @@ def cuda_in_ort() -> bool:
     return "CUDAExecutionProvider" in ort().get_available_providers()
 
 
+class ReferenceSession:
+    """ONNX's reference evaluator standing in for ONNX Runtime on CPU where ONNX Runtime has no
+    kernel (its CPU Conv has none for float64): slow, but it runs the graph as written."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        self.evaluator = ReferenceEvaluator(model)
+
+    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.evaluator.run(list(names), dict(feed))
+
+
 def session(model: onnx.ModelProto, device: str, what: str) -> Any:
     """An ONNX Runtime session on ``device`` with graph optimizations off: the graph as written.
 
     Both models get the same settings. With optimizations off ORT does not fold Conv+BN or
-    reorder arithmetic itself, so the reference computes exactly what its graph says.
+    reorder arithmetic itself, so the reference computes exactly what its graph says. On CPU, a
+    model ONNX Runtime has no kernels for runs on :class:`ReferenceSession` instead.
     """
     rt = ort()
     options = rt.SessionOptions()
@@ -391,6 +401,8 @@ def session(model: onnx.ModelProto, device: str, what: str) -> Any:
     try:
         sess = rt.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+        if device == "cpu" and "NOT_IMPLEMENTED" in str(e):
+            return ReferenceSession(model)
         raise InvalidModelError(f"onnxruntime cannot load the {what}: {_ort_message(e)}") from None
     if device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         raise DeviceUnavailableError(
@@ -403,6 +415,11 @@ def run(
     sess: Any, feed: Mapping[str, np.ndarray], ports: Mapping[str, Port], names: Sequence[str], what: str
 ) -> dict[str, np.ndarray]:
     """Outputs ``names`` of ``sess`` on ``feed``; bfloat16 comes back as float32 values."""
+    if isinstance(sess, ReferenceSession):
+        try:
+            return dict(zip(names, sess.run(names, feed)))
+        except Exception as e:  # the evaluator raises whatever its op implementations raise
+            raise InvalidModelError(f"the ONNX reference evaluator failed to run the {what}: {one_line(e)}") from None
     rt = ort()
     values = {}
     for name, array in feed.items():

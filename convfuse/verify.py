@@ -355,6 +355,9 @@ def verify_onnx(
     for dev in devices:
         ref_sess = rt.session(ref_model, dev, "reference")
         cand_sess = rt.session(cand_model, dev, "candidate")
+        for what, sess in (("reference", ref_sess), ("candidate", cand_sess)):
+            if isinstance(sess, rt.ReferenceSession):
+                notes.append(f"{what}: onnxruntime has no CPU kernel for an op (float64 Conv?); ran the ONNX reference evaluator")
         try:
             ref_runs = [rt.run(ref_sess, f, ports, names, "reference") for f in feeds]
             cand_runs = [rt.run(cand_sess, f, ports, names, "candidate") for f in feeds]

@@ -29,7 +29,7 @@ def _check_exact(a: ConvSpec, b: ConvSpec, extra: tuple[int, ...]) -> ConvSpec:
     return merged
 
 
-@settings(max_examples=1100)
+@settings(max_examples=1400)
 @given(pair=conv_pair(), extra=st.tuples(st.integers(0, 5), st.integers(0, 3)))
 def test_compose_unpadded_b_matches_two_convs(pair: tuple[ConvSpec, ConvSpec], extra: tuple[int, int]) -> None:
     """Any A (strides, dilations, groups, asymmetric pads in any mode, bias) then an unpadded B."""

@@ -60,7 +60,7 @@ def test_merge_writes_beside_the_input_and_keeps_the_input(tmp_path: Path) -> No
     text = result.stdout
     for word in ("Conv", "BatchNormalization", "Add", "parameters", "MACs", "merged sum", "wrote"):
         assert word in text
-    assert "verification: max relative error" in text
+    assert "verified: candidate matches; max rel err" in text
 
 
 def test_merge_output_option_and_json(tmp_path: Path) -> None:
@@ -88,14 +88,40 @@ def test_policy_always_merges_what_flops_declines(tmp_path: Path) -> None:
     assert json.loads(always.stdout)["after"]["op_counts"]["Conv"] == 1
 
 
+def _break_first_conv(fused: onnx.ModelProto) -> None:
+    """Perturb one weight of the first Conv by 1e-2 of its size: a merge that is subtly wrong."""
+    conv = next(n for n in fused.graph.node if n.op_type == "Conv")
+    init = next(t for t in fused.graph.initializer if t.name == conv.input[1])
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[0] += 1e-2 * float(abs(w).max())
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+
+
 def test_failed_verification_exits_1_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _model_file(tmp_path)
-    monkeypatch.setattr(merge_module, "_verify", lambda ref, cand: merge_module.Verdict(False, "outputs differ"))
+    real_fuse = merge_module._run.fuse_onnx
+
+    def wrong_fuse(model, **kwargs):  # type: ignore[no-untyped-def]
+        fused, report = real_fuse(model, **kwargs)
+        _break_first_conv(fused)
+        return fused, report
+
+    monkeypatch.setattr(merge_module._run, "fuse_onnx", wrong_fuse)
     result = _invoke("merge", str(src))
     assert result.exit_code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     assert result.stderr.strip().count("\n") == 0
-    assert result.stderr.startswith(f"convfuse: error: {src}: verification failed: outputs differ")
+    assert result.stderr.startswith(f"convfuse: error: {src}: verification failed: candidate DIFFERS")
+    assert "wrong on its own" in result.stderr  # the verifier names the merge responsible
+    assert "verified: candidate DIFFERS" in result.stdout  # the report still prints
+
+
+def test_verification_passes_on_a_right_merge(tmp_path: Path) -> None:
+    """Twin: the real merge verifies, and the report says how closely."""
+    src = _model_file(tmp_path)
+    result = _invoke("merge", str(src))
+    assert result.exit_code == 0, result.output
+    assert "verified: candidate matches; max rel err" in result.stdout
 
 
 def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,7 +133,7 @@ def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(merge_module, "_verify", boom)
     result = _invoke("merge", str(src), "--no-verify")
     assert result.exit_code == 0
-    assert "verification: skipped" in result.stdout
+    assert "verification skipped (--no-verify)" in result.stdout
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "garbage", "empty", "not-onnx-protobuf"])
@@ -190,7 +216,7 @@ def test_real_process_with_the_console_script(tmp_path: Path) -> None:
     assert _digest(src) == digest
     check_fused(onnx.load(str(src)), onnx.load(str(tmp_path / "repvgg.fused.onnx")))
     bad = subprocess.run([*command, "merge", str(tmp_path / "nope.onnx")], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr == f"convfuse: error: {tmp_path / 'nope.onnx'}: no such file\n"
+    assert bad.returncode == 2 and bad.stderr == f"convfuse: error: {tmp_path / 'nope.onnx'}: does not exist\n"
 
 
 def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> None:
@@ -205,3 +231,16 @@ def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> No
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(out), load_external_data=False).graph.initializer)
     check_fused(onnx.load(str(src)), onnx.load(str(out)))
     assert {name: _digest(tmp_path / name) for name in before} == before
+
+
+def test_float64_model_verifies_on_the_reference_evaluator(tmp_path: Path) -> None:
+    """ONNX Runtime has no float64 Conv on CPU: verification still runs, and says how."""
+    g = Graph([1, 3, 6, 6], elem=onnx.TensorProto.DOUBLE)
+    y = g.bn(g.conv("x", 3, 4, 3, pads=[1, 1, 1, 1]), 4)
+    src = tmp_path / "f64.onnx"
+    onnx.save_model(g.model([y]), src)
+    result = _invoke("merge", str(src))
+    assert result.exit_code == 0, result.output
+    assert "verified: candidate matches" in result.stdout
+    fused = onnx.load(tmp_path / "f64.fused.onnx")
+    assert ops(fused) == {"Conv": 1} and fused.graph.initializer[0].data_type == onnx.TensorProto.DOUBLE

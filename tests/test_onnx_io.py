@@ -131,7 +131,7 @@ def test_unwritable_targets_are_output_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "no such file"), (b"", "empty file"), (b"\x08\x07garbage\xff\xfe" * 10, "not an ONNX model")],
+    [(None, "does not exist"), (b"", "empty file"), (b"\x08\x07garbage\xff\xfe" * 10, "not an ONNX model")],
 )
 def test_bad_files_are_invalid_model_errors(tmp_path: Path, content: bytes | None, message: str) -> None:
     path = tmp_path / "bad.onnx"

@@ -143,7 +143,7 @@ def test_garbage_model_file(chain_files, tmp_path: Path) -> None:
     ref, _, _ = chain_files
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
-    _assert_error(_run(ref, garbage), "garbage.onnx", "not a readable ONNX model")
+    _assert_error(_run(ref, garbage), "garbage.onnx", "not an ONNX model")
     text = tmp_path / "text.onnx"
     text.write_text("ir_version: 8\nthis is not a model\n")
     _assert_error(_run(text, ref), "text.onnx")

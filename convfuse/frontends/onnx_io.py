@@ -81,7 +81,7 @@ def read_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Read and check an ONNX file, loading external data that sits beside it."""
     p = Path(path)
     if not p.exists():
-        raise InvalidModelError("no such file")
+        raise InvalidModelError("does not exist")
     if p.is_dir():
         raise InvalidModelError("is a directory, not an ONNX file")
     size = p.stat().st_size
