@@ -12,6 +12,8 @@ import click
 from convfuse import fuse_onnx
 from convfuse.errors import ConvfuseError
 from convfuse.frontends.onnx_io import LoadedModel, read_model
+from convfuse.latency import DEFAULT_BUDGET
+from convfuse.policy import Policy
 from convfuse.report import Report
 
 from .options import EXIT_BAD_INPUT
@@ -54,11 +56,18 @@ def load(path: Path) -> tuple[LoadedModel, Callable[[str], None] | None]:
     return loaded, (_say(start) if large else None)
 
 
-def fuse(path: Path, policy: str) -> tuple[LoadedModel, Any, Report]:
-    """Load and fuse; every ConvfuseError becomes exit 2 naming ``path``."""
+def fuse(
+    path: Path, policy: str, device: str = "cpu", latency_budget: float = DEFAULT_BUDGET
+) -> tuple[LoadedModel, Any, Report]:
+    """Load and fuse; every ConvfuseError becomes exit 2 naming ``path``. The latency policy
+    always reports progress on stderr (timing takes seconds)."""
     loaded, progress = load(path)
+    if progress is None and policy == Policy.LATENCY.value:
+        progress = _say(time.monotonic())
     try:
-        fused, report = fuse_onnx(loaded.model, policy=policy, progress=progress)
+        fused, report = fuse_onnx(
+            loaded.model, policy=policy, progress=progress, device=device, latency_budget=latency_budget
+        )
     except ConvfuseError as exc:
         fail(path, exc)
     return loaded, fused, report

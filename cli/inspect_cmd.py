@@ -16,7 +16,7 @@ __all__ = ["inspect"]
 @model_argument
 @policy_option
 @json_option
-def inspect(model: Path, policy: str, as_json: bool) -> None:
+def inspect(model: Path, policy: str, device: str, latency_budget: float, as_json: bool) -> None:
     """Show what `convfuse merge` would merge and decline in MODEL.onnx, without writing anything."""
-    _, _, report = _run.fuse(model, policy)
+    _, _, report = _run.fuse(model, policy, device, latency_budget)
     _run.emit(report, as_json, extra={"input": str(model), "output": None})

@@ -38,7 +38,9 @@ def _same_file(a: Path, b: Path) -> bool:
 @policy_option
 @json_option
 @verify_option
-def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: bool) -> None:
+def merge(
+    model: Path, output: Path | None, policy: str, device: str, latency_budget: float, as_json: bool, verify: bool
+) -> None:
     """Merge linear runs in MODEL.onnx into single convolutions and write the fused model.
 
     Writes MODEL.fused.onnx beside the input unless -o is given; the input is never modified.
@@ -51,7 +53,7 @@ def merge(model: Path, output: Path | None, policy: str, as_json: bool, verify: 
         _run.fail(target, "is a directory; give a file name")
     if not target.parent.is_dir():
         _run.fail(target, f"directory {target.parent} does not exist")
-    loaded, fused, report = _run.fuse(model, policy)
+    loaded, fused, report = _run.fuse(model, policy, device, latency_budget)
     extra = {"input": str(model), "output": None}
     if verify:
         passed, detail = _verify(loaded.model, fused)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import click
+
+from convfuse.latency import DEFAULT_BUDGET, LATENCY_DEVICES
+from convfuse.policy import Policy
 
 __all__ = [
     "EXIT_OK",
@@ -34,13 +38,34 @@ output_option = click.option(
     help="Where to write the fused model [default: MODEL.fused.onnx beside the input].",
 )
 
-policy_option = click.option(
-    "--policy",
-    type=click.Choice(["flops", "always"]),
-    default="flops",
-    show_default=True,
-    help="flops: merge only what does not increase MACs or parameters; always: every exact merge.",
-)
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def policy_option(f: _F) -> _F:
+    """``--policy``, and the ``--device`` and ``--latency-budget`` the latency policy times with."""
+    f = click.option(
+        "--latency-budget",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_BUDGET,
+        show_default=True,
+        metavar="SECONDS",
+        help="Total time the latency policy spends timing; later candidates follow the flops rule.",
+    )(f)
+    f = click.option(
+        "--device",
+        type=click.Choice(list(LATENCY_DEVICES)),
+        default="cpu",
+        show_default=True,
+        help="Where the latency policy times candidate merges (cuda: error if absent).",
+    )(f)
+    return click.option(
+        "--policy",
+        type=click.Choice([p.value for p in Policy]),
+        default=Policy.FLOPS.value,
+        show_default=True,
+        help="flops: merge only what does not increase MACs or parameters; always: every exact merge; "
+        "latency: the merges ONNX Runtime measures faster (see --device, --latency-budget).",
+    )(f)
 
 json_option = click.option(
     "--json",

@@ -38,6 +38,7 @@ class Reason(str, Enum):
     NON_FINITE = "non-finite"
     DTYPE = "dtype"
     UNTRACEABLE = "untraceable"
+    NOTHING_TO_MERGE = "nothing-to-merge"  # no linear op next to the layer that convfuse reads
 
 
 @dataclass(frozen=True)

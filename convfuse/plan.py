@@ -4,6 +4,10 @@ A front end finds a chain of linear layers (or the branches of a sum) and hands 
 :class:`~convfuse.spec.ConvSpec` values here; this module asks the policy first on the
 predicted shape (:mod:`convfuse.estimate`), computes merged weights only for merges that can
 pay, and returns what to merge and, for everything left alone, a :class:`Decline`.
+
+Under the ``latency`` policy the :class:`~convfuse.policy.Judge` times each candidate
+(:mod:`convfuse.latency`): the planner hands it the layers, the merged conv (shape-only before
+the weights are built) and the input shape of the run (``None`` dims where unknown).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 from . import estimate
 from .algebra import Cost, add, compose, compose_chain, cost, identity
 from .decline import Decline, Reason
-from .policy import Policy, judge
+from .latency import Candidate, Parallel, Shape, Timing, advance
+from .policy import Decision, Judge, Policy
 from .spec import ConvSpec
 
 __all__ = ["MAX_CHAIN", "Segment", "ChainPlan", "SumPlan", "plan_chain", "plan_sum"]
@@ -35,6 +40,8 @@ class Segment:
     spec: ConvSpec
     before: Cost
     after: Cost
+    timing: Timing | None = None  # measured under the latency policy
+    note: str = ""  # e.g. that the flops rule decided in place of a timing
 
 
 @dataclass(frozen=True)
@@ -55,28 +62,51 @@ class SumPlan:
     after: Cost
     decline: Decline | None  # why the sum was not merged (spec is None)
     branch_declines: tuple[tuple[int, Decline], ...]  # branches left out, and why
+    timing: Timing | None = None  # measured under the latency policy
+    note: str = ""
 
 
 def _scale(c: Cost, factor: int) -> tuple[int, int]:
     return (c.macs * factor, c.params)
 
 
+def _input_shape(shape: Sequence[int | None] | None, first: ConvSpec) -> Shape:
+    """``[N, C, *spatial]`` with ``None`` for unknown dims (all of them when ``shape`` does not fit)."""
+    if shape is None or len(shape) != first.ndim + 2:
+        return (None, first.in_channels) + (None,) * first.ndim
+    return (shape[0], first.in_channels, *shape[2:])
+
+
 def plan_chain(
     specs: Sequence[ConvSpec],
     anchors: Sequence[bool],
-    policy: Policy | str = Policy.FLOPS,
+    policy: Policy | str | Judge = Policy.FLOPS,
     max_len: int = MAX_CHAIN,
+    *,
+    input_shape: Sequence[int | None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ChainPlan:
     """Split the chain ``specs[0] -> specs[1] -> ...`` into runs and merge the runs that pay.
 
     A merged run must hold at least one ``anchors`` layer (a real convolution: a run of
     BatchNorms alone stays as it is). Every candidate run is judged by ``policy`` on its
-    predicted shape before its weights are computed. Among the allowed splits, dynamic
-    programming picks the cheapest: fewest MACs then parameters then layers under ``flops``,
-    fewest layers first under ``always``. MACs are normalised to the chain's final output grid.
+    predicted shape before its weights are computed, and again on the merged conv. Among the
+    allowed splits, dynamic programming picks the cheapest: fewest MACs then parameters then
+    layers under ``flops``, fewest layers first under ``always`` and ``latency`` (every run
+    allowed there measured no slower than its layers). MACs are normalised to the chain's final
+    output grid. ``input_shape`` (``[N, C, *spatial]``, ``None`` where unknown) and ``dtype``
+    (the model's) are what the latency policy times the runs on.
     """
-    policy = Policy.parse(policy)
+    judge = Judge.of(policy)
     n = len(specs)
+    shapes = [_input_shape(input_shape, specs[0])] if n else []
+    for spec in specs:
+        shapes.append(advance(shapes[-1], spec))
+
+    def decide(i: int, j: int, before: Cost, merged: ConvSpec) -> Decision:
+        candidate = Candidate(tuple(specs[i:j]), merged, shapes[i], dtype) if judge.times else None
+        return judge.decide(before, cost([merged]), candidate)
+
     # tail[j]: output positions of layer j-1 per final output position (product of later strides).
     tail = [1] * (n + 1)
     for j in range(n - 1, -1, -1):
@@ -91,7 +121,7 @@ def plan_chain(
                 continue
             before = cost(run)
             shape = estimate.chain_shape(run)
-            refused = judge(policy, before, cost([shape]))
+            refused = decide(i, j, before, shape).decline
             if refused is not None:
                 results[(i, j)] = refused
                 merged = None
@@ -101,12 +131,12 @@ def plan_chain(
                 results[(i, j)] = step
                 break  # a left fold that fails here fails for every longer run from i
             after = cost([step])
-            refused = judge(policy, before, after)
-            results[(i, j)] = refused if refused is not None else Segment(i, j, step, before, after)
+            decision = decide(i, j, before, step)
+            results[(i, j)] = decision.decline or Segment(i, j, step, before, after, decision.timing, decision.note)
             merged = step
 
     def key(total: tuple[int, int], layers: int) -> tuple[int, ...]:
-        if policy is Policy.ALWAYS:
+        if judge.policy in (Policy.ALWAYS, Policy.LATENCY):
             return (layers, *total)
         return (*total, layers)
 
@@ -170,15 +200,20 @@ def plan_sum(
     branches: Sequence[Sequence[ConvSpec]],
     channels: int,
     ndim: int,
-    policy: Policy | str = Policy.FLOPS,
+    policy: Policy | str | Judge = Policy.FLOPS,
+    *,
+    input_shape: Sequence[int | None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> SumPlan:
     """Merge ``sum_b chain_b(x)`` into one conv; an empty branch is ``x`` itself.
 
     Each branch is first composed (:func:`compose_chain`); branches that do not compose are left
     out with their reason and the rest still merge if at least two remain. The policy judges
-    the sum on its predicted shape before :func:`add` builds it. An identity branch costs
-    nothing before the merge (it is a plain tensor).
+    the sum on its predicted shape before :func:`add` builds it, and again on the result. An
+    identity branch costs nothing before the merge (it is a plain tensor). ``input_shape`` and
+    ``dtype`` are what the latency policy times the sum on.
     """
+    judge = Judge.of(policy)
     composed: list[tuple[int, ConvSpec, Cost]] = []
     failed: list[tuple[int, Decline]] = []
     for index, chain in enumerate(branches):
@@ -195,19 +230,28 @@ def plan_sum(
     if len(composed) < 2:
         return SumPlan(used, None, before, before, None, tuple(failed))
     specs = [s for _, s, _ in composed]
+    original = (Parallel(tuple(tuple(branches[i]) for i in used)),)
+    in_shape = (None, channels) + (None,) * ndim
+    if input_shape is not None and len(input_shape) == ndim + 2:
+        in_shape = (input_shape[0], channels, *input_shape[2:])
+
+    def decide(merged: ConvSpec) -> Decision:
+        candidate = Candidate(original, merged, in_shape, dtype) if judge.times else None
+        return judge.decide(before, cost([merged]), candidate)
+
     shape = estimate.add_shape(specs) if _same_geometry_inputs(specs) else None
     if shape is not None:
-        refused = judge(policy, before, cost([shape]))
+        refused = decide(shape).decline
         if refused is not None:
             return SumPlan(used, None, before, cost([shape]), refused, tuple(failed))
     merged = add(specs)
     if isinstance(merged, Decline):
         return SumPlan(used, None, before, before, merged, tuple(failed))
     after = cost([merged])
-    refused = judge(policy, before, after)
-    if refused is not None:
-        return SumPlan(used, None, before, after, refused, tuple(failed))
-    return SumPlan(used, merged, before, after, None, tuple(failed))
+    decision = decide(merged)
+    if decision.decline is not None:
+        return SumPlan(used, None, before, after, decision.decline, tuple(failed), decision.timing, decision.note)
+    return SumPlan(used, merged, before, after, None, tuple(failed), decision.timing, decision.note)
 
 
 def _same_geometry_inputs(specs: Sequence[ConvSpec]) -> bool:

@@ -26,6 +26,7 @@ class Merge:
     before: Cost
     after: Cost
     note: str = ""  # e.g. which padding case applied
+    latency: tuple[float, float] | None = None  # measured seconds per run (unmerged, merged)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,15 +38,24 @@ class Merge:
             "params_before": self.before.params,
             "params_after": self.after.params,
             "note": self.note,
+            "latency_ms": None
+            if self.latency is None
+            else {"before": self.latency[0] * 1e3, "after": self.latency[1] * 1e3},
         }
 
     def line(self) -> str:
-        note = f" [{self.note}]" if self.note else ""
+        notes = [f"latency {_ms(self.latency[0])} -> {_ms(self.latency[1])}"] if self.latency else []
+        notes += [self.note] if self.note else []
+        note = f" [{'; '.join(notes)}]" if notes else ""
         return (
             f"merged {self.kind}: {' + '.join(self.sources)} -> {self.target} "
             f"(MACs/pos {self.before.macs:,} -> {self.after.macs:,}, "
             f"params {self.before.params:,} -> {self.after.params:,}){note}"
         )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
 
 
 @dataclass(frozen=True)
@@ -92,8 +102,17 @@ class Report:
     after: ModelStats = field(default_factory=ModelStats)
     notes: list[str] = field(default_factory=list)
 
-    def merged(self, kind: str, sources: list[str] | tuple[str, ...], target: str, before: Cost, after: Cost, note: str = "") -> None:
-        self.merges.append(Merge(kind, tuple(sources), target, before, after, note))
+    def merged(
+        self,
+        kind: str,
+        sources: list[str] | tuple[str, ...],
+        target: str,
+        before: Cost,
+        after: Cost,
+        note: str = "",
+        latency: tuple[float, float] | None = None,
+    ) -> None:
+        self.merges.append(Merge(kind, tuple(sources), target, before, after, note, latency))
 
     def declined(self, sources: list[str] | tuple[str, ...], decline: Decline) -> None:
         self.declines.append(Declined(tuple(sources), decline))

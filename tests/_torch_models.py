@@ -14,6 +14,7 @@ from .helpers import rel_err as rel_error
 
 __all__ = [
     "rand_bn",
+    "randomize_bn",
     "conv_bn",
     "count_convs",
     "rel_error",
@@ -30,15 +31,21 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm in ``model`` (subclasses too) non-trivial inference statistics."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.5)
+                m.bias.normal_(0.0, 0.5)
+    return model
+
+
 def rand_bn(c: int, nd: int = 2) -> nn.Module:
     """BatchNorm with non-trivial inference statistics."""
-    bn = _BN[nd](c)
-    with torch.no_grad():
-        bn.running_mean.normal_(0.0, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.normal_(1.0, 0.5)
-        bn.bias.normal_(0.0, 0.5)
-    return bn
+    return randomize_bn(_BN[nd](c))
 
 
 def conv_bn(c_in: int, c_out: int, k, stride=1, padding=0, groups=1, nd=2, bias=False, **kw) -> nn.Sequential:

@@ -384,7 +384,9 @@ def test_asymmetric_merged_conv_fuses_again_idempotently() -> None:
     once, _ = _fused(model, x)
     assert isinstance(once[0], nn.Sequential)  # (ConstantPad2d, Conv2d)
     twice, report = _fused(once, x)
-    assert not report.merges and not report.declines
+    assert not report.merges  # nothing to do, and the report says why for the conv it kept
+    assert [(d.sources, d.reason) for d in report.declines] == [(("0.1",), Reason.NOTHING_TO_MERGE)]
+    assert "folds to no fewer layers" in report.declines[0].decline.message
     longer = nn.Sequential(*once, nn.Conv2d(4, 5, 1))
     fused, report = _fused(longer, x)
     assert count_convs(fused) == 1 and report.merges

@@ -28,16 +28,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import onnx
+import torch
 from onnx import helper
 
 from ..algebra import Cost
 from ..decline import Decline, Reason
+from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ..plan import SumPlan, plan_chain, plan_sum
-from ..policy import Policy
+from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
-from .onnx_nodes import Dims, LinearOp, conv_macs, conv_node, label, read_linear
+from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, read_linear
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -233,7 +235,7 @@ class _Index:
 # --------------------------------------------------------------------------- state
 @dataclass
 class _State:
-    policy: Policy
+    judge: Judge
     shapes: Shapes
     opset: int
     report: Report
@@ -359,6 +361,12 @@ def _chain_note(ops: Sequence[LinearOp], specs: Sequence[ConvSpec]) -> str:
     return "; ".join(notes)
 
 
+def _dims(state: _State, name: str) -> Dims | None:
+    """Inferred dims of tensor ``name`` (``None`` entries symbolic), or ``None`` if unknown."""
+    entry = state.shapes.get(name)
+    return None if entry is None else entry[1]
+
+
 def _input_channels(run: Sequence[LinearOp]) -> list[int]:
     """Input channels of each op in a run: set by the convolutions (other ops keep the count)."""
     current = next(op.in_channels for op in run if op.is_conv)
@@ -443,7 +451,14 @@ def _merge_run(
     for part in _split(resolved, declines):
         part_ops = [op for op, _ in part]
         specs = [spec for _, spec in part]
-        plan = plan_chain(specs, [op.is_conv for op in part_ops], state.policy)
+        elem = next(op.elem_type for op in part_ops if op.is_conv)
+        plan = plan_chain(
+            specs,
+            [op.is_conv for op in part_ops],
+            state.judge,
+            input_shape=_dims(state, part_ops[0].x),
+            dtype=FLOAT_TYPES.get(elem or 0, torch.float32),
+        )
         for start, stop, decline in plan.kept:
             declines.append(([op.node for op in part_ops[start:stop]], decline))
         for seg in plan.segments:
@@ -463,13 +478,15 @@ def _merge_run(
             rewrite.replace[id(seg_ops[-1].node)] = [new_node]
             rewrite.removed.update(id(op.node) for op in seg_ops)
             state.merges += 1
+            note = "; ".join(n for n in (_chain_note(seg_ops, specs[seg.start : seg.stop]), seg.note) if n)
             state.report.merged(
                 "+".join(op.kind for op in seg_ops),
                 [label(op.node) for op in seg_ops],
                 name,
                 seg.before,
                 seg.after,
-                _chain_note(seg_ops, specs[seg.start : seg.stop]),
+                note,
+                seg.timing,
             )
 
 
@@ -572,7 +589,15 @@ def _plan_group(
         usable.append((member, chain, specs))
     if len(usable) < 2:
         return None
-    plan = plan_sum([specs for _, _, specs in usable], c_in, ndim, state.policy)
+    elem = known[0].elem_type
+    plan = plan_sum(
+        [specs for _, _, specs in usable],
+        c_in,
+        ndim,
+        state.judge,
+        input_shape=_dims(state, source),
+        dtype=FLOAT_TYPES.get(elem or 0, torch.float32),
+    )
     for j, decline in plan.branch_declines:
         declines.append(([op.node for op in usable[j][1]] + [root], decline))
     if plan.spec is None:
@@ -682,7 +707,8 @@ def _rewrite_sum(
             node.name,
             p.plan.before,
             p.plan.after,
-            f"{len(chains)} branches of {p.source!r}: {forms}",
+            "; ".join(n for n in (f"{len(chains)} branches of {p.source!r}: {forms}", p.plan.note) if n),
+            p.plan.timing,
         )
     rewrite.replace[id(root)] = new_nodes
     rewrite.removed.update(id(n) for n in tree)
@@ -890,13 +916,20 @@ def fuse_onnx(
     policy: Policy | str = Policy.FLOPS,
     *,
     progress: Progress | None = None,
+    device: str = "cpu",
+    latency_budget: float = DEFAULT_BUDGET,
+    timer: Timer | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Merge every linear run of ``model`` into single convolutions; return a new model and a report.
 
     ``model`` is a ``ModelProto`` (left unchanged) or a path (external data beside it is read).
     ``policy``: ``"flops"`` merges only what does not increase MACs or parameters, ``"always"``
-    every exact merge. ``progress`` receives one-line status messages (for large models).
-    Raises :class:`~convfuse.errors.InvalidModelError` for input that is not a valid model.
+    every exact merge, ``"latency"`` the merges ONNX Runtime measures faster on ``device``
+    (``"cpu"`` or ``"cuda"``), timing for at most ``latency_budget`` seconds in all (then the
+    flops rule); ``timer`` replaces the ONNX Runtime timer (:mod:`convfuse.latency`).
+    ``progress`` receives one-line status messages (for large models and timings).
+    Raises :class:`~convfuse.errors.InvalidModelError` for input that is not a valid model and
+    :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
     """
     if isinstance(model, (str, os.PathLike)):
         source = load_model(model)
@@ -907,13 +940,15 @@ def fuse_onnx(
         raise TypeError(f"fuse_onnx needs an onnx.ModelProto or a path, got {type(model).__name__}")
     chosen = Policy.parse(policy)
     say: Progress = progress or (lambda message: None)
+    meter = LatencyMeter(device, latency_budget, timer=timer, progress=say) if chosen is Policy.LATENCY else None
+    judge = Judge(chosen, meter)
     fused = onnx.ModelProto()
     fused.CopyFrom(source)
     say("inferring shapes")
     shapes, note = infer_shapes(fused)
     report = Report()
     report.before = model_stats(fused, shapes)
-    state = _State(chosen, shapes, _opset(fused), report, say, _Names(fused))
+    state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")
     report.after = model_stats(fused, infer_shapes(fused)[0])
@@ -933,4 +968,5 @@ def fuse_onnx(
         report.notes.append(f"{len(fused.functions)} model-local function(s) were not walked")
     if report.before.macs is not None:
         report.notes.append("MACs: multiply-accumulates of Conv nodes per sample")
+    report.notes.extend(judge.notes())
     return fused, report

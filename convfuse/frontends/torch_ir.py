@@ -9,19 +9,24 @@ carries an opaque ``origin`` the front end uses to write it back unchanged.
 
 Arithmetic runs in float64 (ops are built in float64) and merged convs are cast back to the
 model's dtype once, at the end.
+
+Under the ``latency`` policy every candidate is timed from its specs (:mod:`convfuse.latency`):
+each unit carries its original layers as a :data:`~convfuse.latency.Block` and the shape it
+reads (batch and spatial dims known only when the front end propagated shapes).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence, Union
 
 import torch
 
 from ..algebra import ChannelAffine, Cost, add, affine_conv, average_pool, compose, cost, identity, then_affine
 from ..decline import Decline, Reason
-from ..policy import Policy, judge
+from ..latency import Block, Candidate, Parallel, Shape, Timing
+from ..policy import Decision, Judge, Policy
 from ..report import Report
 from ..spec import ConvSpec
 
@@ -57,9 +62,23 @@ class TensorInfo:
     ndim: int
     dtype: torch.dtype  # the model's dtype; merged convs are cast back to it
     device: torch.device
+    batch: int | None = None  # known from shape propagation only (latency timing)
+    spatial: tuple[int, ...] | None = None
 
     def with_channels(self, channels: int) -> TensorInfo:
-        return TensorInfo(channels, self.ndim, self.dtype, self.device)
+        return replace(self, channels=channels)
+
+    @property
+    def shape(self) -> Shape:
+        """``[N, C, *spatial]`` with ``None`` where unknown."""
+        return (self.batch, self.channels, *(self.spatial or (None,) * self.ndim))
+
+    def after(self, m: Math) -> TensorInfo:
+        """The tensor ``m`` produces from this one."""
+        if not isinstance(m, ConvSpec):
+            return self
+        spatial = None if self.spatial is None else m.output_size(self.spatial)
+        return replace(self, channels=m.out_channels, spatial=spatial)
 
 
 Math = Union[ConvSpec, ChannelAffine, None]  # None: the identity map
@@ -217,6 +236,7 @@ class Merged:
     before: Cost
     after: Cost
     note: str = ""
+    timing: Timing | None = None  # measured under the latency policy
 
 
 @dataclass(eq=False)
@@ -383,7 +403,8 @@ def region_info(
     if shape is not None:
         if len(shape) < 3:
             return None
-        return TensorInfo(int(shape[1]), len(shape) - 2, dtype or torch.get_default_dtype(), device)
+        dims = tuple(int(d) for d in shape)
+        return TensorInfo(dims[1], len(dims) - 2, dtype or torch.get_default_dtype(), device, dims[0], dims[2:])
     ndim = next(op.fixed_ndim() for op in ops if isinstance(op, (ConvOp, PoolOp)))
     channels = _source_channels(steps)
     if channels is None:
@@ -408,6 +429,8 @@ class _Unit:
     kind: str  # "op", "sum"
     note: str = ""
     n_pads: int = 0  # of which zero-padding layers
+    layers: Block = ()  # the original layers, for timing
+    shape_in: Shape = ()  # the tensor the unit reads, for timing
 
 
 @dataclass(eq=False)
@@ -456,12 +479,26 @@ def _chain_cost(units: Sequence[_Unit]) -> Cost:
     return Cost(int(round(macs)), params)
 
 
+def _layers(m: Math, info: TensorInfo) -> Block:
+    """An op's math as the layers a timing model runs (none for the identity)."""
+    return () if m is None else (_as_spec(m, info),)
+
+
 class _Reducer:
     """Folds a region's steps with the algebra under a policy; records declines in a report."""
 
-    def __init__(self, policy: Policy, report: Report) -> None:
-        self.policy = policy
+    def __init__(self, judge: Judge, report: Report) -> None:
+        self.judge = judge
         self.report = report
+
+    def _decide(
+        self, before: Cost, merged: ConvSpec | None, layers: Block, shape: Shape, dtype: torch.dtype
+    ) -> Decision:
+        """The judge on replacing ``layers`` (reading ``shape``) by ``merged`` (None: by nothing)."""
+        if merged is None:
+            return Decision(None)
+        candidate = Candidate(layers, merged, shape, dtype) if self.judge.times else None
+        return self.judge.decide(before, cost([merged]), candidate)
 
     # ------------------------------------------------------------------ steps
     def steps(self, steps: Sequence[Step], info: TensorInfo) -> tuple[list[Piece], TensorInfo, _Unit | None] | Decline:
@@ -480,7 +517,7 @@ class _Reducer:
             items.append(item)
             cur = item.info_out
         if not items:
-            empty = _Unit(None, (), Cost(0, 0), (1,) * info.ndim, info, [], 0, "op")
+            empty = _Unit(None, (), Cost(0, 0), (1,) * info.ndim, info, [], 0, "op", shape_in=info.shape)
             return [], info, empty
         pieces: list[Piece] = []
         single: _Unit | None = None
@@ -511,11 +548,13 @@ class _Reducer:
             sources=(op.name,),
             before=op.cost(info, m),
             stride=_stride(m, info.ndim),
-            info_out=info.with_channels(_out_channels(m, info)),
+            info_out=info.after(m),
             pieces=[Kept(op)],
             n_ops=1,
             kind="op",
             n_pads=int(isinstance(op, PadOp)),
+            layers=_layers(m, info),
+            shape_in=info.shape,
         )
 
     # ------------------------------------------------------------------ parallel sum
@@ -527,7 +566,7 @@ class _Reducer:
         each group against all the original layers in it. A branch left alone is reduced
         under the policy as a chain of its own.
         """
-        exact = _Reducer(Policy.ALWAYS, Report())  # quiet: only the whole-branch fold is wanted
+        exact = _Reducer(Judge(Policy.ALWAYS), Report())  # quiet: only the whole-branch fold is wanted
         folded = []
         for branch in step.branches:
             r = exact.steps(branch, info)
@@ -540,14 +579,21 @@ class _Reducer:
         info_out = folded[0][1]
         groups: list[list[int]] = []  # branch indices
         specs: list[ConvSpec] = []  # merged spec of each group
+        decisions: list[Decision] = []  # the judge's answer on each group
         loose: list[int] = []  # branches that fold to no single conv
         units = [r[2] for r in folded]
+
+        def decide(members: list[_Unit], cand: ConvSpec) -> Decision:
+            before = sum((u.before for u in members), Cost(0, 0))
+            layers: Block = (Parallel(tuple(u.layers for u in members)),)
+            return self._decide(before, cand, layers, info.shape, info.dtype)
+
         if all(u is not None for u in units):  # the usual case: everything merges at once
             cand = add([_as_spec(u.math, info) for u in units])
             if not isinstance(cand, Decline):
-                before = sum((u.before for u in units), Cost(0, 0))
-                if judge(self.policy, before, cost([cand])) is None:
-                    groups, specs = [list(range(len(units)))], [cand]
+                decision = decide(units, cand)
+                if decision.decline is None:
+                    groups, specs, decisions = [list(range(len(units)))], [cand], [decision]
                     units = []  # grouping done
         for bi, unit in enumerate(units):
             if unit is None:
@@ -558,13 +604,13 @@ class _Reducer:
             for gi, group in enumerate(groups):
                 cand = add([_as_spec(units[i].math, info) for i in group] + [spec_u])
                 if not isinstance(cand, Decline):
-                    before = sum((units[i].before for i in group + [bi]), Cost(0, 0))
-                    refusal = judge(self.policy, before, cost([cand]))
-                    if refusal is None:
+                    decision = decide([units[i] for i in group + [bi]], cand)
+                    if decision.decline is None:
                         group.append(bi)
                         specs[gi] = cand
+                        decisions[gi] = decision
                         break
-                    cand = refusal
+                    cand = decision.decline
                 first_no = first_no or cand
             else:
                 if first_no is not None:
@@ -572,6 +618,7 @@ class _Reducer:
                     self.report.declined(others + unit.sources, first_no)
                 groups.append([bi])
                 specs.append(spec_u)
+                decisions.append(Decision(None))
         units = [r[2] for r in folded]
         if len(groups) == 1 and not loose:
             group = [units[i] for i in groups[0]]
@@ -579,16 +626,26 @@ class _Reducer:
             sources = tuple(s for u in group for s in u.sources)
             before = sum((u.before for u in group), Cost(0, 0))
             n_ops = sum(u.n_ops for u in group) + len(group) - 1
-            piece = Merged(_cast(spec, info.dtype), sources, "sum", before, cost([spec]))
+            decision = decisions[0]
+            piece = Merged(
+                _cast(spec, info.dtype), sources, "sum", before, cost([spec]), decision.note, decision.timing
+            )
             notes = "; ".join(sorted({u.note for u in group if u.note}))
-            return _Unit(spec, sources, before, spec.stride, info_out, [piece], n_ops, "sum", notes)
+            layers: Block = (Parallel(tuple(u.layers for u in group)),)
+            return _Unit(
+                spec, sources, before, spec.stride, info_out, [piece], n_ops, "sum", notes,
+                layers=layers, shape_in=info.shape,
+            )  # fmt: skip
         branch_pieces: list[list[Piece]] = []
-        for group, spec in zip(groups, specs):
+        for group, spec, decision in zip(groups, specs, decisions):
             if len(group) > 1:
                 members = [units[i] for i in group]
                 srcs = tuple(s for u in members for s in u.sources)
                 before = sum((u.before for u in members), Cost(0, 0))
-                branch_pieces.append([Merged(_cast(spec, info.dtype), srcs, "sum", before, cost([spec]))])
+                merged = Merged(
+                    _cast(spec, info.dtype), srcs, "sum", before, cost([spec]), decision.note, decision.timing
+                )
+                branch_pieces.append([merged])
         for bi in [g[0] for g in groups if len(g) == 1] + loose:
             r = self.steps(step.branches[bi], info)  # alone: reduce it under the policy
             if isinstance(r, Decline):
@@ -603,6 +660,7 @@ class _Reducer:
         n = len(units)
         folds: list[list[Math | Decline | None]] = [[None] * n for _ in range(n)]
         notes: list[list[str]] = [[""] * n for _ in range(n)]
+        decided: list[list[Decision | None]] = [[None] * n for _ in range(n)]
         why: list[list[Decline | None]] = [[None] * n for _ in range(n)]
         ok = [[False] * n for _ in range(n)]
         for i in range(n):
@@ -624,9 +682,12 @@ class _Reducer:
                 notes[i][j] = note
                 seg = units[i : j + 1]
                 merged_spec = None if acc is None else _as_spec(acc, info_in)
-                refusal = judge(self.policy, _chain_cost(seg), _math_cost(acc, info_in))
-                if refusal is not None:
-                    why[i][j] = refusal
+                layers = tuple(layer for u in seg for layer in u.layers)
+                shape = (units[i].shape_in[0], info_in.channels, *units[i].shape_in[2:])
+                decision = self._decide(_chain_cost(seg), merged_spec, layers, shape, info_in.dtype)
+                decided[i][j] = decision
+                if decision.decline is not None:
+                    why[i][j] = decision.decline
                     continue
                 ok[i][j] = _worth_writing(seg, merged_spec)
         # best[j]: (segments, macs, params, split) for units[:j]
@@ -658,7 +719,7 @@ class _Reducer:
             if i == j:
                 pieces += units[i].pieces
                 continue
-            pieces.append(self._merged(units, i, j, folds[i][j], notes[i][j]))
+            pieces.append(self._merged(units, i, j, folds[i][j], notes[i][j], decided[i][j]))
         if len(bounds) != 1:
             return pieces, None
         i, j = bounds[0]
@@ -678,6 +739,8 @@ class _Reducer:
             "sum" if any(u.kind == "sum" for u in seg) else "op",
             notes[i][j],
             sum(u.n_pads for u in seg),
+            tuple(layer for u in seg for layer in u.layers),
+            seg[0].shape_in,
         )
 
     def _info_in(self, units: Sequence[_Unit], i: int) -> TensorInfo:
@@ -692,7 +755,9 @@ class _Reducer:
             return units[i].before
         return _math_cost(m, self._info_in(units, i))
 
-    def _merged(self, units: Sequence[_Unit], i: int, j: int, m: Math, note: str) -> Merged:
+    def _merged(
+        self, units: Sequence[_Unit], i: int, j: int, m: Math, note: str, decision: Decision | None
+    ) -> Merged:
         seg = units[i : j + 1]
         info_in = self._info_in(units, i)
         sources = tuple(s for u in seg for s in u.sources)
@@ -709,16 +774,22 @@ class _Reducer:
         if all(x is None for x in maths):
             return Merged(None, sources, "identity", Cost(0, 0), Cost(0, 0), note)
         spec = _as_spec(m, info_in)
-        return Merged(_cast(spec, info_in.dtype), sources, kind, _chain_cost(seg), cost([spec]), note)
+        timing = None
+        if decision is not None:
+            note = "; ".join(x for x in (note, decision.note) if x)
+            timing = decision.timing
+        return Merged(_cast(spec, info_in.dtype), sources, kind, _chain_cost(seg), cost([spec]), note, timing)
 
 
-def reduce_region(steps: Sequence[Step], info: TensorInfo, policy: Policy | str, report: Report) -> Reduction | Decline:
+def reduce_region(
+    steps: Sequence[Step], info: TensorInfo, policy: Policy | str | Judge, report: Report
+) -> Reduction | Decline:
     """Reduce a linear region read from a tensor ``info`` to pieces; declines go to ``report``.
 
     A Decline is returned (not recorded) when the region as a whole cannot be described
     (an op that does not fit the tensor); the caller reports it and leaves the region alone.
     """
-    r = _Reducer(Policy.parse(policy), report).steps(steps, info)
+    r = _Reducer(Judge.of(policy), report).steps(steps, info)
     if isinstance(r, Decline):
         return r
     pieces = r[0]

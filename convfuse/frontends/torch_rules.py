@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..algebra import ChannelAffine
 from ..decline import Decline, Reason
 from ..spec import ConvSpec, same_pads
 from .torch_ir import AffineOp, ConvOp, IdentityOp, LinearOp, PadOp, PoolOp
@@ -30,6 +31,7 @@ __all__ = [
     "MODULE_RULES",
     "FUNCTION_RULES",
     "METHOD_RULES",
+    "has_module_rule",
     "module_op",
     "call_op",
 ]
@@ -163,18 +165,35 @@ MODULE_RULES: dict[type[nn.Module], ModuleRule] = {
 _FORWARDS = ("forward", "_conv_forward")
 
 
-def module_op(module: nn.Module, name: str) -> LinearOp | Decline | None:
-    """The module as a linear op (``origin`` left for the caller), a reason it is not, or None."""
+def _module_rule(module: nn.Module) -> ModuleRule | None:
+    """The rule of the nearest ruled base class, if ``module`` keeps that class's forward.
+
+    A subclass with its own forward (timm's ``BatchNormAct2d``, ``Conv2dSame``) may compute
+    something else, so it is not assumed to be its base: torch.fx traces through it instead.
+    """
     for cls in type(module).__mro__:
         rule = MODULE_RULES.get(cls)
         if rule is None:
             continue
         if any(getattr(type(module), f, None) is not getattr(cls, f, None) for f in _FORWARDS):
-            return None  # a subclass with its own forward (e.g. dynamic 'same' padding)
-        if module._forward_hooks or module._forward_pre_hooks:
-            return Decline(Reason.UNSUPPORTED, f"{name} has forward hooks that fusing would drop")
-        return rule(module, name)
+            return None
+        return rule
     return None
+
+
+def has_module_rule(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer the tables know (so fx should keep it whole, not trace in)."""
+    return _module_rule(module) is not None
+
+
+def module_op(module: nn.Module, name: str) -> LinearOp | Decline | None:
+    """The module as a linear op (``origin`` left for the caller), a reason it is not, or None."""
+    rule = _module_rule(module)
+    if rule is None:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks:
+        return Decline(Reason.UNSUPPORTED, f"{name} has forward hooks that fusing would drop")
+    return rule(module, name)
 
 
 # --------------------------------------------------------------------------- calls (torch.fx)
@@ -359,6 +378,72 @@ def _conv_rule(n: int) -> CallRule:
     return rule
 
 
+def _batchnorm_call(node: fx.Node, resolve: Resolve, bound: dict[str, Any] | None) -> CallResult:
+    """Inference batch norm called as a function: a per-channel affine (DESIGN.md section 2).
+
+    Pattern: ``F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)``
+    (what BatchNorm subclasses with their own forward, such as timm's ``BatchNormAct2d``, call).
+    Conditions: ``training`` is the constant False (True normalises with batch statistics),
+    the statistics, weight and bias are constant tensors (``get_attr``), ``eps`` a number.
+    Algebra: ``a = weight / sqrt(running_var + eps)``, ``y = a * x + (bias - running_mean * a)``
+    along dim 1, via ``ChannelAffine.from_batchnorm``; ``momentum`` only matters in training.
+    """
+    if bound is None:
+        return None
+    x = resolve(bound["input"])
+    if not _is_graph(x):
+        return None
+    training = bound["training"]
+    if _is_graph(training) or training is UNKNOWN or bool(training):
+        if bound["running_mean"] is None and bound["running_var"] is None:
+            return Decline(
+                Reason.TRAINING_MODE,
+                f"{node.name} is a batch_norm call without running statistics (track_running_stats=False): "
+                "it always normalises with batch statistics",
+            )
+        how = "computed at run time" if _is_graph(training) else repr(training)
+        return Decline(
+            Reason.TRAINING_MODE,
+            f"{node.name} is a batch_norm call with training={how} and normalises with batch statistics; "
+            "call .eval() before fusing",
+        )
+    values = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        value = bound[key]
+        if value is None and key in ("weight", "bias"):
+            values[key] = None
+            continue
+        value = resolve(value)
+        if _is_graph(value):
+            return Decline(Reason.NON_CONSTANT, f"{node.name} reads its {key} from a tensor computed in the graph")
+        if not isinstance(value, torch.Tensor):
+            return None  # no running statistics: torch itself refuses training=False
+        values[key] = value.detach()
+    eps = bound["eps"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return None
+    affine = ChannelAffine.from_batchnorm(
+        values["running_mean"], values["running_var"], values["weight"], values["bias"], float(eps)
+    )
+    return Unary(AffineOp(node.name, scale=affine.scale, shift=affine.shift, vector=True), x)
+
+
+_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+def _functional_batchnorm_rule(node: fx.Node, resolve: Resolve) -> CallResult:
+    """``torch.nn.functional.batch_norm`` (argument order: statistics before weight and bias)."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    return _batchnorm_call(node, resolve, _bind(node, names, _BN_DEFAULTS))
+
+
+def _torch_batchnorm_rule(node: fx.Node, resolve: Resolve) -> CallResult:
+    """``torch.batch_norm`` (argument order: weight and bias before the statistics)."""
+    names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+             "cudnn_enabled")  # fmt: skip
+    return _batchnorm_call(node, resolve, _bind(node, names, {}))
+
+
 #: Function called by a ``call_function`` node -> converter.
 FUNCTION_RULES: dict[Any, CallRule] = {
     operator.add: _add_rule(1),
@@ -388,6 +473,8 @@ FUNCTION_RULES: dict[Any, CallRule] = {
     F.conv1d: _conv_rule(1),
     F.conv2d: _conv_rule(2),
     F.conv3d: _conv_rule(3),
+    F.batch_norm: _functional_batchnorm_rule,
+    torch.batch_norm: _torch_batchnorm_rule,
 }
 
 #: Tensor method called by a ``call_method`` node -> converter (``self`` is the first argument).
