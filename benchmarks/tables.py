@@ -76,7 +76,7 @@ def _latency_table(results: Sequence[ModelResult], threads: int) -> str:
 
 
 def _graph_table(results: Sequence[ModelResult]) -> str:
-    header = ["model"] + [f"{VARIANTS[k][0]} Conv/BN/Add" for k in VARIANTS]
+    header = ["model"] + [f"{VARIANTS[k][0]} Conv/BN/Add (all)" for k in VARIANTS]
     header += ["MACs original", "MACs onnxsim", "MACs onnxoptimizer", "MACs convfuse", "MAC ratio",
                "convfuse merged / declined"]
     rows = []
