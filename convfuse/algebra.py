@@ -143,8 +143,8 @@ def _largest_groups(w: torch.Tensor, groups: int) -> int:
     best = 1
     # Zero pattern per (output, input) channel pair, reduced once over the taps: the loop
     # below then reads a [Co, Ci/g] map instead of the whole weight for every candidate.
-    mag = w.abs().reshape(co, cig, -1).sum(dim=2)
-    if bool(torch.all(mag != 0)):
+    mag = (w != 0).reshape(co, cig, -1).any(dim=2)
+    if bool(torch.all(mag)):
         return groups  # dense: no block structure to find
     for m in range(2, min(per_out, cig) + 1):
         if per_out % m or cig % m:
@@ -172,7 +172,7 @@ def simplify(spec: ConvSpec) -> ConvSpec:
     for dim in range(spec.ndim):
         axis = dim + 2
         reduce_dims = [a for a in range(w.dim()) if a != axis]
-        nz = torch.nonzero(w.abs().sum(dim=reduce_dims)).flatten().tolist() if w.numel() else []
+        nz = torch.nonzero((w != 0).any(dim=tuple(reduce_dims))).flatten().tolist() if w.numel() else []
         if not nz:
             continue
         d = dilation[dim]
