@@ -17,6 +17,7 @@ from typing import Any, NoReturn, Sequence
 import click
 
 from convfuse import __version__
+from convfuse.errors import one_line
 
 from .inspect_cmd import inspect
 from .merge import merge
@@ -26,10 +27,6 @@ from .verify_cmd import verify
 __all__ = ["main", "ConvfuseGroup"]
 
 _NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _finish(code: int, line: str | None = None) -> NoReturn:
@@ -67,9 +64,9 @@ class ConvfuseGroup(click.Group):
             _finish(EXIT_BAD_INPUT, e.format_message())
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            _finish(e.exit_code, f"convfuse: error: {_one_line(e.format_message())}{hint}")
+            _finish(e.exit_code, f"convfuse: error: {one_line(e.format_message())}{hint}")
         except click.ClickException as e:
-            _finish(e.exit_code, f"convfuse: error: {_one_line(e.format_message())}")
+            _finish(e.exit_code, f"convfuse: error: {one_line(e.format_message())}")
         except (_Interrupted, click.Abort, KeyboardInterrupt):  # Abort: click's form of Ctrl-C / EOF
             _finish(EXIT_INTERRUPTED, "convfuse: interrupted; nothing written")
         except MemoryError:
@@ -88,7 +85,7 @@ def _internal(error: BaseException) -> NoReturn:
         traceback.print_exception(error)
     _finish(
         EXIT_INTERNAL,
-        f"convfuse: internal error: {type(error).__name__}: {_one_line(str(error))[:300]} "
+        f"convfuse: internal error: {type(error).__name__}: {one_line(str(error), 300)} "
         "(a bug in convfuse; please report it, with CONVFUSE_TRACEBACK=1 for the traceback)",
     )
 

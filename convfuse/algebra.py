@@ -246,7 +246,7 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     else:
         merged = None
     if merged is not None:
-        return _cast(simplify(merged.replace(bias=merged.bias if keep_bias else None)), a.dtype)
+        return simplify(merged.replace(bias=merged.bias if keep_bias else None)).to(a.dtype)
 
     g = math.gcd(a.groups, b.groups)
     sa = a.stride
@@ -283,7 +283,7 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
         pads=tuple((pa0 + s * pb0, pa1 + s * pb1) for (pa0, pa1), (pb0, pb1), s in zip(a.pads, b.pads, sa)),
         padding_mode=mode,
     )
-    return _cast(simplify(merged), dtype)
+    return simplify(merged).to(dtype)
 
 
 def _check_b_padding(a: ConvSpec, b: ConvSpec, padded_dims: list[int]) -> Decline | None:
@@ -368,11 +368,6 @@ def compose_chain(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
             return result
         merged = result
     return merged
-
-
-def _cast(spec: ConvSpec, dtype: torch.dtype) -> ConvSpec:
-    bias = None if spec.bias is None else spec.bias.to(dtype)
-    return spec.replace(weight=spec.weight.to(dtype), bias=bias)
 
 
 # --------------------------------------------------------------------------- rule: affine
@@ -514,7 +509,7 @@ def add(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
         pads=tuple(zip(window.begin, window.end)),
         padding_mode=window.mode,
     )
-    return _cast(simplify(merged), specs[0].dtype)
+    return simplify(merged).to(specs[0].dtype)
 
 
 def concat(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
@@ -541,4 +536,4 @@ def concat(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
         pads=tuple(zip(window.begin, window.end)),
         padding_mode=window.mode,
     )
-    return _cast(simplify(merged), specs[0].dtype)
+    return simplify(merged).to(specs[0].dtype)

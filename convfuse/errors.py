@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "one_line",
     "ConvfuseError",
     "InvalidModelError",
     "InvalidOptionError",
@@ -65,3 +66,13 @@ class DeviceUnavailableError(ConvfuseError):
 
 class VerificationError(ConvfuseError):
     """A fused model does not compute what the reference computes."""
+
+
+def one_line(error: BaseException | str, limit: int | None = None) -> str:
+    """A message on one line (ONNX Runtime's and protobuf's span several), cut to ``limit``."""
+    text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):
+        text = type(error).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

@@ -37,7 +37,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ConvfuseError, DeviceUnavailableError
+from .errors import ConvfuseError, DeviceUnavailableError, one_line
 from .spec import ConvSpec
 
 __all__ = [
@@ -313,10 +313,6 @@ def build_models(candidate: Candidate, seed: int = 0) -> tuple[onnx.ModelProto, 
 
 
 # --------------------------------------------------------------------------- timing
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:160]
-
-
 def _ort():  # noqa: ANN202 - the onnxruntime module
     from .runtime import ort
 
@@ -382,7 +378,7 @@ class OrtTimer:
         try:
             session = rt.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/NotImplemented types
-            raise TimingError(f"onnxruntime cannot load the {what} timing model: {_one_line(exc)}") from None
+            raise TimingError(f"onnxruntime cannot load the {what} timing model: {one_line(exc, 160)}") from None
         if self.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             raise DeviceUnavailableError(
                 "onnxruntime could not start its CUDA provider (no usable GPU or CUDA libraries)"
@@ -434,7 +430,7 @@ class OrtTimer:
                 if r >= 2 and time.perf_counter() - start > self.max_seconds:
                     break
         except Exception as exc:  # a kernel ORT lacks shows up at run time for some types
-            raise TimingError(f"onnxruntime failed to run a timing model: {_one_line(exc)}") from None
+            raise TimingError(f"onnxruntime failed to run a timing model: {one_line(exc, 160)}") from None
         return Timing(statistics.median(samples[0]), statistics.median(samples[1]))
 
 

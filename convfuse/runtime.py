@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto
 
 from .compare import DEFAULT_RTOL
-from .errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
+from .errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, one_line
 from .frontends.onnx_io import MAX_PROTOBUF, is_large, read_model
 
 __all__ = [
@@ -113,12 +113,6 @@ class Port:
 def dims_text(shape: Sequence[int | str | None]) -> str:
     """``1x3x?x?`` (``scalar`` for rank 0)."""
     return "x".join("?" if d is None else str(d) for d in shape) if len(shape) else "scalar"
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (ONNX Runtime's span several)."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return text or type(error).__name__
 
 
 def _ort_message(error: BaseException) -> str:

@@ -145,6 +145,11 @@ class ConvSpec:
         """Weight and bias element count."""
         return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
 
+    def to(self, dtype: torch.dtype) -> ConvSpec:
+        """The same convolution with weight and bias in ``dtype`` (detached from autograd)."""
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        return replace(self, weight=self.weight.detach().to(dtype), bias=bias)
+
     def replace(self, **changes: object) -> ConvSpec:
         """A copy with ``changes`` applied (the spec itself is immutable)."""
         return replace(self, **changes)

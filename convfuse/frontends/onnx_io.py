@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
-from ..errors import InvalidModelError, OutputError
+from ..errors import InvalidModelError, OutputError, one_line
 
 __all__ = [
     "MAX_PROTOBUF",
@@ -84,11 +84,6 @@ def _external_location(tensor: onnx.TensorProto) -> str:
     return "?"
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def _graph_tensors(graph: onnx.GraphProto, initializers_only: bool = False) -> Iterator[onnx.TensorProto]:
     """Initializers (and unless ``initializers_only``, attribute tensors) of ``graph`` and its subgraphs."""
     yield from graph.initializer
@@ -129,7 +124,7 @@ def check_file(path: str | os.PathLike[str]) -> int:
         with open(p, "rb") as f:
             head = f.read(_SNIFF_BYTES)
     except OSError as exc:
-        raise InvalidModelError(f"cannot read ({exc.strerror or _one_line(exc)})", path=p) from None
+        raise InvalidModelError(f"cannot read ({exc.strerror or one_line(exc, 300)})", path=p) from None
     if size == 0:
         raise InvalidModelError("empty file, not an ONNX model", path=p)
     if _looks_like_text(head):
@@ -151,9 +146,9 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except OSError as exc:
-        raise InvalidModelError(f"cannot read ({exc.strerror or _one_line(exc)})", path=p) from None
+        raise InvalidModelError(f"cannot read ({exc.strerror or one_line(exc, 300)})", path=p) from None
     except Exception as exc:  # protobuf DecodeError and friends: the bytes are not a model
-        cause = _one_line(exc).removeprefix("Error parsing message with type 'onnx.ModelProto': ")
+        cause = one_line(exc, 300).removeprefix("Error parsing message with type 'onnx.ModelProto': ")
         raise InvalidModelError(
             f"not an ONNX model: the bytes do not parse as one (corrupt or truncated file, or another format; "
             f"protobuf: {cause[:1].lower() + cause[1:]})",
@@ -176,7 +171,7 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
             external_data_helper.load_external_data_for_tensor(tensor, str(p.parent))
         except Exception as exc:
             raise InvalidModelError(
-                f"cannot read external data of {tensor.name!r} from {location!r} ({_one_line(exc)})", path=p
+                f"cannot read external data of {tensor.name!r} from {location!r} ({one_line(exc, 300)})", path=p
             ) from None
         total += len(tensor.raw_data)
     if load_external_data or not outside:
@@ -185,7 +180,7 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
         try:
             onnx.checker.check_model(str(p))
         except Exception as exc:
-            raise InvalidModelError(f"fails the ONNX checker: {_one_line(exc)}", path=p) from None
+            raise InvalidModelError(f"fails the ONNX checker: {one_line(exc, 300)}", path=p) from None
     return LoadedModel(model, p, bool(outside), total, tuple(data_files))
 
 
@@ -228,7 +223,7 @@ def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
         elif path is not None:
             onnx.checker.check_model(str(path))
     except Exception as exc:  # onnx.checker.ValidationError and C++ errors surfacing as others
-        raise InvalidModelError(f"fails the ONNX checker: {_one_line(exc)}", path=path) from None
+        raise InvalidModelError(f"fails the ONNX checker: {one_line(exc, 300)}", path=path) from None
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -301,7 +296,7 @@ class StagedModel:
         try:
             _commit(self._renames, self._scratch)
         except OSError as exc:
-            raise OutputError(f"cannot write ({exc.strerror or _one_line(exc)})", path=self.target) from None
+            raise OutputError(f"cannot write ({exc.strerror or one_line(exc, 300)})", path=self.target) from None
 
     def discard(self) -> None:
         """Delete whatever is left of the temporary files."""
@@ -334,7 +329,7 @@ def stage_model(
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".convfuse-", dir=parent))
     except OSError as exc:
-        raise OutputError(f"cannot write in {parent} ({exc.strerror or _one_line(exc)})", path=target) from None
+        raise OutputError(f"cannot write in {parent} ({exc.strerror or one_line(exc, 300)})", path=target) from None
     try:
         tmp_model = scratch / target.name
         renames = []
@@ -354,7 +349,7 @@ def stage_model(
     except BaseException as exc:
         shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise OutputError(f"cannot write ({exc.strerror or _one_line(exc)})", path=target) from None
+            raise OutputError(f"cannot write ({exc.strerror or one_line(exc, 300)})", path=target) from None
         raise
     return StagedModel(target, scratch, tmp_model, renames)
 

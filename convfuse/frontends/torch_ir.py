@@ -131,7 +131,7 @@ class ConvOp(LinearOp):
             )
         if s.dtype != info.dtype:
             return Decline(Reason.DTYPE, f"{self.name} holds {s.dtype} weights in a {info.dtype} region")
-        return _spec64(s)
+        return s.to(_F64)
 
 
 @dataclass(eq=False)
@@ -327,11 +327,6 @@ def _per_channel(
     return t.reshape(c).to(device=info.device, dtype=_F64)
 
 
-def _spec64(spec: ConvSpec) -> ConvSpec:
-    bias = None if spec.bias is None else spec.bias.detach().to(_F64)
-    return spec.replace(weight=spec.weight.detach().to(_F64), bias=bias)
-
-
 def _as_spec(m: Math, info: TensorInfo) -> ConvSpec:
     """Any math as a conv: identity is a Dirac kernel, an affine a depthwise 1x1."""
     if m is None:
@@ -354,11 +349,6 @@ def _stride(m: Math, ndim: int) -> tuple[int, ...]:
 
 def _out_channels(m: Math, info: TensorInfo) -> int:
     return m.out_channels if isinstance(m, ConvSpec) else info.channels
-
-
-def _cast(spec: ConvSpec, dtype: torch.dtype) -> ConvSpec:
-    bias = None if spec.bias is None else spec.bias.to(dtype)
-    return spec.replace(weight=spec.weight.to(dtype), bias=bias)
 
 
 # --------------------------------------------------------------------------- resolving shapes
@@ -628,7 +618,7 @@ class _Reducer:
             n_ops = sum(u.n_ops for u in group) + len(group) - 1
             decision = decisions[0]
             piece = Merged(
-                _cast(spec, info.dtype), sources, "sum", before, cost([spec]), decision.note, decision.timing
+                spec.to(info.dtype), sources, "sum", before, cost([spec]), decision.note, decision.timing
             )
             notes = "; ".join(sorted({u.note for u in group if u.note}))
             layers: Block = (Parallel(tuple(u.layers for u in group)),)
@@ -643,7 +633,7 @@ class _Reducer:
                 srcs = tuple(s for u in members for s in u.sources)
                 before = sum((u.before for u in members), Cost(0, 0))
                 merged = Merged(
-                    _cast(spec, info.dtype), srcs, "sum", before, cost([spec]), decision.note, decision.timing
+                    spec.to(info.dtype), srcs, "sum", before, cost([spec]), decision.note, decision.timing
                 )
                 branch_pieces.append([merged])
         for bi in [g[0] for g in groups if len(g) == 1] + loose:
@@ -778,7 +768,7 @@ class _Reducer:
         if decision is not None:
             note = "; ".join(x for x in (note, decision.note) if x)
             timing = decision.timing
-        return Merged(_cast(spec, info_in.dtype), sources, kind, _chain_cost(seg), cost([spec]), note, timing)
+        return Merged(spec.to(info_in.dtype), sources, kind, _chain_cost(seg), cost([spec]), note, timing)
 
 
 def reduce_region(
