@@ -76,7 +76,7 @@ class LinearOp:
     """
 
     node: onnx.NodeProto
-    kind: str  # "conv", "bn", "mul", "add", "sub", "div", "pad", "avgpool"
+    kind: str  # "conv", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool"
     x: str
     y: str
     ndim: int | None = None
@@ -365,6 +365,18 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
     return read
 
 
+def read_neg(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``Neg(x)``: the per-channel affine with scale -1 (a subtracted branch)."""
+    if len(node.input) != 1 or len(node.output) != 1 or not isinstance(env.tensor(node.input[0]), str):
+        return None
+
+    def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        ones = torch.ones(channels, dtype=torch.float64)
+        return affine_conv(ChannelAffine(-ones, ones * 0), ndim)
+
+    return LinearOp(node, "neg", node.input[0], node.output[0], resolve=resolve)
+
+
 def read_pad(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     """Constant-zero ``Pad`` of spatial dims: the identity conv with those pads (folds into a conv)."""
     if not node.input or len(node.output) != 1:
@@ -471,6 +483,7 @@ READERS: dict[str, Callable[[onnx.NodeProto, Env], LinearOp | None]] = {
     "Add": _affine_reader("Add"),
     "Sub": _affine_reader("Sub"),
     "Div": _affine_reader("Div"),
+    "Neg": read_neg,
     "Pad": read_pad,
     "AveragePool": read_average_pool,
 }

@@ -1,0 +1,54 @@
+"""The pieces a linear region needs beyond :mod:`convfuse.algebra`: scaled, padded and identity maps.
+
+Tensors only, written against :class:`~convfuse.spec.ConvSpec` and the algebra's public rules,
+so they work on whatever array type the spec holds. DESIGN.md section 5 (linear regions):
+
+- **Scaling a branch** by a constant ``c`` (``-b``, ``a - b``, ``s * b``): ``W' = c W``,
+  ``b' = c b`` (:func:`scaled`), the per-channel affine rule with scale ``c`` and shift 0.
+- **A padded branch** (``F.pad(x)`` zero, then a valid conv): the identity with those pads
+  composes exactly with a following conv (it only moves where the conv reads zeros); a zero
+  pad *after* a spatial conv is the padding case 3 of the algebra and is declined there.
+- **Identity**: a Dirac kernel (:func:`convfuse.algebra.identity`); :func:`is_identity` tells
+  a map that does nothing (so writing it would be a no-op).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .algebra import ChannelAffine, identity, then_affine
+from .decline import Decline
+from .spec import ConvSpec
+
+__all__ = ["scaled", "padded_identity", "without_zero_bias", "is_identity"]
+
+
+def scaled(spec: ConvSpec, factor: float) -> ConvSpec | Decline:
+    """``factor * spec(x)``: weight and bias times ``factor`` (``-1`` for a subtracted branch)."""
+    if factor == 1:
+        return spec
+    zeros = spec.bias_or_zeros() * 0
+    return then_affine(spec, ChannelAffine(scale=zeros + float(factor), shift=zeros))
+
+
+def padded_identity(channels: int, ndim: int, pads: Sequence[tuple[int, int]], like: ConvSpec | None = None) -> ConvSpec:
+    """Zero padding by ``pads`` (begin, end per spatial dim) as a depthwise Dirac conv."""
+    spec = identity(channels, ndim) if like is None else identity(channels, ndim, dtype=like.dtype)
+    return spec.replace(pads=tuple((int(b), int(e)) for b, e in pads))
+
+
+def without_zero_bias(spec: ConvSpec) -> ConvSpec:
+    """The same map without its bias when that bias is all zero (both writers drop it)."""
+    return spec if spec.has_nonzero_bias() or spec.bias is None else spec.replace(bias=None)
+
+
+def is_identity(spec: ConvSpec) -> bool:
+    """Whether ``spec`` computes ``y = x``: depthwise, kernel 1, stride 1, unpadded, weight 1, no bias."""
+    return (
+        spec.groups == spec.in_channels == spec.out_channels
+        and spec.is_pointwise
+        and not spec.is_padded
+        and all(s == 1 for s in spec.stride)
+        and not spec.has_nonzero_bias()
+        and bool((spec.weight == 1).all())
+    )
