@@ -42,7 +42,8 @@ class OpKind(str, Enum):
 
     @property
     def is_anchor(self) -> bool:
-        return self in (OpKind.CONV, OpKind.LINEAR)
+        """A layer that computes (a region of BatchNorms or pads alone is left as it is)."""
+        return self in (OpKind.CONV, OpKind.LINEAR, OpKind.POOL)
 
     @property
     def is_unary(self) -> bool:
@@ -56,7 +57,7 @@ class MergeKind(str, Enum):
     AFFINE = "conv+affine"  # one conv and per-channel affines (BN, Mul/Add constants)
     SUM = "sum"  # branches of one tensor summed
     CONCAT = "concat"  # branches of one tensor concatenated
-    REGION = "region"  # a region mixing chains and parallel branches
+    REGION = "sum+chain"  # a region mixing chains and parallel branches
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -119,7 +120,10 @@ class LinearGraph:
     """The linear nodes of one graph, in topological order, and the tensors read outside them.
 
     ``shapes`` gives ``[N, C, *spatial]`` (``None`` where symbolic) for tensors whose shape the
-    front end knows; ``fresh`` hands out unused tensor names (for partial sums).
+    front end knows; ``fresh`` hands out unused tensor names (for partial sums); ``describe``
+names the readers of a tensor that are not nodes of this graph (for report lines);
+``pad_layer``: the front end writes a conv with asymmetric padding as a pad layer and a conv
+(torch convs pad symmetrically), so such a merge must replace more than two layers.
     """
 
     nodes: list[LinearNode]
@@ -127,6 +131,8 @@ class LinearGraph:
     outputs: set[str] = field(default_factory=set)
     shapes: dict[str, Sequence[int | None]] = field(default_factory=dict)
     fresh: Callable[[str], str] | None = None
+    describe: Callable[[str], str] | None = None
+    pad_layer: bool = False
 
     def __post_init__(self) -> None:
         self.producer: dict[str, LinearNode] = {n.output: n for n in self.nodes}

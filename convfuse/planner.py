@@ -64,7 +64,8 @@ class Merge:
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return tuple(n.name for n in self.nodes)
+        """The layers merged (the sums and concatenations combining them are not layers)."""
+        return tuple(n.name for n in self.nodes if n.kind.is_unary)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +84,23 @@ class Plan:
     merges: list[Merge] = field(default_factory=list)
     resums: list[Resum] = field(default_factory=list)
     declines: list[tuple[tuple[str, ...], Decline]] = field(default_factory=list)
+    fresh: set[str] = field(default_factory=set)  # tensors the plan introduces (partial sums)
+
+    def groups(self) -> list[tuple[list[Merge], Resum | None]]:
+        """Rewrites that stand or fall together: a rebuilt sum with the merges writing its new
+        terms; every other merge alone."""
+        owned: dict[str, int] = {}
+        for k, r in enumerate(self.resums):
+            for t, _ in r.terms:
+                if t in self.fresh:
+                    owned[t] = k
+        out: list[tuple[list[Merge], Resum | None]] = [([], r) for r in self.resums]
+        for m in self.merges:
+            if m.y in owned:
+                out[owned[m.y]][0].append(m)
+            else:
+                out.append(([m], None))
+        return out
 
 
 def plan(graph: LinearGraph, policy: Policy | str | Judge = Policy.FLOPS, dtype: Any = None) -> Plan:
@@ -213,28 +231,33 @@ class _Planner:
         nodes, inputs = self._grow(root)
         if len(inputs) == 1:
             self._region(inputs[0], root.output, nodes)
-            self._report_boundaries(nodes, inputs[0])
         else:
             self._mixed(root, nodes, inputs)
+        for x in inputs:
+            self._report_boundaries(nodes, x)
         self.claimed |= {id(n) for n in nodes}
 
     def _report_boundaries(self, nodes: list[LinearNode], x: str) -> None:
         """The region stopped at ``x``: a graph output, or a tensor other nodes read too."""
         p = self.g.producer.get(x)
-        if p is None or p.refused is not None:
+        if p is None or p.refused is not None or id(p) in self.barrier:
             return
         readers = [n for n in nodes if x in n.inputs]
-        if not readers or not (p.kind.is_anchor or any(n.kind.is_anchor for n in readers)):
+        if not readers or not (p.kind.is_anchor or any(n.kind.is_anchor for n in nodes)):
             return
-        count = len(self.g.consumers.get(x, [])) + int(x in self.g.external)
+        others = [n.name for n in self.g.consumers.get(x, []) if n not in readers]
         if x in self.g.outputs:
-            decline = Decline(Reason.GRAPH_OUTPUT, f"{x!r} is a graph output, so {p.name} is kept to produce it")
-        elif count > 1:
-            decline = Decline(Reason.SHARED_TENSOR, f"{x!r} is read by {count} nodes, so {p.name} is kept to produce it")
+            reason = Reason.GRAPH_OUTPUT
+        elif others or x in self.g.external:
+            reason = Reason.SHARED_TENSOR
         else:
             return
-        for r in readers:
-            self._decline([p.name, r.name], decline)
+        users = self.g.describe(x) if self.g.describe is not None else ""
+        users = ", ".join([*others, users] if users else others) or "the graph output"
+        self._decline(
+            [p.name],
+            Decline(reason, f"the output of {p.name} is also used by {users}, so it must stay computed"),
+        )
 
     def _sources(self, nodes: list[LinearNode], inputs: list[str]) -> dict[str, frozenset[str]]:
         src: dict[str, frozenset[str]] = {t: frozenset([t]) for t in inputs}
@@ -284,6 +307,7 @@ class _Planner:
             group_terms = [terms[i] for i in members]
             body = self._ancestors([t for t, _ in group_terms], inside, tree_ids)
             y = self.g.new_name(f"{root.output}/{x}")
+            self.out.fresh.add(y)
             virtual = LinearNode(root.name, OpKind.SUM, tuple(t for t, _ in group_terms), y, coefs=tuple(c for _, c in group_terms))
             self.g.order[id(virtual)] = self.g.order[id(root)]
             result = self._region(x, y, body + [virtual], write=False)
@@ -332,8 +356,7 @@ class _Planner:
         if not any(n.kind.is_anchor for n in nodes):
             return None
         info = self._input_info(x, nodes)
-        if isinstance(info, Decline):
-            self._decline([n.name for n in nodes], info)
+        if isinstance(info, Decline):  # no layer says what the input is (a pool alone): nothing to do
             return None
         region = _Region(self, x, y, nodes, info)
         best = region.best(x, y, tuple(nodes))
@@ -451,7 +474,16 @@ class _Region:
                 counts[key] = counts.get(key, 0) + 1
                 sizes[key] = size
         params = sum(sizes[k] for k, c in counts.items() if c == self.g.weight_readers.get(k, c))
+        params += sum(self._constant_floor(n) for n in nodes if n.kind is OpKind.AFFINE)
         return sum(self.node_cost(n) for n in nodes), params
+
+    def _constant_floor(self, n: LinearNode) -> int:
+        """A per-channel affine applies its scale and shift to every channel however they are
+        stored (a buffer, a scalar): it counts at least as the conv weights it folds into."""
+        spec = self.spec[id(n)]
+        floor = spec.weight.numel() * int(not bool((spec.weight == 1).all()))
+        floor += spec.out_channels if spec.has_nonzero_bias() else 0
+        return max(0, floor - sum(n.weights.values()))
 
     def kept(self, nodes: Sequence[LinearNode]) -> _Option:
         macs, params = self.before(nodes)
@@ -595,12 +627,16 @@ class _Region:
         if not any(n.kind.is_anchor for n in nodes):
             return Decline(Reason.NOTHING_TO_MERGE, "no convolution among these layers")
         spec = without_zero_bias(spec)
+        written = 2 if self.g.pad_layer and any(b != e for b, e in spec.pads) else 1
+        pads = sum(1 for n in nodes if n.kind is OpKind.PAD)
+        if len(nodes) - pads <= 1 and len(nodes) <= written:
+            return Decline(Reason.NOTHING_TO_MERGE, "the merged conv would be written as as many layers")
         decision, before, after = self.decide(nodes, spec, x, y, block)
         if decision.decline is not None:
             return decision.decline
         note = "; ".join(s for s in (self.note(nodes), decision.note) if s)
         merge = Merge(_kind(nodes), nodes, x, y, spec, before, after, note, decision.timing)
-        return _Option(after.macs, after.params, 1, (merge,))
+        return _Option(after.macs, after.params, written, (merge,))
 
     def note(self, nodes: Sequence[LinearNode]) -> str:
         notes = []
@@ -801,6 +837,7 @@ class _Region:
             assert option is not None
             (m,) = option.merges
             y = self.g.new_name(f"{last.output}/{m.sources[0]}")
+            self.p.out.fresh.add(y)
             total = total + _Option(option.macs, option.params, 1, (replace(m, kind=MergeKind.SUM, y=y),))
             terms.append((y, 1.0))
         return total + _Option(0, 0, 0, resums=(Resum(tree, tuple(terms), last.output),))

@@ -131,7 +131,7 @@ def test_sum_then_batchnorm_then_conv_chain_after_the_merge() -> None:
     y = g.bn(g.node("Add", [a, b]), 4)
     fused, report = fuse_checked(g.model([y]))
     assert ops(fused) == {"Conv": 1}
-    assert [m.kind for m in report.merges] == ["region"]
+    assert [m.kind for m in report.merges] == ["sum+chain"]
 
 
 def test_sum_enables_chain_on_its_source() -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "UNKNOWN",
     "Unary",
     "Terms",
+    "Cat",
     "MODULE_RULES",
     "FUNCTION_RULES",
     "METHOD_RULES",
@@ -57,7 +58,14 @@ class Terms:
     terms: list[tuple[fx.Node, list[LinearOp]]]
 
 
-CallResult = Union[Unary, Terms, Decline, None]
+@dataclass(eq=False)
+class Cat:
+    """Graph tensors concatenated along the channel dim (``torch.cat(xs, dim=1)``)."""
+
+    inputs: list[fx.Node]
+
+
+CallResult = Union[Unary, Terms, Cat, Decline, None]
 ModuleRule = Callable[[nn.Module, str], Union[LinearOp, Decline, None]]
 CallRule = Callable[[fx.Node, Resolve], CallResult]
 
@@ -444,6 +452,17 @@ def _torch_batchnorm_rule(node: fx.Node, resolve: Resolve) -> CallResult:
     return _batchnorm_call(node, resolve, _bind(node, names, {}))
 
 
+def _cat_rule(node: fx.Node, resolve: Resolve) -> CallResult:
+    """``torch.cat(tensors, dim=1)`` of graph tensors: stacked channels (a CONCAT)."""
+    bound = _bind(node, ("tensors", "dim"), {"dim": 0})
+    if bound is None or bound["dim"] != 1 or not isinstance(bound["tensors"], (list, tuple)):
+        return None
+    parts = [resolve(t) for t in bound["tensors"]]
+    if len(parts) < 2 or not all(_is_graph(p) for p in parts):
+        return None
+    return Cat(parts)
+
+
 #: Function called by a ``call_function`` node -> converter.
 FUNCTION_RULES: dict[Any, CallRule] = {
     operator.add: _add_rule(1),
@@ -460,6 +479,8 @@ FUNCTION_RULES: dict[Any, CallRule] = {
     operator.neg: _neg_rule,
     torch.neg: _neg_rule,
     torch.clone: _same_rule,
+    torch.cat: _cat_rule,
+    torch.concat: _cat_rule,
     F.pad: _pad_rule,
     F.dropout: _dropout_rule,
     F.dropout1d: _dropout_rule,
