@@ -840,7 +840,8 @@ class _Region:
             self.p.out.fresh.add(y)
             total = total + _Option(option.macs, option.params, 1, (replace(m, kind=MergeKind.SUM, y=y),))
             terms.append((y, 1.0))
-        return total + _Option(0, 0, 0, resums=(Resum(tree, tuple(terms), last.output),))
+        adds = max(len(terms) - 1, 1)  # the rebuilt sum: one add fewer per term merged away
+        return total + _Option(0, 0, adds - len(tree), resums=(Resum(tree, tuple(terms), last.output),))
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ from typing import Any, Hashable
 import torch
 from torch import nn
 
-from ..algebra import ChannelAffine, affine_conv, identity
 from ..decline import Decline
 from ..ir import LinearNode, OpKind, TensorInfo
 from ..spec import ConvSpec
-from .torch_ir import AffineOp, ConvOp, IdentityOp, LinearOp, PadOp, PoolOp
+from .torch_ir import AffineOp, ConvOp, IdentityOp, LinearOp, PadOp, PoolOp, as_spec
 from .torch_ir import TensorInfo as TorchInfo
 
 __all__ = ["op_kind", "op_node", "parameter_sizes"]
@@ -49,16 +48,6 @@ def parameter_sizes(*tensors: Any) -> dict[Hashable, int]:
     return sizes
 
 
-def _as_spec(math: ConvSpec | ChannelAffine | None, info: TorchInfo) -> ConvSpec:
-    """Any op's math as a conv: identity is a Dirac kernel, an affine a depthwise 1x1."""
-    if math is None:
-        spec = identity(info.channels, info.ndim, torch.float64)
-        return spec.replace(weight=spec.weight.to(info.device))
-    if isinstance(math, ChannelAffine):
-        return affine_conv(math, info.ndim)
-    return math
-
-
 def op_node(
     op: LinearOp,
     x: str,
@@ -74,7 +63,7 @@ def op_node(
         spatial = tuple(int(d) for d in info.spatial) if info.spatial and None not in info.spatial else None
         t = TorchInfo(info.channels, info.ndim, dtype, device, info.batch, spatial)
         math = op.build(t)
-        return math if isinstance(math, Decline) else _as_spec(math, t)
+        return math if isinstance(math, Decline) else as_spec(math, t)
 
     trusted = not (isinstance(op, AffineOp) and not op.vector)  # a broadcast constant's dim may be spatial
     return LinearNode(
