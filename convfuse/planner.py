@@ -622,14 +622,16 @@ class _Region:
         return tuple(out)
 
     # ------------------------------------------------------------------ merges
-    def merge(self, nodes: tuple[LinearNode, ...], x: str, y: str, spec: ConvSpec, block: Block | None) -> _Option | Decline:
-        """One conv for ``nodes`` if the policy allows it, as an option; else why not."""
+    def merge(
+        self, nodes: tuple[LinearNode, ...], x: str, y: str, spec: ConvSpec, block: Block | None, adds: int = 0
+    ) -> _Option | Decline:
+        """One conv for ``nodes`` (and ``adds`` terms of a sum) if the policy allows it; else why not."""
         if not any(n.kind.is_anchor for n in nodes):
             return Decline(Reason.NOTHING_TO_MERGE, "no convolution among these layers")
         spec = without_zero_bias(spec)
         written = 2 if self.g.pad_layer and any(b != e for b, e in spec.pads) else 1
         pads = sum(1 for n in nodes if n.kind is OpKind.PAD)
-        if len(nodes) - pads <= 1 and len(nodes) <= written:
+        if len(nodes) + adds - pads <= 1 and len(nodes) + adds <= written:
             return Decline(Reason.NOTHING_TO_MERGE, "the merged conv would be written as as many layers")
         decision, before, after = self.decide(nodes, spec, x, y, block)
         if decision.decline is not None:
@@ -813,7 +815,7 @@ class _Region:
                     if isinstance(cand, Decline) or not members:
                         continue
                     block = (Parallel(tuple(self.series_block(a, branches[i].nodes) or () for i in group + [bi])),)
-                    option = self.merge(members, a, last.output, cand, block)
+                    option = self.merge(members, a, last.output, cand, block, adds=len(group))
                     if isinstance(option, _Option):
                         group.append(bi)
                         merged[gi] = option
