@@ -8,19 +8,22 @@ so they work on whatever array type the spec holds. DESIGN.md section 5 (linear 
 - **A padded branch** (``F.pad(x)`` zero, then a valid conv): the identity with those pads
   composes exactly with a following conv (it only moves where the conv reads zeros); a zero
   pad *after* a spatial conv is the padding case 3 of the algebra and is declined there.
+- **Linear** ``y = x W^T + b`` on the last dim is a conv with no spatial extent: a 1D pointwise
+  conv ``W[Co, Ci, 1]`` on a virtual length-1 grid (:func:`linear_spec`); every rule of the
+  algebra applies unchanged, and :func:`as_matrix` reads the dense ``[Co, Ci]`` matrix back.
 - **Identity**: a Dirac kernel (:func:`convfuse.algebra.identity`); :func:`is_identity` tells
   a map that does nothing (so writing it would be a no-op).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from .algebra import ChannelAffine, identity, then_affine
 from .decline import Decline
 from .spec import ConvSpec
 
-__all__ = ["scaled", "padded_identity", "without_zero_bias", "is_identity"]
+__all__ = ["scaled", "padded_identity", "without_zero_bias", "is_identity", "linear_spec", "as_matrix"]
 
 
 def scaled(spec: ConvSpec, factor: float) -> ConvSpec | Decline:
@@ -52,3 +55,22 @@ def is_identity(spec: ConvSpec) -> bool:
         and not spec.has_nonzero_bias()
         and bool((spec.weight == 1).all())
     )
+
+
+def linear_spec(weight: Any, bias: Any = None) -> ConvSpec:
+    """``y = x W^T + b`` (``weight[Co, Ci]``) as a 1D pointwise conv ``[Co, Ci, 1]``."""
+    return ConvSpec(weight=weight[:, :, None], bias=bias)
+
+
+def as_matrix(spec: ConvSpec) -> tuple[Any, Any]:
+    """The dense ``[Co, Ci]`` matrix and bias of a 1D pointwise conv (block diagonal when grouped)."""
+    if spec.ndim != 1 or not spec.is_pointwise or spec.is_padded or spec.stride != (1,):
+        raise ValueError(f"{spec!r} is not a Linear layer")
+    w = spec.weight[:, :, 0]
+    if spec.groups == 1:
+        return w, spec.bias
+    co_g, ci_g = spec.out_channels // spec.groups, w.shape[1]
+    dense = w.new_zeros(spec.out_channels, spec.in_channels)
+    for g in range(spec.groups):
+        dense[g * co_g : (g + 1) * co_g, g * ci_g : (g + 1) * ci_g] = w[g * co_g : (g + 1) * co_g]
+    return dense, spec.bias

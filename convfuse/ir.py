@@ -100,6 +100,8 @@ class LinearNode:
     so it is not counted as saved (weight sharing is kept). ``refused`` marks a node that looks
     linear but cannot be merged (a non-constant weight, training-mode BN): it ends regions and
     its reason is reported next to the anchors it touches. ``origin`` is the front end's handle.
+    ``layout``: ``"last"`` for a layer on the last dim (Linear, Gemm, MatMul), ``"first"`` for
+    one that reads channels at dim 1 without fixing the rank (BatchNorm1d), None otherwise.
     """
 
     name: str
@@ -113,6 +115,7 @@ class LinearNode:
     weights: dict[Hashable, int] = field(default_factory=dict)
     refused: Decline | None = None
     origin: Any = field(default=None, repr=False)
+    layout: str | None = None  # "last": acts on the last dim (Linear); "first": channels at dim 1
 
 
 @dataclass

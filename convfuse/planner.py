@@ -61,6 +61,7 @@ class Merge:
     after: Cost
     note: str = ""
     timing: Timing | None = None
+    linear: bool = False  # a Linear layer on the last dim: ``spec`` is 1D pointwise [Co, Ci, 1]
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -355,10 +356,13 @@ class _Planner:
         """Plan the single-input region ``x -> y``; write its rewrites (or return them)."""
         if not any(n.kind.is_anchor for n in nodes):
             return None
-        info = self._input_info(x, nodes)
-        if isinstance(info, Decline):  # no layer says what the input is (a pool alone): nothing to do
-            return None
-        region = _Region(self, x, y, nodes, info)
+        features = any(n.layout == "last" for n in nodes)
+        info = self._features_info(x, nodes) if features else self._input_info(x, nodes)
+        if isinstance(info, Decline):
+            if features:
+                self._decline([n.name for n in nodes if n.kind.is_unary], info)
+            return None  # no layer says what the input is (a pool alone): nothing to do
+        region = _Region(self, x, y, nodes, info, features)
         best = region.best(x, y, tuple(nodes))
         for sources, decline in best.declines:
             self._decline(sources, decline)
@@ -383,6 +387,25 @@ class _Planner:
             return Decline(Reason.UNSUPPORTED, f"cannot tell the channels and rank of {x!r} from the layers reading it")
         return TensorInfo(channels, ndims.pop())
 
+    def _features_info(self, x: str, nodes: list[LinearNode]) -> TensorInfo | Decline:
+        """A region of Linear layers: every map acts on the last dim (a 1D pointwise conv on a
+        virtual length-1 grid). Layers that read channels at dim 1 join only on known rank-2
+        tensors, where dim 1 is the last; convolutions, pads and pools never do."""
+        for n in nodes:
+            if n.kind in (OpKind.CONV, OpKind.PAD, OpKind.POOL):
+                return Decline(Reason.RANK_MISMATCH, f"{n.name} works on spatial dims in a region of Linear layers")
+            needs_rank2 = n.layout == "first" or n.kind is OpKind.CONCAT
+            if needs_rank2 and any(len(self.g.shapes.get(i) or ()) != 2 for i in n.inputs):
+                return Decline(
+                    Reason.RANK_MISMATCH,
+                    f"{n.name} reads channels at dim 1 and a Linear layer reads the last dim; they agree only "
+                    "on a [N, C] tensor, and this input's rank is not known to be 2 (pass example inputs)",
+                )
+        channels = self._channels(x, nodes)
+        if channels is None:
+            return Decline(Reason.UNSUPPORTED, f"cannot tell the features of {x!r} from the layers reading it")
+        return TensorInfo(channels, 1)
+
     def _channels(self, x: str, nodes: list[LinearNode]) -> int | None:
         """The input channels of the first node on a channel-preserving path from ``x`` that fixes them."""
         inside = {id(n) for n in nodes}
@@ -405,8 +428,11 @@ class _Planner:
 class _Region:
     """The maps, costs and options of one single-input region (memoized per sub-region)."""
 
-    def __init__(self, planner: _Planner, x: str, y: str, nodes: list[LinearNode], info: TensorInfo) -> None:
+    def __init__(
+        self, planner: _Planner, x: str, y: str, nodes: list[LinearNode], info: TensorInfo, features: bool = False
+    ) -> None:
         self.p = planner
+        self.features = features
         self.g = planner.g
         self.x = x
         self.nodes = nodes
@@ -478,11 +504,10 @@ class _Region:
         return sum(self.node_cost(n) for n in nodes), params
 
     def _constant_floor(self, n: LinearNode) -> int:
-        """A per-channel affine applies its scale and shift to every channel however they are
-        stored (a buffer, a scalar): it counts at least as the conv weights it folds into."""
+        """A per-channel shift becomes the merged conv's bias however it is stored (a buffer, a
+        scalar): it counts at least as that bias (a scale folds into the weight for free)."""
         spec = self.spec[id(n)]
-        floor = spec.weight.numel() * int(not bool((spec.weight == 1).all()))
-        floor += spec.out_channels if spec.has_nonzero_bias() else 0
+        floor = spec.out_channels if spec.has_nonzero_bias() else 0
         return max(0, floor - sum(n.weights.values()))
 
     def kept(self, nodes: Sequence[LinearNode]) -> _Option:
@@ -592,7 +617,7 @@ class _Region:
         before = Cost(int(round(macs)), params)
         after = Cost(int(round(merged.macs_per_position() * self.factor.get(y, 1))), merged.params())
         candidate = None
-        if self.p.judge.times and block is not None:
+        if self.p.judge.times and block is not None and not self.features:
             candidate = Candidate(block, merged, self.info[x].shape, self.p.dtype or _default_dtype())
         return self.p.judge.decide(before, after, candidate), before, after
 
@@ -637,7 +662,7 @@ class _Region:
         if decision.decline is not None:
             return decision.decline
         note = "; ".join(s for s in (self.note(nodes), decision.note) if s)
-        merge = Merge(_kind(nodes), nodes, x, y, spec, before, after, note, decision.timing)
+        merge = Merge(_kind(nodes), nodes, x, y, spec, before, after, note, decision.timing, self.features)
         return _Option(after.macs, after.params, written, (merge,))
 
     def note(self, nodes: Sequence[LinearNode]) -> str:
@@ -868,7 +893,7 @@ def _kind(nodes: Sequence[LinearNode]) -> MergeKind:
         return MergeKind.CONCAT if kinds.count(OpKind.CONCAT) == 1 and _only_parallel(nodes) else MergeKind.REGION
     if OpKind.SUM in kinds:
         return MergeKind.SUM if kinds[-1] is OpKind.SUM else MergeKind.REGION
-    anchors = [k for k in kinds if k.is_anchor or k is OpKind.POOL]
+    anchors = [k for k in kinds if k.is_anchor]
     if len(anchors) == 1 and all(k.is_anchor or k in (OpKind.AFFINE, OpKind.IDENTITY) for k in kinds):
         return MergeKind.AFFINE
     return MergeKind.CHAIN

@@ -38,7 +38,7 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
-from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, read_linear, unread_nodes
+from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, linear_nodes, read_linear, unread_nodes
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -345,6 +345,7 @@ def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declin
 # --------------------------------------------------------------------------- rule 2: linear regions
 _OP_KINDS = {
     "conv": OpKind.CONV,
+    "linear": OpKind.LINEAR,
     "pad": OpKind.PAD,
     "avgpool": OpKind.POOL,
 }
@@ -377,6 +378,7 @@ def _unary_node(node: onnx.NodeProto, op: LinearOp, index: _Index) -> LinearNode
         weights=_param_sizes(node, index, op.x),
         refused=op.refused,
         origin=(node, op),
+        layout={"linear": "last", "bn": "first"}.get(op.kind),
     )
 
 
@@ -432,13 +434,19 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
     result = plan(ir, state.judge, FLOAT_TYPES.get(elem or 0, None))
     declines.extend(result.declines)
     position = {id(n): k for k, n in enumerate(index.nodes)}
-    built: dict[int, tuple[onnx.NodeProto, list[onnx.TensorProto]]] = {}
+    built: dict[int, tuple[list[onnx.NodeProto], list[onnx.TensorProto]]] = {}
     failed: set[str] = set()
     for merge in result.merges:
         first = next(n for n in merge.nodes if n.kind.is_anchor)
         name = first.origin[0].name or state.names.fresh(f"Conv_{merge.y}")
         elem_type = _elem_type(merge)
-        made = conv_node(merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type or onnx.TensorProto.FLOAT, fresh=state.names.fresh)
+        elem_type = elem_type or onnx.TensorProto.FLOAT
+        if merge.linear:
+            rank2 = len(index.shape(merge.x) or ()) == 2
+            made = linear_nodes(merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh, rank2=rank2)
+        else:
+            made = conv_node(merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh)
+            made = made if isinstance(made, Decline) else ([made[0]], made[1])
         if isinstance(made, Decline):
             declines.append((list(merge.sources), made))
             failed.add(merge.y)
@@ -459,11 +467,12 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
     for merge in result.merges:
         if id(merge) not in built or merge.y in failed:
             continue
-        node, initializers = built[id(merge)]
+        new_nodes, initializers = built[id(merge)]
+        node = new_nodes[0]
         last = max((n.origin[0] for n in merge.nodes), key=lambda n: position[id(n)])
         graph.initializer.extend(initializers)
         state.created.update(t.name for t in initializers)
-        rewrite.replace.setdefault(id(last), []).append(node)
+        rewrite.replace.setdefault(id(last), []).extend(new_nodes)
         rewrite.removed.update(id(n.origin[0]) for n in merge.nodes)
         state.merges += 1
         state.report.merged(merge.kind, list(merge.sources), node.name, merge.before, merge.after, merge.note, merge.timing)

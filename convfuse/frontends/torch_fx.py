@@ -37,11 +37,12 @@ from ..errors import InvalidModelError, InvalidOptionError, TrainingModeError
 from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
+from ..algebra_linear import linear_spec
 from ..ir import LinearGraph, LinearNode, OpKind
 from ..planner import Merge, Plan, Resum, plan
 from .torch_import import op_node, parameter_sizes
-from .torch_ir import ConvOp, IdentityOp, LinearOp
-from .torch_layers import conv_from_spec
+from .torch_ir import ConvOp, DenseOp, IdentityOp, LinearOp
+from .torch_layers import conv_from_spec, linear_from_spec
 from .torch_rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
 
 __all__ = ["fuse", "fuse_with_report"]
@@ -549,6 +550,12 @@ def _unique_keys(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modul
     return out
 
 
+def layer_from_merge(merge: Merge, dtype: torch.dtype) -> nn.Module:
+    """The module a merge writes: a conv, or a Linear for a region of Linear layers."""
+    spec = merge.spec.to(dtype)
+    return linear_from_spec(spec) if merge.linear else conv_from_spec(spec)
+
+
 def _write_run(
     run: list[tuple[str, nn.Module, list[LinearOp]]],
     ctx: _Context,
@@ -558,7 +565,9 @@ def _write_run(
     """Append the layers a run plans to (or the run unchanged) to ``out``."""
     unchanged = [(k, m) for k, m, _ in run]
     ops = [op for _, _, run_ops in run for op in run_ops]
-    convs = [op.spec for op in ops if isinstance(op, ConvOp)]
+    convs = [op.spec for op in ops if isinstance(op, ConvOp)] + [
+        linear_spec(op.weight) for op in ops if isinstance(op, DenseOp)
+    ]
     if not convs:
         out += unchanged
         return
@@ -582,7 +591,7 @@ def _write_run(
         if id(node) in first:
             m = first[id(node)]
             merges.append((len(out), m))
-            out.append((op.origin[0], conv_from_spec(m.spec.to(convs[0].dtype))))
+            out.append((op.origin[0], layer_from_merge(m, convs[0].dtype)))
         elif id(node) not in merged:
             out.append(op.origin)
 
@@ -892,6 +901,8 @@ class _GraphFuser:
         for entry in self.entries.values():
             if isinstance(entry, Unary) and isinstance(entry.op, ConvOp):
                 return entry.op.spec.dtype
+            if isinstance(entry, Unary) and isinstance(entry.op, DenseOp):
+                return entry.op.weight.dtype
         return torch.get_default_dtype()
 
     def _linear_graph(self) -> LinearGraph:
@@ -1049,7 +1060,7 @@ class _GraphFuser:
             for merge in merges:
                 last = max((n.origin for n in merge.nodes), key=self.order.__getitem__)
                 target = self._new_module_name(merge.sources)
-                self.gm.add_submodule(target, conv_from_spec(merge.spec.to(self._dtype_of(merge))))
+                self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge)))
                 with self.graph.inserting_before(last):
                     new = self.graph.call_module(target, (value[merge.x],))
                 value[merge.y] = new
@@ -1076,6 +1087,8 @@ class _GraphFuser:
             op = self.entries[node.origin].op if isinstance(self.entries.get(node.origin), Unary) else None
             if isinstance(op, ConvOp):
                 return op.spec.dtype
+            if isinstance(op, DenseOp):
+                return op.weight.dtype
         meta = self.nodes[self.order[merge.nodes[0].origin]].meta.get("tensor_meta")
         return meta.dtype if isinstance(meta, TensorMetadata) else self._dtype
 

@@ -16,7 +16,7 @@ from torch import nn
 from ..decline import Decline
 from ..ir import LinearNode, OpKind, TensorInfo
 from ..spec import ConvSpec
-from .torch_ir import AffineOp, ConvOp, IdentityOp, LinearOp, PadOp, PoolOp, as_spec
+from .torch_ir import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, as_spec
 from .torch_ir import TensorInfo as TorchInfo
 
 __all__ = ["op_kind", "op_node", "parameter_sizes"]
@@ -27,6 +27,7 @@ _KINDS: dict[type, OpKind] = {
     IdentityOp: OpKind.IDENTITY,
     PadOp: OpKind.PAD,
     PoolOp: OpKind.POOL,
+    DenseOp: OpKind.LINEAR,
 }
 
 
@@ -76,4 +77,5 @@ def op_node(
         in_channels=op.in_channels() if trusted else None,
         weights=weights,
         origin=origin,
+        layout="last" if isinstance(op, DenseOp) else "first" if isinstance(op, AffineOp) and op.vector else None,
     )

@@ -17,6 +17,7 @@ from typing import Any, Union
 import torch
 
 from ..algebra import ChannelAffine, affine_conv, average_pool, identity
+from ..algebra_linear import linear_spec
 from ..decline import Decline, Reason
 from ..spec import ConvSpec
 
@@ -29,6 +30,7 @@ __all__ = [
     "IdentityOp",
     "PadOp",
     "PoolOp",
+    "DenseOp",
     "as_spec",
 ]
 
@@ -169,6 +171,27 @@ class PoolOp(LinearOp):
             return Decline(Reason.RANK_MISMATCH, f"{self.name} pools {len(self.kernel)}D on a {info.ndim}D tensor")
         spec = average_pool(info.channels, self.kernel, self.stride, self.pads, _F64)
         return spec.replace(weight=spec.weight.to(info.device))
+
+
+@dataclass(eq=False)
+class DenseOp(LinearOp):
+    """``y = x W^T + b`` on the last dim (``nn.Linear``, ``F.linear``): a 1D pointwise conv."""
+
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def in_channels(self) -> int | None:
+        return int(self.weight.shape[1])
+
+    def build(self, info: TensorInfo) -> Math | Decline:
+        if int(self.weight.shape[1]) != info.channels:
+            return Decline(
+                Reason.CHANNEL_MISMATCH, f"{self.name} expects {self.weight.shape[1]} features, gets {info.channels}"
+            )
+        if self.weight.dtype != info.dtype:
+            return Decline(Reason.DTYPE, f"{self.name} holds {self.weight.dtype} weights in a {info.dtype} region")
+        bias = None if self.bias is None else self.bias.detach().to(_F64)
+        return linear_spec(self.weight.detach().to(_F64), bias)
 
 
 # --------------------------------------------------------------------------- helpers: constants
