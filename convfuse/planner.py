@@ -270,12 +270,24 @@ class _Planner:
         """A region reading several tensors: plan the terms of each tensor of a sum together."""
         src = self._sources(nodes, inputs)
         inside = {id(n): n for n in nodes}
+        # A tensor of several inputs read by a layer (or a concat) is no map of one input: it
+        # stays computed, and the regions around it are planned apart.
+        readers: dict[str, list[LinearNode]] = {}
+        for n in nodes:
+            for t in n.inputs:
+                readers.setdefault(t, []).append(n)
+        mixed: set[str] = set()
+        for n in nodes:
+            if len({src[i] for i in n.inputs}) < 2:
+                continue  # not where inputs meet
+            if n.kind is OpKind.CONCAT:
+                mixed |= {n.output, *n.inputs}
+            elif n is not root and any(r.kind is not OpKind.SUM for r in readers.get(n.output, [])):
+                mixed.add(n.output)
+        if mixed:
+            raise _Retry(tensors=mixed)
         if root.kind is not OpKind.SUM:
-            mixing = [n for n in nodes if len({src[i] for i in n.inputs}) > 1 or n is root]
-            m = mixing[-1] if mixing[-1] is not root else root
-            if m is root:
-                raise _Retry(tensors=root.inputs)
-            raise _Retry(tensors=[m.output])
+            raise _Retry(tensors=root.inputs)
         tree: list[LinearNode] = []
         terms: list[tuple[str, float]] = []
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Sequence
 
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..algebra import Cost
 from ..decline import Decline, Reason
@@ -45,6 +45,12 @@ __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 #: Op types always shown in the before/after summary (others only when their count changes).
 REPORTED_OPS = ("Conv", "BatchNormalization", "Add")
 
+#: Ops on small constants that are evaluated to read a constant input (exporters compute
+#: ``F.pad``'s pads this way); nodes of these types left unused by a merge are removed.
+_FOLDABLE = frozenset(
+    {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Unsqueeze", "Squeeze", "Gather",
+     "Shape", "Mul", "Sub", "Add", "Div", "Range", "Expand"}  # fmt: skip
+)
 #: Initializers with at most this many elements keep their data for shape inference.
 _SMALL_CONSTANT = 1024
 #: Safety stop for the rewrite loop (each round removes at least one node or sum term).
@@ -209,11 +215,52 @@ class _Index:
             producer = self.producer.get(name)
             if producer is None:
                 return "not a constant of this graph"
+            if producer.op_type in _FOLDABLE and _is_default(producer):
+                folded = self._fold(producer, name)
+                if folded is not None:
+                    return folded
             if producer.op_type != "Identity" or not _is_default(producer):
                 quantized = " (quantized: convfuse merges float weights)" if producer.op_type == "DequantizeLinear" else ""
                 return f"computed at run time by {producer.op_type} node {label(producer)!r}{quantized}"
             name = producer.input[0]
         return "behind too many Identity nodes"
+
+    def _fold(self, node: onnx.NodeProto, name: str, depth: int = 0) -> onnx.TensorProto | None:
+        """The value of a small shape computation on constants (what exporters emit for
+        ``F.pad``'s pads), run by ONNX's reference evaluator; None when an input is not constant."""
+        if depth > 32 or not node.output or name not in node.output:
+            return None
+        inputs = []
+        for i in node.input:
+            if not i:
+                inputs.append(None)
+                continue
+            found = self.constants.get(i)
+            if found is None:
+                producer = self.producer.get(i)
+                if producer is None or producer.op_type not in _FOLDABLE or i in self.inputs or i in self.overridable:
+                    return None
+                found = self._fold(producer, i, depth + 1)
+            if found is None or math.prod(found.dims) > _SMALL_CONSTANT:
+                return None
+            inputs.append(found)
+        from onnx.reference import ReferenceEvaluator
+
+        names = [f"in{k}" if t is not None else "" for k, t in enumerate(inputs)]
+        copy = helper.make_node(node.op_type, names, list(node.output), domain=node.domain)
+        copy.attribute.extend(node.attribute)
+        graph = helper.make_graph(
+            [copy], "fold", [], [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+            [numpy_helper.from_array(numpy_helper.to_array(t), n) for t, n in zip(inputs, names) if t is not None],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        try:
+            outs = ReferenceEvaluator(model).run(None, {})
+        except Exception:  # noqa: BLE001 - not foldable here: the node stays a run-time value
+            return None
+        for out, value in zip(node.output, outs):
+            self.constants[out] = numpy_helper.from_array(value, out)
+        return self.constants.get(name)
 
     def shape(self, name: str) -> Dims | None:
         entry = self._shapes.get(name)
@@ -567,15 +614,21 @@ def _cleanup(
     already left dangling is left as it was.
     """
     referenced = _referenced(graph, nodes)
-    nodes = [
-        n
-        for n in nodes
-        if not (
-            n.op_type == "Constant"
-            and _is_default(n)
-            and all(o not in referenced and o in referenced_before for o in n.output)
-        )
-    ]
+    while True:  # a removed node may leave the constants it read unused
+        kept = [
+            n
+            for n in nodes
+            if not (
+                n.op_type in _FOLDABLE
+                and _is_default(n)
+                and not any(True for _ in _subgraphs(n))
+                and all(o not in referenced and o in referenced_before for o in n.output)
+            )
+        ]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+        referenced = _referenced(graph, nodes)
     inputs = {i.name for i in graph.input}
     referenced = _referenced(graph, nodes)
     for k in reversed(range(len(graph.initializer))):
