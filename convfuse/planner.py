@@ -503,17 +503,30 @@ class _Region:
             return 0.0
         return self.spec[id(n)].macs_per_position() * self.factor.get(n.output, 1)
 
-    def before(self, nodes: Sequence[LinearNode]) -> tuple[float, int]:
-        """MACs of ``nodes`` and the parameters removing them removes (those no other node reads)."""
+    def before(self, nodes: Sequence[LinearNode], stored: bool = False) -> tuple[float, int]:
+        """MACs of ``nodes`` and the parameters removing them removes (those no other node reads).
+
+        Decisions count a per-channel affine as the scale and shift it applies (``C`` each when
+        not neutral), whatever the front end stores (ONNX keeps a BatchNorm's four vectors, torch
+        two parameters and two buffers), so both front ends plan alike; ``stored`` counts what
+        the model holds, for the report (with a shift counted at least as the bias it becomes)."""
         counts: dict[Hashable, int] = {}
         sizes: dict[Hashable, int] = {}
         for n in nodes:
+            if n.kind is OpKind.AFFINE and not stored:
+                continue
             for key, size in n.weights.items():
                 counts[key] = counts.get(key, 0) + 1
                 sizes[key] = size
         params = sum(sizes[k] for k, c in counts.items() if c == self.g.weight_readers.get(k, c))
-        params += sum(self._constant_floor(n) for n in nodes if n.kind is OpKind.AFFINE)
+        affines = [n for n in nodes if n.kind is OpKind.AFFINE]
+        params += sum(self._constant_floor(n) if stored else self._affine_params(n) for n in affines)
         return sum(self.node_cost(n) for n in nodes), params
+
+    def _affine_params(self, n: LinearNode) -> int:
+        spec = self.spec[id(n)]
+        scale = spec.out_channels if not bool((spec.weight == 1).all()) else 0
+        return scale + (spec.out_channels if spec.has_nonzero_bias() else 0)
 
     def _constant_floor(self, n: LinearNode) -> int:
         """A per-channel shift becomes the merged conv's bias however it is stored (a buffer, a
@@ -577,10 +590,20 @@ class _Region:
                 found[id(n)] = n
                 todo += list(n.inputs)
             for i in found:
-                if owner.setdefault(i, k) != k:
-                    raise _Retry(tensors=[found[i].output])
+                owner.setdefault(i, k)
             out.append(_Branch(t, c, tuple(sorted(found.values(), key=lambda n: self.g.order[id(n)]))))
         return out, tuple(sorted(tree, key=lambda n: self.g.order[id(n)]))
+
+    def _overlap(self, branches: list[_Branch]) -> bool:
+        """Whether some node feeds two branches (a layer whose output two branches read): each
+        branch is still a map of the input, but the branches cannot be written apart."""
+        seen: set[int] = set()
+        for br in branches:
+            ids = {id(n) for n in br.nodes}
+            if ids & seen:
+                return True
+            seen |= ids
+        return False
 
     # ------------------------------------------------------------------ maps
     def map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | Decline:
@@ -631,7 +654,8 @@ class _Region:
         candidate = None
         if self.p.judge.times and block is not None and not self.features:
             candidate = Candidate(block, merged, self.info[x].shape, self.p.dtype or _default_dtype())
-        return self.p.judge.decide(before, after, candidate), before, after
+        stored = Cost(before.macs, self.before(nodes, stored=True)[1])
+        return self.p.judge.decide(before, after, candidate), stored, after
 
     def block(self, a: str, seg: tuple[LinearNode, ...]) -> Block | None:
         """The layers of a segment as a timing model reads them (None: not expressible)."""
@@ -641,13 +665,16 @@ class _Region:
             return () if last.kind in (OpKind.IDENTITY,) else (spec,)
         if last.kind is OpKind.CONCAT:
             return None
-        branches = []
-        for br in self._branches(a, seg)[0]:
+        found = self._branches(a, seg)[0]
+        if self._overlap(found):
+            return None
+        blocks = []
+        for br in found:
             b = self.series_block(a, br.nodes)
             if b is None:
                 return None
-            branches.append(b)
-        return (Parallel(tuple(branches)),)
+            blocks.append(b)
+        return (Parallel(tuple(blocks)),)
 
     def series_block(self, x: str, nodes: tuple[LinearNode, ...]) -> Block | None:
         out: list[Any] = []
@@ -812,9 +839,13 @@ class _Region:
         if last.kind.is_unary:
             return self.kept(seg)
         branches, tree = self._branches(a, seg)
-        kept = self.kept(tree)
-        for br in branches:
-            kept = kept + self.best(a, br.tensor, br.nodes)
+        overlap = self._overlap(branches)
+        if overlap:
+            kept = self.kept(seg)  # shared layers: the block stays as it is or collapses whole
+        else:
+            kept = self.kept(tree)
+            for br in branches:
+                kept = kept + self.best(a, br.tensor, br.nodes)
         options = [kept]
         m = self.segment_map(a, seg)
         if isinstance(m, Decline):
@@ -823,7 +854,7 @@ class _Region:
             whole = self.merge(seg, a, last.output, m, self.block(a, seg))
         if isinstance(whole, _Option):
             options.append(whole)
-        if last.kind is OpKind.SUM and len(branches) > 2 and isinstance(whole, Decline):
+        if last.kind is OpKind.SUM and len(branches) > 2 and not overlap:
             partial = self._partial_sum(a, last, branches, tree)
             if partial is not None:
                 options.append(partial)
@@ -853,6 +884,11 @@ class _Region:
                         continue
                     block = (Parallel(tuple(self.series_block(a, branches[i].nodes) or () for i in group + [bi])),)
                     option = self.merge(members, a, last.output, cand, block, adds=len(group))
+                    if isinstance(option, _Option) and not self.p.layers_first:
+                        current = merged[gi] or self.best(a, branches[group[0]].tensor, branches[group[0]].nodes)
+                        alone = self.best(a, branches[bi].tensor, branches[bi].nodes)
+                        if (option.macs, option.params) > (current.macs + alone.macs, current.params + alone.params):
+                            continue  # joining costs more than keeping the branch apart
                     if isinstance(option, _Option):
                         group.append(bi)
                         merged[gi] = option
