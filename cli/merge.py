@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usag
 from __future__ import annotations
 
 import os
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .options import (
     model_argument,
     output_option,
     policy_option,
+    verbose_option,
     verify_option,
 )
 
@@ -68,6 +70,7 @@ def _target(model: Path, output: Path | None, in_place: bool, verify: bool) -> P
 @output_option
 @policy_option
 @json_option
+@verbose_option
 @verify_option
 @in_place_option
 def merge(
@@ -77,6 +80,7 @@ def merge(
     device: str,
     latency_budget: float,
     as_json: bool,
+    verbose: bool,
     verify: bool,
     in_place: bool,
 ) -> None:
@@ -115,19 +119,21 @@ def merge(
     with staged:
         if verify:
             say("verifying")
+            started = time.monotonic()
             verdict, detail = _verify(reference, candidate)
-            report.notes.append(detail)
+            report.timings["verify"] = time.monotonic() - started
+            report.verification = detail
             if verdict is _Verdict.FAILED:
-                _run.emit(report, as_json, extra)
+                _run.emit(report, as_json, extra, verbose=verbose)
                 cause = detail.removeprefix("verified: ")
                 _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
             if verdict is _Verdict.NOT_RUN:
                 if in_place:
-                    _run.emit(report, as_json, extra)
+                    _run.emit(report, as_json, extra, verbose=verbose)
                     _run.fail(model, f"{detail}; --in-place replaces the input only after verification", EXIT_VERIFY_FAILED)
                 click.echo(f"convfuse: warning: {model}: {detail}", err=True)
         else:
-            report.notes.append("verification skipped (--no-verify)")
+            report.verification = "verification skipped (--no-verify)"
         try:
             staged.commit()
         except ConvfuseError as exc:
@@ -137,7 +143,7 @@ def merge(
         if stale:
             report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
     extra["output"] = str(target)
-    _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",))
+    _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",), verbose=verbose)
 
 
 class _Verdict(Enum):

@@ -20,6 +20,7 @@ __all__ = [
     "output_option",
     "policy_option",
     "json_option",
+    "verbose_option",
     "verify_option",
     "in_place_option",
 ]
@@ -77,6 +78,13 @@ json_option = click.option(
     "as_json",
     is_flag=True,
     help="Print the report as JSON (nothing else on stdout).",
+)
+
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="List every merge and decline, grouped by block in graph order (default: counts per kind and reason).",
 )
 
 verify_option = click.option(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -901,7 +902,15 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
                 walk(sub, dims)
 
     walk(model.graph, {})
-    return ModelStats(dict(counts), totals["params"], None if totals["unknown"] else totals["macs"])
+    return ModelStats(dict(counts), totals["params"], None if totals["unknown"] else totals["macs"], _size(model))
+
+
+def _size(model: onnx.ModelProto) -> int | None:
+    """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB)."""
+    try:
+        return int(model.ByteSize())
+    except Exception:  # protobuf refuses messages over 2 GiB
+        return None
 
 
 def _summarise(report: Report) -> None:
@@ -957,14 +966,17 @@ def fuse_onnx(
     else:
         fused = onnx.ModelProto()
         fused.CopyFrom(source)
+    started = time.monotonic()
     say("inferring shapes")
     shapes, note = infer_shapes(fused)
     report = Report()
     report.before = model_stats(fused, shapes)
+    report.positions = {label(node): i for i, node in enumerate(fused.graph.node)}
     state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")
     report.after = model_stats(fused, infer_shapes(fused)[0])
+    report.timings["fuse"] = time.monotonic() - started
     _summarise(report)
     if note:
         report.notes.append(note)
