@@ -41,7 +41,7 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
-from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, read_linear, unread_nodes
+from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, mark_merged, read_linear, unread_nodes
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -476,6 +476,8 @@ def _merge_run(
                 declines.append(([op.node for op in seg_ops], built))
                 continue
             new_node, initializers = built
+            kind = "+".join(op.kind for op in seg_ops)
+            mark_merged(new_node, kind, [op.node for op in seg_ops])
             graph.initializer.extend(initializers)
             state.created.update(t.name for t in initializers)
             rewrite.replace[id(seg_ops[-1].node)] = [new_node]
@@ -483,7 +485,7 @@ def _merge_run(
             state.merges += 1
             note = "; ".join(n for n in (_chain_note(seg_ops, specs[seg.start : seg.stop]), seg.note) if n)
             state.report.merged(
-                "+".join(op.kind for op in seg_ops),
+                kind,
                 [label(op.node) for op in seg_ops],
                 name,
                 seg.before,
@@ -703,6 +705,7 @@ def _rewrite_sum(
         chains = p.chains
         forms = ", ".join("+".join(op.kind for op in chain) or "identity" for chain in chains)
         assert p.plan.spec is not None
+        mark_merged(node, "sum", [op.node for chain in chains for op in chain] + tree)
         state.merges += 1
         state.report.merged(
             "sum",
