@@ -21,6 +21,7 @@ __all__ = [
     "policy_option",
     "json_option",
     "verbose_option",
+    "html_option",
     "verify_option",
     "in_place_option",
 ]
@@ -86,6 +87,11 @@ verbose_option = click.option(
     is_flag=True,
     help="List every merge and decline, grouped by block in graph order (default: counts per kind and reason).",
 )
+
+def html_option(help: str) -> Callable[[_F], _F]:
+    """``--html PATH``: where to write the self-contained page of a verification (``help`` says when)."""
+    return click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="PAGE.html", help=help)
+
 
 verify_option = click.option(
     "--verify/--no-verify",
