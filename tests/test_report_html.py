@@ -23,11 +23,10 @@ from click.testing import CliRunner
 
 from convfuse.report_html import RING, error_image, html_page, png
 from convfuse.verify import verify_onnx
-from convfuse_cli import merge as merge_module
 from convfuse_cli.main import main
 
 from . import verify_models as vm
-from .test_cli_merge import _break_first_conv, _model_file
+from .test_cli_merge import _model_file, break_merges
 
 _VOID = {"meta", "img", "br", "hr", "link", "input", "col", "source", "wbr"}
 
@@ -179,14 +178,7 @@ def test_merge_writes_the_page_only_when_the_check_fails(tmp_path: Path, monkeyp
     page = tmp_path / "failed.html"
     ok = CliRunner().invoke(main, ["merge", str(src), "--html", str(page), "-o", str(tmp_path / "ok.onnx")])
     assert ok.exit_code == 0 and not page.exists()  # twin: a passing merge writes no page
-    real_fuse = merge_module._run.fuse_onnx
-
-    def wrong_fuse(model, **kwargs):  # type: ignore[no-untyped-def]
-        fused, report = real_fuse(model, **kwargs)
-        _break_first_conv(fused)
-        return fused, report
-
-    monkeypatch.setattr(merge_module._run, "fuse_onnx", wrong_fuse)
+    break_merges(monkeypatch)
     result = CliRunner().invoke(main, ["merge", str(src), "--html", str(page)], catch_exceptions=False)
     assert result.exit_code == 1 and f"error page: {page}" in result.stdout
     assert not (tmp_path / "model.fused.onnx").exists()
