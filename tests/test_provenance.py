@@ -98,6 +98,9 @@ def test_merged_torch_modules_record_their_sources_and_survive_save_and_copy() -
     for module in marked.values():
         assert f"merged {getattr(module, PROVENANCE_ATTR).kind.value} from " in repr(module)
     assert getattr(marked["0"], PROVENANCE_ATTR).sources == (("0", "Conv2d"), ("1", "BatchNorm2d"))
+    block = next(getattr(m, PROVENANCE_ATTR) for n, m in marked.items() if n != "0")  # traced by fx
+    assert block.kind is MergeKind.SUM
+    assert block.sources == (("3.dense", "Conv2d"), ("3.bn", "BatchNorm2d"), ("3.point", "Conv2d"))
     assert not hasattr(fused[1], PROVENANCE_ATTR)  # negative twin: the ReLU was not merged
     buffer = io.BytesIO()
     torch.save(fused, buffer)

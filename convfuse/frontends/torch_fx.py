@@ -51,7 +51,7 @@ from .torch_ir import (
     reduce_region,
     region_info,
 )
-from .torch_layers import conv_from_spec, mark_provenance
+from .torch_layers import conv_from_spec, layer_types, mark_provenance
 from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule, module_op
 
 __all__ = ["fuse", "fuse_with_report"]
@@ -1137,7 +1137,7 @@ class _GraphFuser:
                     self.ctx.report.merged(piece.kind, piece.sources, "(removed)", piece.before, piece.after, piece.note)
                     continue
                 target = self._new_module_name(piece.sources)
-                self.gm.add_submodule(target, mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind))
+                self.gm.add_submodule(target, mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, layer_types(self.gm, piece.sources, self.prefix)))
                 value = self.graph.call_module(target, (value,))
                 self.ctx.report.merged(
                     piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note, piece.timing

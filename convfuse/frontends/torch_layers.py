@@ -23,6 +23,7 @@ __all__ = [
     "conv_from_spec",
     "affine_from_batchnorm",
     "mark_provenance",
+    "layer_types",
     "PROVENANCE_ATTR",
 ]
 
@@ -132,6 +133,18 @@ def mark_provenance(
     setattr(module, PROVENANCE_ATTR, provenance)
     module.extra_repr = _ReprWithProvenance(module)  # type: ignore[method-assign]
     return module
+
+
+def layer_types(root: nn.Module, names: Sequence[str], prefix: str = "") -> dict[str, str]:
+    """Class names of the layers ``names`` (paths under ``prefix``) that are submodules of ``root``."""
+    found: dict[str, str] = {}
+    for name in names:
+        rel = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+        try:
+            found[name] = type(root.get_submodule(rel)).__name__
+        except AttributeError:  # a function call, or a layer outside ``root``
+            continue
+    return found
 
 
 class _ReprWithProvenance:
