@@ -17,7 +17,9 @@ __all__ = ["inspect"]
 @policy_option
 @json_option
 @verbose_option
-def inspect(model: Path, policy: str, device: str, latency_budget: float, as_json: bool, verbose: bool) -> None:
+def inspect(
+    model: Path, policy: str, device: str, latency_budget: float, as_json: bool, verbose: bool
+) -> None:
     """Show what `convfuse merge` would merge and decline in MODEL.onnx, without writing anything."""
     _, _, report, _ = _run.fuse(model, policy, device, latency_budget, keep_input=False)
     _run.emit(report, as_json, extra={"input": str(model), "output": None}, verbose=verbose)

@@ -14,8 +14,8 @@ import click
 import onnx
 
 from convfuse.errors import ConvfuseError
-from convfuse.report import Report
 from convfuse.frontends.onnx_io import check_file, external_data_name, stage_model
+from convfuse.report import Report
 from convfuse.report_html import html_page, write_page
 from convfuse.verify import VerifyResult, verify_onnx
 
@@ -149,7 +149,8 @@ def merge(
         if stale:
             report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
     extra["output"] = str(target)
-    _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",), verbose=verbose)
+    done = f"{'replaced' if in_place else 'wrote'} {target}"
+    _run.emit(report, as_json, extra, lines=(done,), verbose=verbose)
 
 
 class _Verdict(Enum):
@@ -158,13 +159,16 @@ class _Verdict(Enum):
     NOT_RUN = "not-run"  # the input itself cannot be run here (custom operators)
 
 
-def _page(path: Path | None, result: VerifyResult | None, report: Report, extra: dict[str, object]) -> tuple[str, ...]:
+def _page(
+    path: Path | None, result: VerifyResult | None, report: Report, extra: dict[str, object]
+) -> tuple[str, ...]:
     """Write the failed check's HTML page to ``path`` (when given, and the check ran): the line
     saying so, or a warning on stderr when it cannot be written (the failure stands)."""
     if path is None or result is None:
         return ()
     try:
-        write_page(path, html_page(result, title="convfuse merge: verification", report_text=report.summary()))
+        page = html_page(result, title="convfuse merge: verification", report_text=report.summary())
+        write_page(path, page)
     except ConvfuseError as exc:
         click.echo(f"convfuse: warning: {exc}", err=True)
         return ()
@@ -177,8 +181,8 @@ def _verify(
 ) -> tuple[_Verdict, str, VerifyResult | None]:
     """Whether ``candidate`` computes what ``reference`` computes (:func:`convfuse.verify.verify_onnx`
     on CPU, two seeded random samples), the verdict on one line and the result (None when the
-    check could not run). Models over 2 GiB are given
-    as file paths (ONNX Runtime loads them with their external data).
+    check could not run). Models over 2 GiB are given as file paths (ONNX Runtime loads them
+    with their external data).
 
     When the check cannot run, the input is tried alone: if it cannot run either (operators ONNX
     Runtime lacks, shapes it cannot guess) the merge is not verified, which is not a failure of

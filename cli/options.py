@@ -85,12 +85,15 @@ verbose_option = click.option(
     "-v",
     "--verbose",
     is_flag=True,
-    help="List every merge and decline, grouped by block in graph order (default: counts per kind and reason).",
+    help="List every merge and decline, grouped by block in graph order [default: counts per kind and reason].",
 )
+
 
 def html_option(help: str) -> Callable[[_F], _F]:
     """``--html PATH``: where to write the self-contained page of a verification (``help`` says when)."""
-    return click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="PAGE.html", help=help)
+    return click.option(
+        "--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="PAGE.html", help=help
+    )
 
 
 verify_option = click.option(

@@ -39,7 +39,7 @@ EXIT_ERROR = 2
 @click.option("--attribution/--no-attribution", default=True, show_default=True,
               help="On a mismatch, name the first diverging node(s) by comparing shared tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@html_option("Also write the result as one self-contained HTML page: verdict, error table, attribution, error maps.")
+@html_option("Also write the result as one self-contained HTML page (verdict, errors, attribution, error maps).")
 @click.pass_context
 def verify(
     ctx: click.Context,

@@ -129,7 +129,8 @@ class Declined:
         }
 
     def line(self, name: Callable[[str], str] = str) -> str:
-        return f"kept {' + '.join(map(name, self.sources))}: {self.decline.reason.value}: {self.decline.message}"
+        layers = " + ".join(map(name, self.sources))
+        return f"kept {layers}: {self.decline.reason.value}: {self.decline.message}"
 
 
 @dataclass

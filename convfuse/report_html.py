@@ -51,7 +51,8 @@ def png(rgb: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(rows.tobytes(), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def error_image(error: np.ndarray, tolerance: float, ring: int = 1) -> tuple[np.ndarray, int]:
@@ -59,7 +60,8 @@ def error_image(error: np.ndarray, tolerance: float, ring: int = 1) -> tuple[np.
     (pixels per position); the inner edge of a ``ring``-wide border is drawn in :data:`RING`."""
     err = np.asarray(error, dtype=np.float64)
     finite = np.isfinite(err)
-    tol = tolerance if tolerance > 0 else (float(err[finite].max()) if finite.any() and err[finite].max() > 0 else 1.0)
+    largest = float(err[finite].max()) if finite.any() else 0.0
+    tol = tolerance if tolerance > 0 else (largest if largest > 0 else 1.0)
     ratio = np.where(finite, err / tol, np.inf)
     rgb = np.zeros((*err.shape, 3), np.float64)
     within = ratio <= 1
@@ -88,12 +90,14 @@ def _num(x: float | None) -> str:
 
 
 def _checks_table(checks: Sequence[OutputCheck]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("output", "device", "dtype", "shape", "verdict", "max abs err", "max rel err", "tolerance"))
+    names = ("output", "device", "dtype", "shape", "verdict", "max abs err", "max rel err", "tolerance")
+    head = "".join(f"<th>{h}</th>" for h in names)
     rows = []
     for c in checks:
         cls = "ok" if c.passed else "bad"
         shape = "x".join(str(d) for d in c.shape) or "scalar"
-        cells = (c.name, c.device, c.dtype, shape, c.verdict(), _num(c.max_abs_error), _num(c.max_rel_error), _num(c.tolerance))
+        errors = (_num(c.max_abs_error), _num(c.max_rel_error), _num(c.tolerance))
+        cells = (c.name, c.device, c.dtype, shape, c.verdict(), *errors)
         rows.append(f'<tr class="{cls}">' + "".join(f"<td>{_e(v)}</td>" for v in cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 

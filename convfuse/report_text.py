@@ -30,7 +30,7 @@ _BOLD, _GREEN, _RED, _YELLOW = "1", "32", "31", "33"
 
 
 def _paint(text: str, code: str, colour: bool) -> str:
-    return f"\x1b[{code}m{text}\x1b[0m" if colour and text else text
+    return f"\x1b[{code}m{text}\x1b[0m" if colour and code and text else text
 
 
 def _wrap(text: str, width: int, indent: str = "", more: str = "    ") -> list[str]:
@@ -79,7 +79,8 @@ def table(report: Report) -> list[str]:
     if report.timings:
         total = sum(report.timings.values())
         parts = ", ".join(f"{stage} {_seconds(s)}" for stage, s in report.timings.items())
-        lines.append(f"{'time':<{w[0]}}  {_seconds(total)}" + (f" ({parts})" if len(report.timings) > 1 else ""))
+        stages = f" ({parts})" if len(report.timings) > 1 else ""
+        lines.append(f"{'time':<{w[0]}}  {_seconds(total)}{stages}")
     return lines
 
 
@@ -90,7 +91,8 @@ def _short(name: str, limit: int) -> str:
 
 def _merged_line(report: Report) -> str:
     counts = report.merge_counts()
-    return "merged  " + (", ".join(f"{kind.value} {n}" for kind, n in counts.items()) if counts else "nothing")
+    kinds = ", ".join(f"{kind.value} {n}" for kind, n in counts.items())
+    return f"merged  {kinds or 'nothing'}"
 
 
 def _tail(report: Report, width: int, colour: bool) -> list[str]:
@@ -98,7 +100,8 @@ def _tail(report: Report, width: int, colour: bool) -> list[str]:
     lines = [line for note in report.notes for line in _wrap(f"note: {note}", width)]
     if report.verification:
         v = report.verification
-        code = _GREEN if v.startswith("verified: candidate matches") else _YELLOW if "not verified" in v or "skipped" in v else _RED
+        unchecked = "not verified" in v or "skipped" in v
+        code = _GREEN if v.startswith("verified: candidate matches") else _YELLOW if unchecked else _RED
         lines += [_paint(line, code, colour) for line in _wrap(report.verification, width)]
     return lines
 
@@ -217,7 +220,7 @@ def verbose(report: Report, *, width: int = 80, colour: bool = False) -> str:
         for item in block.items:
             text = item.line(block.short)
             code = _YELLOW if text.startswith("kept") else ""
-            lines += [_paint(line, code, colour) if code else line for line in _wrap(text, width, indent="  ")]
+            lines += [_paint(line, code, colour) for line in _wrap(text, width, indent="  ")]
     if report.merges or report.declines:
         lines.append("")
         lines += _wrap(_merged_line(report), width, more="        ")

@@ -41,7 +41,17 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
-from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, mark_merged, read_linear, unread_nodes
+from .onnx_nodes import (
+    FLOAT_TYPES,
+    Dims,
+    LinearOp,
+    conv_macs,
+    conv_node,
+    label,
+    mark_merged,
+    read_linear,
+    unread_nodes,
+)
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -905,7 +915,8 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
                 walk(sub, dims)
 
     walk(model.graph, {})
-    return ModelStats(dict(counts), totals["params"], None if totals["unknown"] else totals["macs"], _size(model))
+    macs = None if totals["unknown"] else totals["macs"]
+    return ModelStats(dict(counts), totals["params"], macs, _size(model))
 
 
 def _size(model: onnx.ModelProto) -> int | None:

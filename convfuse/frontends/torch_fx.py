@@ -594,7 +594,8 @@ def _write_run(
                 continue
             merges.append((len(out), piece))
             types = {op.name: type(op.origin[1]).__name__ for op in steps}
-            out.append((key_of[piece.sources[0]], mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, types)))
+            merged = mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, types)
+            out.append((key_of[piece.sources[0]], merged))
         else:  # pragma: no cover - a chain has no branches
             raise AssertionError("a Sequential run reduced to branches")
 
@@ -1137,7 +1138,9 @@ class _GraphFuser:
                     self.ctx.report.merged(piece.kind, piece.sources, "(removed)", piece.before, piece.after, piece.note)
                     continue
                 target = self._new_module_name(piece.sources)
-                self.gm.add_submodule(target, mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, layer_types(self.gm, piece.sources, self.prefix)))
+                types = layer_types(self.gm, piece.sources, self.prefix)
+                merged = mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, types)
+                self.gm.add_submodule(target, merged)
                 value = self.graph.call_module(target, (value,))
                 self.ctx.report.merged(
                     piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note, piece.timing
