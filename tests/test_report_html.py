@@ -216,3 +216,13 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)
     cyan = (image[..., 0] < 60) & (image[..., 1] > 200) & (image[..., 2] > 200)
     assert red.sum() > 1000 and cyan.sum() > 100  # the error map itself was drawn
+
+
+def test_an_unwritable_page_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    onnx.save_model(vm.padded_chain(), ref)
+    onnx.save_model(vm.naive_merge(), cand)
+    page = tmp_path / "missing" / "page.html"
+    result = CliRunner().invoke(main, ["verify", str(ref), str(cand), "--html", str(page)], catch_exceptions=False)
+    assert result.exit_code == 2 and not page.exists()
+    assert result.stderr.count("\n") == 1 and "cannot write the HTML page" in result.stderr
