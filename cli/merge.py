@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usag
 from __future__ import annotations
 
 import os
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -14,16 +15,20 @@ import onnx
 
 from convfuse.errors import ConvfuseError
 from convfuse.frontends.onnx_io import check_file, external_data_name, stage_model
-from convfuse.verify import verify_onnx
+from convfuse.report import Report
+from convfuse.report_html import html_page, write_page
+from convfuse.verify import VerifyResult, verify_onnx
 
 from . import _run
 from .options import (
     EXIT_VERIFY_FAILED,
+    html_option,
     in_place_option,
     json_option,
     model_argument,
     output_option,
     policy_option,
+    verbose_option,
     verify_option,
 )
 
@@ -68,8 +73,10 @@ def _target(model: Path, output: Path | None, in_place: bool, verify: bool) -> P
 @output_option
 @policy_option
 @json_option
+@verbose_option
 @verify_option
 @in_place_option
+@html_option("When verification fails, write the failed check as one self-contained HTML page here.")
 def merge(
     model: Path,
     output: Path | None,
@@ -77,8 +84,10 @@ def merge(
     device: str,
     latency_budget: float,
     as_json: bool,
+    verbose: bool,
     verify: bool,
     in_place: bool,
+    html_path: Path | None,
 ) -> None:
     """Merge linear runs in MODEL.onnx into single convolutions and write the fused model.
 
@@ -115,19 +124,22 @@ def merge(
     with staged:
         if verify:
             say("verifying")
-            verdict, detail = _verify(reference, candidate)
-            report.notes.append(detail)
+            started = time.monotonic()
+            verdict, detail, result = _verify(reference, candidate)
+            report.timings["verify"] = time.monotonic() - started
+            report.verification = detail
             if verdict is _Verdict.FAILED:
-                _run.emit(report, as_json, extra)
+                page = _page(html_path, result, report, extra)
+                _run.emit(report, as_json, extra, lines=page, verbose=verbose)
                 cause = detail.removeprefix("verified: ")
                 _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
             if verdict is _Verdict.NOT_RUN:
                 if in_place:
-                    _run.emit(report, as_json, extra)
+                    _run.emit(report, as_json, extra, verbose=verbose)
                     _run.fail(model, f"{detail}; --in-place replaces the input only after verification", EXIT_VERIFY_FAILED)
                 click.echo(f"convfuse: warning: {model}: {detail}", err=True)
         else:
-            report.notes.append("verification skipped (--no-verify)")
+            report.verification = "verification skipped (--no-verify)"
         try:
             staged.commit()
         except ConvfuseError as exc:
@@ -137,7 +149,8 @@ def merge(
         if stale:
             report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
     extra["output"] = str(target)
-    _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",))
+    done = f"{'replaced' if in_place else 'wrote'} {target}"
+    _run.emit(report, as_json, extra, lines=(done,), verbose=verbose)
 
 
 class _Verdict(Enum):
@@ -146,10 +159,30 @@ class _Verdict(Enum):
     NOT_RUN = "not-run"  # the input itself cannot be run here (custom operators)
 
 
-def _verify(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path) -> tuple[_Verdict, str]:
+def _page(
+    path: Path | None, result: VerifyResult | None, report: Report, extra: dict[str, object]
+) -> tuple[str, ...]:
+    """Write the failed check's HTML page to ``path`` (when given, and the check ran): the line
+    saying so, or a warning on stderr when it cannot be written (the failure stands)."""
+    if path is None or result is None:
+        return ()
+    try:
+        page = html_page(result, title="convfuse merge: verification", report_text=report.summary())
+        write_page(path, page)
+    except ConvfuseError as exc:
+        click.echo(f"convfuse: warning: {exc}", err=True)
+        return ()
+    extra["html"] = str(path)
+    return (f"error page: {path}",)
+
+
+def _verify(
+    reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path
+) -> tuple[_Verdict, str, VerifyResult | None]:
     """Whether ``candidate`` computes what ``reference`` computes (:func:`convfuse.verify.verify_onnx`
-    on CPU, two seeded random samples), and the verdict on one line. Models over 2 GiB are given
-    as file paths (ONNX Runtime loads them with their external data).
+    on CPU, two seeded random samples), the verdict on one line and the result (None when the
+    check could not run). Models over 2 GiB are given as file paths (ONNX Runtime loads them
+    with their external data).
 
     When the check cannot run, the input is tried alone: if it cannot run either (operators ONNX
     Runtime lacks, shapes it cannot guess) the merge is not verified, which is not a failure of
@@ -161,10 +194,10 @@ def _verify(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path
         try:
             verify_onnx(reference, reference, samples=1, attribution=False)
         except ConvfuseError as alone:
-            return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({alone}); check the output with `convfuse verify` where it runs"
-        return _Verdict.FAILED, f"verification could not run the fused model ({exc}); use --no-verify to skip"
+            return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({alone}); check the output with `convfuse verify` where it runs", None
+        return _Verdict.FAILED, f"verification could not run the fused model ({exc}); use --no-verify to skip", None
     detail = result.summary()
     if not result.passed:
         detail += "; " + "; ".join(s.line() for s in result.suspects)
-        return _Verdict.FAILED, detail
-    return _Verdict.PASSED, detail
+        return _Verdict.FAILED, detail, result
+    return _Verdict.PASSED, detail, result

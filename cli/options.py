@@ -20,6 +20,8 @@ __all__ = [
     "output_option",
     "policy_option",
     "json_option",
+    "verbose_option",
+    "html_option",
     "verify_option",
     "in_place_option",
 ]
@@ -78,6 +80,21 @@ json_option = click.option(
     is_flag=True,
     help="Print the report as JSON (nothing else on stdout).",
 )
+
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="List every merge and decline, grouped by block in graph order [default: counts per kind and reason].",
+)
+
+
+def html_option(help: str) -> Callable[[_F], _F]:
+    """``--html PATH``: where to write the self-contained page of a verification (``help`` says when)."""
+    return click.option(
+        "--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="PAGE.html", help=help
+    )
+
 
 verify_option = click.option(
     "--verify/--no-verify",

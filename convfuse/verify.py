@@ -80,6 +80,17 @@ class OutputCheck:
         """Absolute tolerance applied: ``rtol * max|reference| + atol`` (0 when exact)."""
         return 0.0 if self.comparison is None else self.comparison.tolerance
 
+    @property
+    def error_map(self) -> np.ndarray | None:
+        """For a failing image-shaped tensor, max |error| per spatial position (over samples,
+        batch and channels); None otherwise. ``border_width`` says which ring to mark."""
+        return None if self.comparison is None else self.comparison.error_map
+
+    @property
+    def border_width(self) -> int | None:
+        """Ring width when the errors lie on the border only (:func:`convfuse.compare.locate`)."""
+        return None if self.comparison is None else self.comparison.border_width
+
     def verdict(self) -> str:
         """``ok``, or ``FAIL`` with how many elements and where."""
         c = self.comparison
