@@ -371,7 +371,7 @@ def session(model: onnx.ModelProto, device: str, what: str, path: str | None = N
     rt = ort()
     options = rt.SessionOptions()
     options.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures come back as exceptions, to become one line
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         providers.insert(0, "CUDAExecutionProvider")

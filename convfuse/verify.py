@@ -465,36 +465,48 @@ def _settle_sizes(
     notes: list[str],
 ) -> tuple[list[list[dict[str, np.ndarray]]], list[list[dict[str, np.ndarray]]]]:
     """Input sets per checked size, and the reference's outputs on them: each size is the plan's
-    first attempt the reference runs at. Where the first size finds none, the reference cannot be
+    first attempt the reference runs at with no output empty. Where the first size finds none, the reference cannot be
     run (NotRunnableError, one line: the sizes tried and why); where only the second finds none,
     the check runs at one size, noted."""
     used: list[list[InputSpec]] = []
     groups, outputs = [], []
     for index in range(plan.sizes):
-        tried: list[tuple[list[InputSpec], NotRunnableError]] = []
+        tried: list[tuple[list[InputSpec], str]] = []
+        chosen = empty_run = None
         for specs in plan.attempts(index, used[0] if used else None):
             feeds = rt.generate_inputs(specs, samples, seed)
             try:
-                outputs.append(_run_reference(sess, feeds, ports, names))
+                run = _run_reference(sess, feeds, ports, names)
             except NotRunnableError as e:
                 if not plan.derived:
                     raise
-                tried.append((specs, e))
+                tried.append((specs, e.message))
                 continue
-            used.append(specs)
-            groups.append(feeds)
+            empty = [n for n in names if run[0][n].size == 0]
+            if empty and plan.derived:  # ONNX Runtime pools too small an input into nothing
+                tried.append((specs, f"output '{empty[0]}' of the reference is empty"))
+                empty_run = empty_run or (specs, feeds, run)
+                continue
+            chosen = (specs, feeds, run)
             break
-        else:
-            if not tried:
-                continue  # no larger size is accepted: one check (the plan's notes say so)
-            sizes = _shapes_text(tried[0][0]) + (f" to {_shapes_text(tried[-1][0])}" if len(tried) > 1 else "")
-            cause = tried[0][1].message
-            if index == 0:
-                raise NotRunnableError(
-                    f"{cause} (at every input size tried: {len(tried)} from {sizes}, derived from the graph; "
-                    "give sizes with --shape)"
-                )
-            notes.append(f"checked at one size only: the reference fails at every larger size tried ({sizes}): {cause}")
+        if chosen is None and empty_run is not None:
+            chosen = empty_run
+            notes.append(f"every size tried leaves an output of the reference empty: {tried[0][1]}, compared as such")
+        if chosen is not None:
+            used.append(chosen[0])
+            groups.append(chosen[1])
+            outputs.append(chosen[2])
+            continue
+        if not tried:
+            continue  # no larger size is accepted: one check (the plan's notes say so)
+        sizes = _shapes_text(tried[0][0]) + (f" to {_shapes_text(tried[-1][0])}" if len(tried) > 1 else "")
+        cause = tried[0][1]
+        if index == 0:
+            raise NotRunnableError(
+                f"{cause} (at every input size tried: {len(tried)} from {sizes}, derived from the graph; "
+                "give sizes with --shape)"
+            )
+        notes.append(f"checked at one size only: the reference fails at every larger size tried ({sizes}): {cause}")
     notes.extend(plan.describe(used))
     return groups, outputs
 
