@@ -493,6 +493,11 @@ def _settle_sizes(
             chosen = empty_run
             notes.append(f"every size tried leaves an output of the reference empty: {tried[0][1]}, compared as such")
         if chosen is not None:
+            if tried and chosen is not empty_run:
+                notes.append(
+                    f"the reference does not run at {len(tried)} size(s) the graph allows, from "
+                    f"{_shapes_text(tried[0][0])} ({tried[0][1]}): ran at {_shapes_text(chosen[0])}"
+                )
             used.append(chosen[0])
             groups.append(chosen[1])
             outputs.append(chosen[2])

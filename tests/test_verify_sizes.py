@@ -120,7 +120,7 @@ def test_batch_and_channels_take_2_and_what_the_first_conv_reads() -> None:
 def test_a_constraint_the_walk_misses_is_found_by_trying_larger_sizes() -> None:
     """A space-to-depth written with view/permute on computed shapes: only even sizes run. The
     walk stops at the Reshape; the reference refuses 1 and every odd size, so the search settles
-    on 2 and, for the second check, on the next even size it reaches."""
+    on 2 and, for the second check, after four odd sizes (3, 5, 7, 9), on 4."""
 
     class SpaceToDepth(nn.Module):
         def __init__(self) -> None:
@@ -135,8 +135,11 @@ def test_a_constraint_the_walk_misses_is_found_by_trying_larger_sizes() -> None:
     model = _export(SpaceToDepth(), torch.randn(1, 4, 8, 8))
     result = verify_onnx(model, model)
     assert result.passed
-    sizes = [s.shape[2] for s in result.inputs]
-    assert sizes[0] == 2 and sizes[1] % 2 == 0 and sizes[1] > 2
+    assert [s.shape for s in result.inputs] == [(2, 4, 2, 2), (2, 4, 4, 4)]
+    first, second = [n for n in result.notes if n.startswith("the reference does not run at")]
+    assert first.startswith("the reference does not run at 1 size(s) the graph allows, from x 2x4x1x1 (")
+    assert first.endswith("): ran at x 2x4x2x2")
+    assert second.startswith("the reference does not run at 4 size(s) the graph allows, from x 2x4x3x3 (")
 
 
 def _export(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
