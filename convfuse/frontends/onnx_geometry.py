@@ -10,13 +10,14 @@ subgraph) ends the walk along its outputs: what lies beyond is left to the runti
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..sizes import Geometry
+from .onnx_io import node_attributes as _attrs
 
 __all__ = ["geometries", "input_channels"]
 
@@ -36,14 +37,6 @@ _GLOBAL_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 
 Constants = Mapping[str, onnx.TensorProto]
 Reader = Callable[[onnx.NodeProto, Constants, int, int], Geometry | None]
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for attr in node.attribute:
-        value = helper.get_attribute_value(attr)
-        out[attr.name] = value.decode() if isinstance(value, bytes) else value
-    return out
 
 
 def _values(constants: Constants, name: str) -> np.ndarray | None:
