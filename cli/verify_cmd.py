@@ -12,7 +12,7 @@ from convfuse.report_html import html_page, write_page
 from convfuse.runtime import DEVICES, load_inputs, parse_shape
 from convfuse.verify import verify_onnx
 
-from .options import html_option
+from .options import html_option, shape_option
 
 __all__ = ["verify"]
 
@@ -27,8 +27,7 @@ EXIT_ERROR = 2
               help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).")
 @click.option("--inputs", "inputs_file", type=click.Path(), default=None,
               help="Run on these inputs (.npz, one array per input name) instead of random ones.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS",
-              help="Shape of an input with symbolic dims, e.g. input=1x3x224x224 (repeatable).")
+@shape_option
 @click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
               help="Random input sets to run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")

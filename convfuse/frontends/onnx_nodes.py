@@ -25,6 +25,7 @@ from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_p
 from ..decline import Decline, Reason
 from ..provenance import Provenance, describe
 from ..spec import ConvSpec, InvalidSpecError, same_pads
+from .onnx_io import node_attributes as _attrs
 
 __all__ = [
     "FLOAT_TYPES",
@@ -109,14 +110,6 @@ class LinearOp:
 def label(node: onnx.NodeProto) -> str:
     """How reports name a node: its name, or its op type and first output when it has none."""
     return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for attr in node.attribute:
-        value = helper.get_attribute_value(attr)
-        out[attr.name] = value.decode() if isinstance(value, bytes) else value
-    return out
 
 
 def _refuse(node: onnx.NodeProto, kind: str, x: str, reason: Reason, message: str) -> LinearOp:
