@@ -136,14 +136,20 @@ def transpose_node(
     elem_type: int,
     fresh: Callable[[str], str],
 ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | Decline:
-    """One ``ConvTranspose`` node computing ``spec`` from ``x`` into ``y`` (explicit pads), with its
-    initializers in ``elem_type``; an all-zero bias is left out. ONNX Runtime needs
-    ``output_padding < max(stride, dilation)``: a spec past that is declined."""
-    limit = [max(s, d) for s, d in zip(spec.stride, spec.dilation)]
-    if any(op >= m for op, m in zip(spec.output_padding, limit)):
+    """One ``ConvTranspose`` node computing ``spec`` from ``x`` into ``y``, with its initializers in
+    ``elem_type``; an all-zero bias is left out.
+
+    Only ``pe - op`` matters, so the end is written as ``pads`` end ``max(pe - op, 0)`` and
+    ``output_padding`` ``max(op - pe, 0)``. ONNX Runtime (1.32, CPU) refuses ``output_padding >=
+    stride`` even where dilation is larger; a spec that needs that is declined.
+    """
+    ends = [e - op for (_, e), op in zip(spec.pads, spec.output_padding)]
+    output_padding = [max(-e, 0) for e in ends]
+    if any(op >= s for op, s in zip(output_padding, spec.stride)):
         return Decline(
             Reason.UNSUPPORTED,
-            f"output_padding {spec.output_padding} is not below max(stride, dilation) = {limit} as ONNX Runtime needs",
+            f"{spec!r} extends its output by {output_padding}; ONNX Runtime needs output_padding below the "
+            f"stride {spec.stride}",
         )
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
     weight = spec.weight.astype(dtype)
@@ -166,7 +172,7 @@ def transpose_node(
         strides=list(spec.stride),
         dilations=list(spec.dilation),
         group=spec.groups,
-        pads=[b for b, _ in spec.pads] + [e for _, e in spec.pads],
-        output_padding=list(spec.output_padding),
+        pads=[b for b, _ in spec.pads] + [max(e, 0) for e in ends],
+        output_padding=output_padding,
     )
     return node, initializers
