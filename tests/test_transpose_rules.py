@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convfuse.algebra import ChannelAffine, identity
+from convfuse.algebra import ChannelAffine
 from convfuse.decline import Decline, Reason
 from convfuse.spec import ConvSpec
 from convfuse.transpose import (
@@ -29,7 +29,16 @@ from convfuse.transpose import (
 )
 
 from .helpers import rel_err
-from .transpose_cases import MAX_KERNEL, input_for, min_input, np_rand, pointwise, run_transpose, transpose_spec
+from .transpose_cases import (
+    input_for,
+    min_input,
+    np_rand,
+    phase_balanced,
+    pointwise,
+    rim_cropped,
+    run_transpose,
+    transpose_spec,
+)
 
 TOL = 1e-9
 
@@ -166,45 +175,11 @@ def test_biased_pointwise_before_folds_or_declines_rightly(data: st.DataObject, 
     _check_shift_fold(a, t)
 
 
-@st.composite
-def rim_cropped(draw: st.DrawFn) -> ConvTransposeSpec:
-    """Stride 1 with both crops covering the rim (pb >= d(k-1), pe - op >= d(k-1)): one tap set."""
-    n = draw(st.integers(1, 3))
-    k = [draw(st.integers(1, MAX_KERNEL[n])) for _ in range(n)]
-    d = [draw(st.integers(1, 2)) for _ in range(n)]
-    op = [draw(st.integers(0, dd - 1)) for dd in d]
-    pads = [(dd * (kk - 1) + draw(st.integers(0, 1)), dd * (kk - 1) + o + draw(st.integers(0, 1))) for kk, dd, o in zip(k, d, op)]
-    ci, co, seed = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2**20))
-    return ConvTransposeSpec(np_rand(ci, co, *k, seed=seed), np_rand(co, seed=seed + 1), dilation=tuple(d), pads=tuple(pads), output_padding=tuple(op))
-
-
 @settings(max_examples=40)
 @given(t=rim_cropped(), seed=st.integers(0, 2**20))
 def test_shift_folds_when_crops_cover_the_rim(t: ConvTransposeSpec, seed: int) -> None:
     a = ConvSpec(torch.from_numpy(np_rand(t.in_channels, 2, *([1] * t.ndim), seed=seed)), torch.from_numpy(np_rand(t.in_channels, seed=seed + 1)))
     assert isinstance(_check_shift_fold(a, t), ConvTransposeSpec)
-
-
-@st.composite
-def phase_balanced(draw: st.DrawFn) -> ConvTransposeSpec:
-    """Stride s > 1, kernel m*s, crops >= k - s: every output gets one full phase class of taps,
-    and the weights are drawn so that every class sums to the same value per channel pair."""
-    n = draw(st.integers(1, 2))
-    s = [draw(st.integers(2, 3)) for _ in range(n)]
-    k = [ss * draw(st.integers(1, 2)) for ss in s]
-    op = [draw(st.integers(0, ss - 1)) for ss in s]
-    pads = [(kk - ss + draw(st.integers(0, 2)), kk - ss + o + draw(st.integers(0, 2))) for kk, ss, o in zip(k, s, op)]
-    ci, co, seed = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2**20))
-    w = np_rand(ci, co, *k, seed=seed)
-    target = np_rand(ci, co, seed=seed + 2)
-    for phase in itertools.product(*[range(ss) for ss in s]):
-        cls = (slice(None), slice(None)) + tuple(slice(r, None, ss) for r, ss in zip(phase, s))
-        block = w[cls]
-        last = (slice(None), slice(None)) + (-1,) * n
-        block[last] = 0
-        block[last] = target - block.reshape(ci, co, -1).sum(axis=2)
-        w[cls] = block
-    return ConvTransposeSpec(w, np_rand(co, seed=seed + 1), stride=tuple(s), pads=tuple(pads), output_padding=tuple(op))
 
 
 @settings(max_examples=40)

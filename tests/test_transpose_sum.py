@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convfuse.algebra import identity
@@ -13,58 +12,13 @@ from convfuse.spec import ConvSpec
 from convfuse.transpose import ConvTransposeSpec, add_transposed, conv_as_transpose
 
 from .helpers import rel_err
-from .transpose_cases import MAX_KERNEL, min_input, np_rand, run_transpose
+from .transpose_cases import branches, min_input, np_rand, run_transpose
 
 TOL = 1e-9
 
 
 def _run(branch: ConvTransposeSpec | ConvSpec, x: torch.Tensor) -> torch.Tensor:
     return run_transpose(branch, x) if isinstance(branch, ConvTransposeSpec) else branch.apply(x)
-
-
-@st.composite
-def branches(draw: st.DrawFn, with_convs: bool = False) -> list[ConvTransposeSpec | ConvSpec]:
-    """2-4 transposed convs of one input on one grid (equal stride and slack), groups and bias
-    drawn per branch; ``with_convs`` adds stride-1 zero-padded convs (1x1, spatial, identity)."""
-    n = draw(st.integers(1, 3))
-    ci, co = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 4]))
-    if with_convs and draw(st.booleans()):
-        co = ci  # room for an identity branch
-    stride = (1,) * n if with_convs else tuple(draw(st.integers(1, 3)) for _ in range(n))
-    slack = tuple(draw(st.integers(-2, 3)) for _ in range(n))
-    seed = draw(st.integers(0, 2**20))
-    out: list[ConvTransposeSpec | ConvSpec] = []
-    for i in range(draw(st.integers(2, 4))):
-        groups = draw(st.sampled_from([g for g in (1, 2) if ci % g == 0 and co % g == 0]))
-        k = [draw(st.integers(1, MAX_KERNEL[n])) for _ in range(n)]
-        d = [draw(st.integers(1, 2)) for _ in range(n)]
-        bias = np_rand(co, seed=seed + 3 * i + 1) if draw(st.booleans()) else None
-        if with_convs and i > 0 and draw(st.booleans()):
-            if co == ci and draw(st.booleans()):
-                assume(all(sl == 0 for sl in slack))
-                out.append(identity(ci, n, torch.float64))
-                continue
-            pads = []
-            for kk, dd, sl in zip(k, d, slack):  # b + e - d(k-1) = slack
-                b = draw(st.integers(0, max(0, sl + dd * (kk - 1))))
-                pads.append((b, sl + dd * (kk - 1) - b))
-            assume(all(e >= 0 for _, e in pads))
-            w = torch.from_numpy(np_rand(co, ci // groups, *k, seed=seed + 3 * i))
-            out.append(ConvSpec(w, None if bias is None else torch.from_numpy(bias), dilation=tuple(d), groups=groups, pads=tuple(pads)))
-            continue
-        pads, ops = [], []
-        for kk, dd, s, sl in zip(k, d, stride, slack):  # d(k-1) - pb - pe + op = slack
-            top = min(dd * (kk - 1) + 1, dd * (kk - 1) - sl + max(s, dd) - 1)  # keeps op < max(s, d)
-            assume(top >= 0)
-            pb = draw(st.integers(0, top))
-            end = dd * (kk - 1) - pb - sl  # pe - op
-            op = draw(st.integers(max(0, -end), max(s, dd) - 1))
-            pads.append((pb, end + op))
-            ops.append(op)
-        w = np_rand(ci, co // groups, *k, seed=seed + 3 * i)
-        out.append(ConvTransposeSpec(w, bias, stride, tuple(d), groups, tuple(pads), tuple(ops)))
-    assume(any(isinstance(b, ConvTransposeSpec) for b in out))
-    return out
 
 
 def _check_sum(parts: list[ConvTransposeSpec | ConvSpec], extra: int) -> ConvTransposeSpec:

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hypothesis import assume
 from hypothesis import strategies as st
 
+from convfuse.algebra import identity
 from convfuse.spec import ConvSpec
 from convfuse.transpose import ConvTransposeSpec
 
 __all__ = [
     "MAX_KERNEL",
     "TransposeGeometry",
+    "branches",
     "geometry",
     "min_input",
     "np_rand",
+    "phase_balanced",
     "pointwise",
+    "rim_cropped",
     "run_transpose",
     "transpose_spec",
     "input_for",
@@ -123,3 +129,82 @@ def min_input(spec: ConvTransposeSpec) -> tuple[int, ...]:
 def input_for(spec: ConvTransposeSpec, extra: tuple[int, ...], seed: int, batch: int = 2) -> torch.Tensor:
     sizes = [m + extra[i % len(extra)] for i, m in enumerate(min_input(spec))]
     return torch.from_numpy(np_rand(batch, spec.in_channels, *sizes, seed=seed))
+
+
+@st.composite
+def rim_cropped(draw: st.DrawFn) -> ConvTransposeSpec:
+    """Stride 1 with both crops covering the rim (pb >= d(k-1), pe - op >= d(k-1)): one tap set."""
+    n = draw(st.integers(1, 3))
+    k = [draw(st.integers(1, MAX_KERNEL[n])) for _ in range(n)]
+    d = [draw(st.integers(1, 2)) for _ in range(n)]
+    op = [draw(st.integers(0, dd - 1)) for dd in d]
+    pads = [(dd * (kk - 1) + draw(st.integers(0, 1)), dd * (kk - 1) + o + draw(st.integers(0, 1))) for kk, dd, o in zip(k, d, op)]
+    ci, co, seed = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2**20))
+    return ConvTransposeSpec(np_rand(ci, co, *k, seed=seed), np_rand(co, seed=seed + 1), dilation=tuple(d), pads=tuple(pads), output_padding=tuple(op))
+
+
+@st.composite
+def phase_balanced(draw: st.DrawFn) -> ConvTransposeSpec:
+    """Stride s > 1, kernel m*s, crops >= k - s: every output gets one full phase class of taps,
+    and the weights are drawn so that every class sums to the same value per channel pair."""
+    n = draw(st.integers(1, 2))
+    s = [draw(st.integers(2, 3)) for _ in range(n)]
+    k = [ss * draw(st.integers(1, 2)) for ss in s]
+    op = [draw(st.integers(0, ss - 1)) for ss in s]
+    pads = [(kk - ss + draw(st.integers(0, 2)), kk - ss + o + draw(st.integers(0, 2))) for kk, ss, o in zip(k, s, op)]
+    ci, co, seed = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2**20))
+    w = np_rand(ci, co, *k, seed=seed)
+    target = np_rand(ci, co, seed=seed + 2)
+    for phase in itertools.product(*[range(ss) for ss in s]):
+        cls = (slice(None), slice(None)) + tuple(slice(r, None, ss) for r, ss in zip(phase, s))
+        block = w[cls]
+        last = (slice(None), slice(None)) + (-1,) * n
+        block[last] = 0
+        block[last] = target - block.reshape(ci, co, -1).sum(axis=2)
+        w[cls] = block
+    return ConvTransposeSpec(w, np_rand(co, seed=seed + 1), stride=tuple(s), pads=tuple(pads), output_padding=tuple(op))
+
+
+@st.composite
+def branches(draw: st.DrawFn, with_convs: bool = False) -> list[ConvTransposeSpec | ConvSpec]:
+    """2-4 transposed convs of one input on one grid (equal stride and slack), groups and bias
+    drawn per branch; ``with_convs`` adds stride-1 zero-padded convs (1x1, spatial, identity)."""
+    n = draw(st.integers(1, 3))
+    ci, co = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 4]))
+    if with_convs and draw(st.booleans()):
+        co = ci  # room for an identity branch
+    stride = (1,) * n if with_convs else tuple(draw(st.integers(1, 3)) for _ in range(n))
+    slack = tuple(draw(st.integers(-2, 3)) for _ in range(n))
+    seed = draw(st.integers(0, 2**20))
+    out: list[ConvTransposeSpec | ConvSpec] = []
+    for i in range(draw(st.integers(2, 4))):
+        groups = draw(st.sampled_from([g for g in (1, 2) if ci % g == 0 and co % g == 0]))
+        k = [draw(st.integers(1, MAX_KERNEL[n])) for _ in range(n)]
+        d = [draw(st.integers(1, 2)) for _ in range(n)]
+        bias = np_rand(co, seed=seed + 3 * i + 1) if draw(st.booleans()) else None
+        if with_convs and i > 0 and draw(st.booleans()):
+            if co == ci and draw(st.booleans()):
+                assume(all(sl == 0 for sl in slack))
+                out.append(identity(ci, n, torch.float64))
+                continue
+            pads = []
+            for kk, dd, sl in zip(k, d, slack):  # b + e - d(k-1) = slack
+                b = draw(st.integers(0, max(0, sl + dd * (kk - 1))))
+                pads.append((b, sl + dd * (kk - 1) - b))
+            assume(all(e >= 0 for _, e in pads))
+            w = torch.from_numpy(np_rand(co, ci // groups, *k, seed=seed + 3 * i))
+            out.append(ConvSpec(w, None if bias is None else torch.from_numpy(bias), dilation=tuple(d), groups=groups, pads=tuple(pads)))
+            continue
+        pads, ops = [], []
+        for kk, dd, s, sl in zip(k, d, stride, slack):  # d(k-1) - pb - pe + op = slack
+            top = min(dd * (kk - 1) + 1, dd * (kk - 1) - sl + max(s, dd) - 1)  # keeps op < max(s, d)
+            assume(top >= 0)
+            pb = draw(st.integers(0, top))
+            end = dd * (kk - 1) - pb - sl  # pe - op
+            op = draw(st.integers(max(0, -end), max(s, dd) - 1))
+            pads.append((pb, end + op))
+            ops.append(op)
+        w = np_rand(ci, co // groups, *k, seed=seed + 3 * i)
+        out.append(ConvTransposeSpec(w, bias, stride, tuple(d), groups, tuple(pads), tuple(ops)))
+    assume(any(isinstance(b, ConvTransposeSpec) for b in out))
+    return out

@@ -152,8 +152,9 @@ def transpose_node(
             f"stride {spec.stride}",
         )
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
-    weight = spec.weight.astype(dtype)
-    bias = None if spec.bias is None or not np.any(spec.bias != 0) else spec.bias.astype(dtype)
+    with np.errstate(over="ignore"):  # overflow is reported below as a decline
+        weight = spec.weight.astype(dtype)
+        bias = None if spec.bias is None or not np.any(spec.bias != 0) else spec.bias.astype(dtype)
     if not np.isfinite(weight).all() or (bias is not None and not np.isfinite(bias).all()):
         return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
     w_name = fresh(f"{name}.weight")
