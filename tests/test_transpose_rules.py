@@ -305,3 +305,18 @@ def test_float32_in_float32_out() -> None:
     x = torch.from_numpy(np_rand(1, 4, 6, seed=4))
     ref = F.conv1d(run_transpose(t, x), b.weight.double())
     assert rel_err(ref, run_transpose(merged, x)) <= 1e-6
+
+
+@settings(max_examples=60)
+@given(
+    k=st.integers(1, 6), s=st.integers(1, 4), d=st.integers(1, 3),
+    pb=st.integers(0, 8), pe=st.integers(0, 8), op=st.integers(0, 3),
+)
+def test_tap_set_enumeration_bound_is_enough(k: int, s: int, d: int, pb: int, pe: int, op: int) -> None:
+    """The sizes shift_response enumerates for 'every input size' show every tap set that much
+    larger sizes show (the bound argued in _dynamic_sizes)."""
+    from convfuse.transpose import _dim_tap_sets, _dynamic_sizes
+
+    sizes = _dynamic_sizes(k, s, d, pb, pe, op)
+    more = range(1, sizes.stop + 20)
+    assert set(_dim_tap_sets(k, s, d, pb, pe, op, sizes)) == set(_dim_tap_sets(k, s, d, pb, pe, op, more))
