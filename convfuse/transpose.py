@@ -380,6 +380,10 @@ def shift_response(
     g, ci_g = t.groups, t.in_channels // t.groups
     w = _f64(t.weight).reshape(g, ci_g, -1, *t.kernel_size)
     m = np.einsum("gc,gco...->go...", c.reshape(g, ci_g), w).reshape(t.out_channels, *t.kernel_size)
+    if spatial is not None and len(spatial) != t.ndim:
+        return Decline(Reason.RANK_MISMATCH, f"input size {tuple(spatial)} for a {t.ndim}D transposed conv")
+    if spatial is not None and min(t.output_size(spatial)) < 1:
+        return Decline(Reason.UNSUPPORTED, f"input size {tuple(spatial)} gives the transposed conv no output")
     masks = []
     for dim in range(t.ndim):
         geometry = (t.kernel_size[dim], t.stride[dim], t.dilation[dim], *t.pads[dim], t.output_padding[dim])

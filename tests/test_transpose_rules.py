@@ -264,6 +264,9 @@ def test_shift_response_values() -> None:
     assert isinstance(got, np.ndarray)
     np.testing.assert_allclose(got, np.einsum("c,cok->o", c, t.weight), rtol=1e-13)
     assert shift_response(t, np.ones(3)).reason is Reason.CHANNEL_MISMATCH
+    assert shift_response(t, c, spatial=(4, 4)).reason is Reason.RANK_MISMATCH
+    assert shift_response(t, c, spatial=(2,)).reason is Reason.UNSUPPORTED  # out = (2-1) + 3 - 4 = 0
+    assert isinstance(shift_response(t, c, spatial=(3,)), np.ndarray)
 
 
 @pytest.mark.parametrize("shifted", [False, True])
