@@ -236,11 +236,6 @@ def _dilate(w: np.ndarray, dilation: Sequence[int]) -> np.ndarray:
     return out
 
 
-def _per_group(v: np.ndarray, groups: int) -> np.ndarray:
-    """``v[Co]`` as ``[groups, 1, Co/groups]``: broadcasts over a ``[g, Ci/g, Co/g]`` weight."""
-    return v.reshape(groups, 1, -1)
-
-
 def _is_pointwise(conv: ConvSpec) -> bool:
     return (
         all(int(k) == 1 for k in conv.weight.shape[2:])
@@ -282,7 +277,7 @@ def transpose_then_affine(t: ConvTransposeSpec, affine: ChannelAffine) -> ConvTr
         )
     g = t.groups
     w = _f64(t.weight).reshape(g, t.in_channels // g, -1, *t.kernel_size)
-    w = w * _per_group(scale, g).reshape(g, 1, -1, *([1] * t.ndim))
+    w = w * scale.reshape(g, 1, -1, *([1] * t.ndim))  # output channel o = (group, o')
     bias = _f64(t.bias_or_zeros()) * scale + shift
     return t.replace(weight=w.reshape(t.weight.shape).astype(t.dtype), bias=bias.astype(t.dtype))
 
