@@ -3,6 +3,8 @@ run-time ring against the static one, the cost, and the declined twins (case 3, 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,7 @@ def _on_ring_mask(merge: BorderMerge, spatial: tuple[int, ...]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- exact
-@settings(max_examples=250)
+@settings(max_examples=400)
 @given(pair=case2_pair(), extras=_extras)
 def test_case2_is_one_conv_plus_ring(pair: tuple[ConvSpec, ConvSpec], extras: list[tuple[int, ...]]) -> None:
     """B(pad0(A x + bA)) == C'(x) + ring at every size, tiny ones (all ring) included, and every
@@ -228,3 +230,12 @@ def test_other_declines_pass_through() -> None:
     a = ConvSpec(rand(6, 3, 1, 1, seed=1), rand(6, seed=2))
     result = compose_across_border(a, ConvSpec(rand(5, 4, 3, 3, seed=3), pads=((1, 1), (1, 1))))
     assert isinstance(result, Decline) and result.reason is Reason.CHANNEL_MISMATCH
+
+
+def test_precision_script_reports_float64_rounding(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import border_precision
+
+    border_precision.main(4)
+    out = capsys.readouterr().out
+    errors = [float(e) for e in re.findall(r"(\d\.\d\de[-+]\d\d)$", out, flags=re.M)]
+    assert len(errors) == 4 and max(errors) < 1e-12, out
