@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable, Sequence
 from .decline import Decline
 from .spec import ConvSpec
 
-__all__ = ["OpKind", "MergeKind", "TensorInfo", "LinearNode", "LinearGraph"]
+__all__ = ["OpKind", "TensorInfo", "LinearNode", "LinearGraph"]
 
 
 class OpKind(str, Enum):
@@ -33,7 +33,8 @@ class OpKind(str, Enum):
 
     CONV = "conv"  # a real convolution (an anchor: regions without one are left alone)
     LINEAR = "linear"  # a Linear / Gemm layer (an anchor)
-    AFFINE = "affine"  # BatchNorm, Mul/Add/Sub/Div by constants, Neg
+    BATCHNORM = "batchnorm"  # inference BatchNorm: a per-channel affine
+    AFFINE = "affine"  # Mul/Add/Sub/Div by constants, Neg: a per-channel or scalar affine
     PAD = "pad"  # zero padding
     POOL = "pool"  # average pooling counting its padding
     IDENTITY = "identity"  # Identity, eval Dropout, contiguous, regrouping reshapes
@@ -46,21 +47,12 @@ class OpKind(str, Enum):
         return self in (OpKind.CONV, OpKind.LINEAR, OpKind.POOL)
 
     @property
+    def is_affine(self) -> bool:
+        return self in (OpKind.BATCHNORM, OpKind.AFFINE)
+
+    @property
     def is_unary(self) -> bool:
         return self not in (OpKind.SUM, OpKind.CONCAT)
-
-
-class MergeKind(str, Enum):
-    """What a merge replaced (the value is the stable string of reports and JSON)."""
-
-    CHAIN = "chain"  # convs one after another
-    AFFINE = "conv+affine"  # one conv and per-channel affines (BN, Mul/Add constants)
-    SUM = "sum"  # branches of one tensor summed
-    CONCAT = "concat"  # branches of one tensor concatenated
-    REGION = "sum+chain"  # a region mixing chains and parallel branches
-
-    __str__ = str.__str__
-    __format__ = str.__format__
 
 
 @dataclass(frozen=True)
@@ -116,6 +108,7 @@ class LinearNode:
     refused: Decline | None = None
     origin: Any = field(default=None, repr=False)
     layout: str | None = None  # "last": acts on the last dim (Linear); "first": channels at dim 1
+    tag: str = ""  # the front end's word for the op in merge details ("bn", "mul"); default: kind
 
 
 @dataclass

@@ -37,9 +37,10 @@ from . import estimate
 from .algebra import Cost, add, compose, concat, identity
 from .algebra_linear import scaled, without_zero_bias
 from .decline import Decline, Reason
-from .ir import LinearGraph, LinearNode, MergeKind, OpKind, TensorInfo
+from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
 from .latency import Block, Candidate, Parallel, Timing
 from .policy import Judge, Policy
+from .report import MergeKind
 from .spec import ConvSpec
 
 __all__ = ["MAX_CHAIN", "Merge", "Resum", "Plan", "plan"]
@@ -52,7 +53,7 @@ MAX_CHAIN = 12
 class Merge:
     """``nodes`` become one conv ``spec`` (float64) reading ``x`` and writing ``y``."""
 
-    kind: MergeKind
+    kind: str  # detail: the op tags of a chain joined by "+" ("bn+conv"), "sum", "concat", "sum+chain"
     nodes: tuple[LinearNode, ...]
     x: str
     y: str
@@ -62,6 +63,11 @@ class Merge:
     note: str = ""
     timing: Timing | None = None
     linear: bool = False  # a Linear layer on the last dim: ``spec`` is 1D pointwise [Co, Ci, 1]
+
+    @property
+    def group(self) -> MergeKind:
+        """The report's kind of this merge."""
+        return MergeKind.of(self.kind)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -177,6 +183,7 @@ class _Planner:
                         self.barrier.add(id(retry.barrier))
                         if retry.barrier is root:
                             break
+        self.out.merges.sort(key=lambda m: max(self.g.order.get(id(n), 0) for n in m.nodes))  # graph order
         return self.out
 
     def _decline(self, sources: Sequence[str], decline: Decline) -> None:
@@ -432,7 +439,7 @@ class _Planner:
                     continue
                 if n.in_channels is not None:
                     return n.in_channels
-                if n.kind in (OpKind.AFFINE, OpKind.PAD, OpKind.POOL, OpKind.IDENTITY, OpKind.SUM):
+                if n.kind.is_affine or n.kind in (OpKind.PAD, OpKind.POOL, OpKind.IDENTITY, OpKind.SUM):
                     todo.append(n.output)
         return None
 
@@ -513,13 +520,13 @@ class _Region:
         counts: dict[Hashable, int] = {}
         sizes: dict[Hashable, int] = {}
         for n in nodes:
-            if n.kind is OpKind.AFFINE and not stored:
+            if n.kind.is_affine and not stored:
                 continue
             for key, size in n.weights.items():
                 counts[key] = counts.get(key, 0) + 1
                 sizes[key] = size
         params = sum(sizes[k] for k, c in counts.items() if c == self.g.weight_readers.get(k, c))
-        affines = [n for n in nodes if n.kind is OpKind.AFFINE]
+        affines = [n for n in nodes if n.kind.is_affine]
         params += sum(self._constant_floor(n) if stored else self._affine_params(n) for n in affines)
         return sum(self.node_cost(n) for n in nodes), params
 
@@ -913,7 +920,7 @@ class _Region:
             (m,) = option.merges
             y = self.g.new_name(f"{last.output}/{m.sources[0]}")
             self.p.out.fresh.add(y)
-            total = total + _Option(option.macs, option.params, 1, (replace(m, kind=MergeKind.SUM, y=y),))
+            total = total + _Option(option.macs, option.params, 1, (replace(m, kind="sum", y=y),))
             terms.append((y, 1.0))
         adds = max(len(terms) - 1, 1)  # the rebuilt sum: one add fewer per term merged away
         return total + _Option(0, 0, adds - len(tree), resums=(Resum(tree, tuple(terms), last.output),))
@@ -935,16 +942,18 @@ def _shape(acc: ConvSpec, m: ConvSpec) -> ConvSpec | None:
     return estimate.compose_shape(acc, m)
 
 
-def _kind(nodes: Sequence[LinearNode]) -> MergeKind:
+_TAGS = {OpKind.BATCHNORM: "bn", OpKind.POOL: "avgpool"}
+
+
+def _kind(nodes: Sequence[LinearNode]) -> str:
+    """The merge's detail (:meth:`convfuse.report.MergeKind.of` groups it): a chain's op tags
+    joined by ``+`` (identities left out), ``sum``/``concat`` for one parallel block, ``sum+chain``
+    for a block with layers around it."""
     kinds = [n.kind for n in nodes]
-    if OpKind.CONCAT in kinds:
-        return MergeKind.CONCAT if kinds.count(OpKind.CONCAT) == 1 and _only_parallel(nodes) else MergeKind.REGION
-    if OpKind.SUM in kinds:
-        return MergeKind.SUM if kinds[-1] is OpKind.SUM else MergeKind.REGION
-    anchors = [k for k in kinds if k.is_anchor]
-    if len(anchors) == 1 and all(k.is_anchor or k in (OpKind.AFFINE, OpKind.IDENTITY) for k in kinds):
-        return MergeKind.AFFINE
-    return MergeKind.CHAIN
+    if OpKind.SUM in kinds or OpKind.CONCAT in kinds:
+        block = "concat" if OpKind.CONCAT in kinds else "sum"
+        return block if kinds[-1] in (OpKind.SUM, OpKind.CONCAT) else f"{block}+chain"
+    return "+".join(n.tag or _TAGS.get(n.kind, n.kind.value) for n in nodes if n.kind is not OpKind.IDENTITY)
 
 
 def _only_parallel(nodes: Sequence[LinearNode]) -> bool:

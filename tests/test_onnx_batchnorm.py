@@ -17,7 +17,7 @@ def test_conv_then_batchnorm_folds(opset: int) -> None:
     y = g.node("Relu", [y])
     fused, report = fuse_checked(g.model([y], opset=opset))
     assert ops(fused) == {"Conv": 1, "Relu": 1}
-    assert [m.kind for m in report.merges] == ["conv+affine"]
+    assert [m.kind for m in report.merges] == ["conv+bn"]
     assert not report.declines
 
 
@@ -27,7 +27,7 @@ def test_batchnorm_then_unpadded_conv_folds() -> None:
     y = g.conv(y, 4, 8, 3, strides=[2, 2])
     fused, report = fuse_checked(g.model([y]))
     assert ops(fused) == {"Conv": 1}
-    assert [m.kind for m in report.merges] == ["conv+affine"]
+    assert [m.kind for m in report.merges] == ["bn+conv"]
 
 
 def test_batchnorm_then_padded_conv_declines_case_2() -> None:

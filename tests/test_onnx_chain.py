@@ -25,7 +25,7 @@ def test_expand_chain_merges_into_one_conv(opset: int) -> None:
     model = _expand_block(opset)
     fused, report = fuse_checked(model)
     assert ops(fused)["Conv"] == 1
-    assert [m.kind for m in report.merges] == ["chain"]
+    assert [m.kind for m in report.merges] == ["conv+conv+conv"]
     assert "padding case 1" in report.merges[0].note
     assert report.after.macs < report.before.macs
 

@@ -19,7 +19,7 @@ def test_identity_between_conv_and_batchnorm_is_removed_and_they_merge() -> None
     y = g.node("Relu", [y])
     fused, report = fuse_checked(g.model([y]))
     assert ops(fused) == {"Conv": 1, "Relu": 1}
-    assert [m.kind for m in report.merges] == ["identity", "conv+affine"]
+    assert [m.kind for m in report.merges] == ["identity", "conv+bn"]
 
 
 def test_identity_of_a_constant_weight() -> None:

@@ -6,7 +6,8 @@ import torch
 
 from convfuse.algebra import ChannelAffine, affine_conv
 from convfuse.decline import Reason
-from convfuse.ir import LinearGraph, LinearNode, MergeKind, OpKind
+from convfuse.ir import LinearGraph, LinearNode, OpKind
+from convfuse.report import MergeKind
 from convfuse.planner import Plan, plan
 from convfuse.spec import ConvSpec
 
@@ -88,7 +89,7 @@ def test_sum_leaves_out_a_branch_that_does_not_compose() -> None:
         LinearNode("s2", OpKind.SUM, ("s1", "yb"), "y", coefs=(1.0, 1.0)),
     ]
     p = plan(LinearGraph(nodes, {"y"}, {"y"}), "flops")
-    assert [m.sources for m in p.merges] == [("a",)] and p.merges[0].kind is MergeKind.SUM
+    assert [m.sources for m in p.merges] == [("a",)] and p.merges[0].group is MergeKind.SUM
     (resum,) = p.resums
     assert [t for t, _ in resum.terms] == [p.merges[0].y, "yb"]
     assert Reason.PADDED_AFTER_SPATIAL in {d.reason for _, d in p.declines}

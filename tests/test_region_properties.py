@@ -66,7 +66,7 @@ def _adds_up(report: convfuse.report.Report) -> None:
 
 def _plan(report: convfuse.report.Report) -> list[tuple[str, int, int]]:
     """A report's merges as the front ends share them: kind and cost after (names differ)."""
-    return sorted((str(m.kind), m.after.macs, m.after.params) for m in report.merges)
+    return sorted((m.group.value, m.after.macs, m.after.params) for m in report.merges)
 
 
 def _check(module: nn.Module, x: torch.Tensor, layers: int, shapes: bool = False, export_fused: bool = False) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Sequence
@@ -38,7 +39,18 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
-from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, linear_nodes, read_linear, unread_nodes
+from .onnx_nodes import (
+    FLOAT_TYPES,
+    Dims,
+    LinearOp,
+    conv_macs,
+    conv_node,
+    label,
+    linear_nodes,
+    mark_merged,
+    read_linear,
+    unread_nodes,
+)
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -391,6 +403,7 @@ def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declin
 
 # --------------------------------------------------------------------------- rule 2: linear regions
 _OP_KINDS = {
+    "bn": OpKind.BATCHNORM,
     "conv": OpKind.CONV,
     "linear": OpKind.LINEAR,
     "pad": OpKind.PAD,
@@ -426,6 +439,7 @@ def _unary_node(node: onnx.NodeProto, op: LinearOp, index: _Index) -> LinearNode
         refused=op.refused,
         origin=(node, op),
         layout={"linear": "last", "bn": "first"}.get(op.kind),
+        tag=op.kind,
     )
 
 
@@ -519,6 +533,7 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
         last = max((n.origin[0] for n in merge.nodes), key=lambda n: position[id(n)])
         graph.initializer.extend(initializers)
         state.created.update(t.name for t in initializers)
+        mark_merged(node, merge.kind, [n.origin[0] for n in merge.nodes])
         rewrite.replace.setdefault(id(last), []).extend(new_nodes)
         rewrite.removed.update(id(n.origin[0]) for n in merge.nodes)
         state.merges += 1
@@ -745,7 +760,16 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
                 walk(sub, dims)
 
     walk(model.graph, {})
-    return ModelStats(dict(counts), totals["params"], None if totals["unknown"] else totals["macs"])
+    macs = None if totals["unknown"] else totals["macs"]
+    return ModelStats(dict(counts), totals["params"], macs, _size(model))
+
+
+def _size(model: onnx.ModelProto) -> int | None:
+    """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB)."""
+    try:
+        return int(model.ByteSize())
+    except Exception:  # protobuf refuses messages over 2 GiB
+        return None
 
 
 def _summarise(report: Report) -> None:
@@ -801,14 +825,17 @@ def fuse_onnx(
     else:
         fused = onnx.ModelProto()
         fused.CopyFrom(source)
+    started = time.monotonic()
     say("inferring shapes")
     shapes, note = infer_shapes(fused)
     report = Report()
     report.before = model_stats(fused, shapes)
+    report.positions = {label(node): i for i, node in enumerate(fused.graph.node)}
     state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")
     report.after = model_stats(fused, infer_shapes(fused)[0])
+    report.timings["fuse"] = time.monotonic() - started
     _summarise(report)
     if note:
         report.notes.append(note)

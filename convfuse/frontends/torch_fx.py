@@ -42,7 +42,7 @@ from ..ir import LinearGraph, LinearNode, OpKind
 from ..planner import Merge, Plan, Resum, plan
 from .torch_import import op_node, parameter_sizes
 from .torch_ir import ConvOp, DenseOp, IdentityOp, LinearOp
-from .torch_layers import conv_from_spec, linear_from_spec
+from .torch_layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
 from .torch_rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
 
 __all__ = ["fuse", "fuse_with_report"]
@@ -550,10 +550,12 @@ def _unique_keys(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modul
     return out
 
 
-def layer_from_merge(merge: Merge, dtype: torch.dtype) -> nn.Module:
-    """The module a merge writes: a conv, or a Linear for a region of Linear layers."""
+def layer_from_merge(merge: Merge, dtype: torch.dtype, types: dict[str, str]) -> nn.Module:
+    """The module a merge writes: a conv, or a Linear for a region of Linear layers, marked
+    with the layers it replaces (``types``: their class names)."""
     spec = merge.spec.to(dtype)
-    return linear_from_spec(spec) if merge.linear else conv_from_spec(spec)
+    layer = linear_from_spec(spec) if merge.linear else conv_from_spec(spec)
+    return mark_provenance(layer, merge.sources, merge.kind, types)
 
 
 def _write_run(
@@ -591,7 +593,8 @@ def _write_run(
         if id(node) in first:
             m = first[id(node)]
             merges.append((len(out), m))
-            out.append((op.origin[0], layer_from_merge(m, convs[0].dtype)))
+            types = {o.name: type(o.origin[1]).__name__ for o in ops}
+            out.append((op.origin[0], layer_from_merge(m, convs[0].dtype, types)))
         elif id(node) not in merged:
             out.append(op.origin)
 
@@ -1060,7 +1063,8 @@ class _GraphFuser:
             for merge in merges:
                 last = max((n.origin for n in merge.nodes), key=self.order.__getitem__)
                 target = self._new_module_name(merge.sources)
-                self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge)))
+                types = layer_types(self.gm, merge.sources, self.prefix)
+                self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge), types))
                 with self.graph.inserting_before(last):
                     new = self.graph.call_module(target, (value[merge.x],))
                 value[merge.y] = new

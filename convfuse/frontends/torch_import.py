@@ -32,6 +32,8 @@ _KINDS: dict[type, OpKind] = {
 
 
 def op_kind(op: LinearOp) -> OpKind:
+    if isinstance(op, AffineOp) and op.vector:
+        return OpKind.BATCHNORM
     for cls, kind in _KINDS.items():
         if isinstance(op, cls):
             return kind
