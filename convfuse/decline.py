@@ -39,6 +39,7 @@ class Reason(str, Enum):
     DTYPE = "dtype"
     UNTRACEABLE = "untraceable"
     NOTHING_TO_MERGE = "nothing-to-merge"  # no linear op next to the layer that convfuse reads
+    SELF_CHECK = "self-check"  # the fused module raised or differed when run next to the original
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,231 @@
+"""Tracing a module without changing it, and writing a fused graph back into the module.
+
+What happens to a module convfuse changes (the README's "PyTorch modules" section says the same):
+
+* **Surgery** (the module's own ``forward`` is kept): when every merge in a traced module is a
+  straight line of layer calls (``self.bn(self.conv(x))``, each layer called once), the merged
+  conv takes the place of the run's first layer and the other layers become ``nn.Identity``.
+  The module keeps its class, attributes, methods, buffers and hooks; nothing else changes.
+* **A generated forward**: where a merge needs new code (a sum of branches, a merged
+  ``F.pad``/functional call), the module's ``forward`` is replaced by the fused graph's code on a
+  subclass of the module's own class created for it (:func:`install_forward`), so
+  ``isinstance`` checks, attributes, methods, buffers, hooks and the ``training`` flag stay as
+  they were. Merged convs live at ``<common parent>_fused`` on that module; absorbed layers
+  become ``nn.Identity``. The class pickles and deep-copies (the code is rebuilt from source,
+  as ``torch.fx.GraphModule`` does). Attribute writes in the replaced forward are not repeated
+  (the values they computed are still used).
+
+Tracing (:func:`trace_restoring`) snapshots every instance ``__dict__`` (parameters, buffers,
+submodules and plain attributes, list and dict contents one level deep) and restores it after
+tracing, so a forward that writes ``self.mean = self.mean.type_as(x)`` never leaves an fx
+``Proxy`` on the module; a Proxy stored deeper is a :class:`StoredProxyError`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.graph_module import _format_import_block, _forward_from_src, sys_importer
+
+__all__ = [
+    "StoredProxyError",
+    "has_hooks",
+    "trace_restoring",
+    "graph_module",
+    "install_forward",
+    "original_class",
+    "generated_code",
+    "get_path",
+    "set_path",
+]
+
+#: Per-module hook tables of ``nn.Module`` (forward, pre-forward and backward).
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+class StoredProxyError(RuntimeError):
+    """Tracing left an fx Proxy inside a container attribute that cannot be restored."""
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has its own forward, pre-forward or backward hooks."""
+    return any(getattr(module, table, None) for table in _HOOK_TABLES)
+
+
+# --------------------------------------------------------------------------- tracing safely
+@dataclass
+class _Snapshot:
+    module: nn.Module
+    state: dict[str, Any]  # the instance __dict__, shallow
+    tables: dict[str, dict[str, Any]]  # _parameters, _buffers, _modules contents
+    containers: dict[int, tuple[Any, Any]]  # id -> (list/dict, its former contents)
+
+
+def _snapshot(root: nn.Module) -> list[_Snapshot]:
+    snaps = []
+    for m in root.modules():
+        state = dict(m.__dict__)
+        tables = {k: dict(v) for k, v in state.items() if k in ("_parameters", "_buffers", "_modules")}
+        containers: dict[int, tuple[Any, Any]] = {}
+        for k, v in state.items():
+            if k.startswith("_") and k in tables:
+                continue
+            if isinstance(v, list):
+                containers[id(v)] = (v, list(v))
+            elif isinstance(v, dict) and not isinstance(v, nn.Module):
+                containers[id(v)] = (v, dict(v))
+        snaps.append(_Snapshot(m, state, tables, containers))
+    return snaps
+
+
+def _restore(snaps: list[_Snapshot]) -> None:
+    for snap in snaps:
+        m = snap.module
+        m.__dict__.clear()
+        m.__dict__.update(snap.state)
+        for key, contents in snap.tables.items():
+            table = m.__dict__[key]
+            table.clear()
+            table.update(contents)
+        for container, contents in snap.containers.values():
+            if isinstance(container, list):
+                container[:] = contents
+            else:
+                container.clear()
+                container.update(contents)
+
+
+def _holds_proxy(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth > 2 or isinstance(value, (nn.Module, torch.Tensor)):
+        return False
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_proxy(v, depth + 1) for v in value.values())
+    return False
+
+
+def trace_restoring(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """``tracer.trace(module)`` with every module of ``module`` restored as it was afterwards.
+
+    Returns the graph and the constants the tracer attached to the root (``_tensor_constant0``
+    for a tensor the forward creates), which :func:`graph_module` needs. Raises what tracing
+    raises, or :class:`StoredProxyError` when a Proxy is still reachable from an attribute.
+    """
+    snaps = _snapshot(module)
+    before = snaps[0].state
+    extras: dict[str, Any] = {}
+    try:
+        graph = tracer.trace(module)
+        for table in ("_parameters", "_buffers"):
+            extras.update({k: v for k, v in module.__dict__[table].items() if k not in snaps[0].tables[table]})
+        extras.update({k: v for k, v in module.__dict__.items() if k not in before})
+    finally:
+        _restore(snaps)
+    for m in module.modules():
+        for key, value in m.__dict__.items():
+            if _holds_proxy(value):
+                raise StoredProxyError(
+                    f"its forward stores a traced value inside {type(m).__name__}.{key}, which convfuse cannot restore"
+                )
+    return graph, extras
+
+
+def graph_module(module: nn.Module, graph: fx.Graph, extras: dict[str, Any], name: str) -> fx.GraphModule:
+    """A scratch GraphModule over ``graph`` that shares ``module``'s layers and tensors (its
+    intermediate containers are plain ``nn.Module`` shells, so fusing it never touches
+    ``module``)."""
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in root:
+            root[node.target] = extras[node.target] if node.target in extras else get_path(module, node.target)
+    return fx.GraphModule(root, graph, name)
+
+
+# --------------------------------------------------------------------------- paths
+def get_path(root: nn.Module, target: str) -> Any:
+    """The attribute at dotted ``target`` under ``root`` (``root`` itself for ``""``)."""
+    return operator.attrgetter(target)(root) if target else root
+
+
+def set_path(root: nn.Module, target: str, value: nn.Module) -> None:
+    """Put ``value`` at dotted ``target`` under ``root`` (the parent must exist)."""
+    owner, _, leaf = target.rpartition(".")
+    setattr(get_path(root, owner), leaf, value)
+
+
+# --------------------------------------------------------------------------- generated forward
+_BASE = "_convfuse_base"
+_CODE = "_convfuse_code"
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+class _Code:
+    """``module.code``: the generated forward's source, as ``GraphModule.code`` gives it. A
+    non-data descriptor, so an instance attribute named ``code`` still wins."""
+
+    def __get__(self, obj: Any, cls: type) -> str:
+        return generated_code(cls) or ""
+
+
+def _fused_class(base: type, code: str) -> type:
+    """The subclass of ``base`` whose forward is ``code`` (one class per base and code)."""
+    key = (base, code)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        forward = _forward_from_src(code, {})
+        namespace = {
+            "forward": forward,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+            "__reduce_ex__": _reduce_ex,
+            _BASE: base,
+            _CODE: code,
+        }
+        if not hasattr(base, "code"):
+            namespace["code"] = _Code()
+        cls = type(base.__name__, (base,), namespace)
+        _CLASSES[key] = cls
+    return cls
+
+
+def generated_code(module: nn.Module | type) -> str | None:
+    """The source of the forward convfuse generated for ``module`` (or its class), else None."""
+    cls = module if isinstance(module, type) else type(module)
+    return cls.__dict__.get(_CODE)
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    cls = type(self)
+    return (_new_fused, (getattr(cls, _BASE), getattr(cls, _CODE)), self.__dict__.copy())
+
+
+def _new_fused(base: type, code: str) -> nn.Module:
+    """An empty instance of the fused subclass (pickle and deepcopy fill in its state)."""
+    cls = _fused_class(base, code)
+    return cls.__new__(cls)
+
+
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before convfuse gave it a generated forward."""
+    return getattr(type(module), _BASE, type(module))
+
+
+def install_forward(module: nn.Module, graph: fx.Graph) -> None:
+    """Give ``module`` the forward ``graph`` computes (targets relative to ``module``), keeping
+    its instance state and subclassing its own class."""
+    python = graph.python_code(root_module="self")
+    code = _format_import_block(python.globals, sys_importer) + python.src
+    module.__class__ = _fused_class(original_class(module), code)
