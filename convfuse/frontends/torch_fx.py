@@ -319,7 +319,7 @@ def _explain_remaining_convs(module: nn.Module, ctx: _Context) -> None:
                 (shown,), Decline(Reason.SELF_CHECK, f"{back[-1]} was put back as it was by the self-check (see that line)")
             )
             continue
-        if split:
+        if split and (not untraced or ancestors.index(split[-1]) > ancestors.index(untraced[-1])):
             why = (
                 f"its parent calls the layers of Sequential {split[-1]} one by one rather than the Sequential "
                 "as a whole, so they are not merged across its children"
@@ -433,7 +433,7 @@ def module_op(module: nn.Module, name: str) -> LinearOp | Decline | None:
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
@@ -501,9 +501,11 @@ def _fuse_children(module: nn.Module, prefix: str, ctx: _Context) -> None:
             setattr(module, name, new)
 
 
-def _trace(module: nn.Module, prefix: str, ctx: _Context, report: bool = True) -> tuple[fx.Graph, dict[str, Any]] | None:
-    """``module``'s graph and tracer constants, restored as it was; None (reported when
-    ``report``) when torch.fx cannot trace it."""
+def _trace(
+    module: nn.Module, prefix: str, ctx: _Context, report: bool = True
+) -> tuple[fx.Graph, dict[str, Any], dict[str, list[str]]] | None:
+    """``module``'s graph, tracer constants and attribute writes, the module restored as it
+    was; None (reported when ``report``) when torch.fx cannot trace it."""
     tracer = _Tracer()
     try:
         return trace_restoring(tracer, module)
@@ -562,21 +564,24 @@ def _fuse_traced(
 ) -> bool | None:
     """Trace ``module``, merge its graph and write the result back into ``module`` itself.
 
-    Surgery when every merge is a straight run of layer calls (the forward is kept); when a merge
-    needs new code and lies inside one child's forward, that child is fused on its own first and
-    ``module`` traced again, so the new code is as deep as it can be; otherwise ``module`` gets
-    a generated forward (:mod:`.torch_surgery`). Returns whether it changed, None when it cannot
-    be traced (reported). Hooked children (leaves of the trace) are fused on their own.
+    Surgery when every merge is a straight run of layer calls (the forward is kept). A merge
+    that needs new code inside one child's forward is made by fusing that child on its own
+    first (then ``module`` is traced again), so new code is as deep as it can be; one that needs
+    new code in ``module``'s own forward gives ``module`` a generated forward
+    (:mod:`.torch_surgery`), unless a forward it would replace assigns attributes: then only
+    straight runs merge and the others are declined. Returns whether it changed, None when it
+    cannot be traced (reported). Hooked children (leaves of the trace) are fused on their own.
     """
     traced = _trace(module, prefix, ctx, report=depth == 0)
     if traced is None:
         return None
-    graph, extras = traced
+    graph, extras, writes = traced
     with _from_fx(prefix, module):
         gm = graph_module(module, graph, extras, type(module).__name__)
-        calls = _Before.of(graph)
+        before = _Before.of(graph)
         mark = (len(ctx.report.merges), len(ctx.report.declines), len(ctx.report.notes))
-        fuser = _GraphFuser(gm, prefix, ctx, inputs)
+        writers = "; ".join(f"{_join(prefix, p) or type(module).__name__} assigns {', '.join(w)}" for p, w in writes.items())
+        fuser = _GraphFuser(gm, prefix, ctx, inputs, straight_only=writers if depth > _MAX_DESCENT else "")
         changed = fuser.run()
         inner = fuser.inner_scopes() if changed and depth < _MAX_DESCENT else []
         children = [get_path(module, scope) for scope in inner]
@@ -589,10 +594,13 @@ def _fuse_traced(
                 _fuse_any(child, _join(prefix, scope), ctx)
             _fuse_traced(module, prefix, ctx, inputs, depth + 1)
             return True
+        if changed and not fuser.straight and writers and depth <= _MAX_DESCENT:
+            del ctx.report.merges[mark[0] :], ctx.report.declines[mark[1] :], ctx.report.notes[mark[2] :]
+            return _fuse_traced(module, prefix, ctx, inputs, _MAX_DESCENT + 1)
         if changed:
-            _write_back(module, gm, fuser, calls, extras)
+            _write_back(module, gm, fuser, before, extras)
             ctx.parts.append(module)
-    for target in calls.calls:
+    for target in before.calls:
         try:
             child = get_path(module, target)
         except AttributeError:
@@ -833,7 +841,7 @@ def _fuse_segment(
     traced = _trace(holder, prefix, scratch, report=False)
     if traced is None:
         return None
-    graph, extras = traced
+    graph, extras, _ = traced
     with _from_fx(prefix, holder):
         gm = graph_module(holder, graph, extras, "Sequential")
         calls = _Before.of(graph)
@@ -1030,7 +1038,7 @@ def _qualified(target: Any) -> str:
 
 def _named_sources(report: Report) -> set[str]:
     """Every layer name a merge or decline line of ``report`` mentions."""
-    named = {s for m in report.merges for s in m.sources}
+    named = {s for m in report.merges for s in (*m.sources, m.target)}
     named |= {s for d in report.declines for s in d.sources}
     return named
 
@@ -1038,8 +1046,11 @@ def _named_sources(report: Report) -> set[str]:
 class _GraphFuser:
     """Find maximal linear regions of a traced graph, reduce them, write them back."""
 
-    def __init__(self, gm: fx.GraphModule, prefix: str, ctx: _Context, inputs: tuple[Any, ...] | None) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, prefix: str, ctx: _Context, inputs: tuple[Any, ...] | None, straight_only: str = ""
+    ) -> None:
         self.gm = gm
+        self.straight_only = straight_only  # why only straight runs may merge here ("" : anything may)
         self.graph = gm.graph
         self.prefix = prefix
         self.ctx = ctx
@@ -1270,17 +1281,25 @@ class _GraphFuser:
         return src, [step], nodes
 
     # ------------------------------------------------------------------ regions
+    def _decline_new_code(self, names: tuple[str, ...]) -> None:
+        where = self.prefix or type(self.gm).__name__
+        self.ctx.report.declined(
+            names,
+            Decline(
+                Reason.UNSUPPORTED,
+                f"merging this needs a new forward for {where}, but the forward it would replace writes "
+                f"attributes ({self.straight_only}), which a generated forward would not repeat",
+            ),
+        )
+
     @property
     def straight(self) -> bool:
         """Every merge replaced a straight run of layer calls: surgery keeps the forward."""
         return all(straight for straight, _ in self.rewrites)
 
     def inner_scopes(self) -> list[str]:
-        """The children (paths) whose own forwards hold every merge that needs new code, or []
-        when one of them lies in this module's own forward."""
-        scopes = sorted({scope for straight, scope in self.rewrites if not straight})
-        if not scopes or "" in scopes:
-            return []
+        """The children (outermost paths) whose own forwards hold a merge that needs new code."""
+        scopes = sorted({scope for straight, scope in self.rewrites if not straight} - {""})
         return [s for s in scopes if not any(s.startswith(o + ".") for o in scopes)]
 
     def _scope(self, nodes: Iterable[fx.Node]) -> str:
@@ -1352,6 +1371,9 @@ class _GraphFuser:
             if isinstance(red, Decline):
                 self.ctx.report.declined(names, red)
                 continue
+            if red.changed and self.straight_only and not self._is_straight(src, nodes, red.pieces):
+                self._decline_new_code(names)
+                continue
             if red.changed:
                 self._write(root, src, red.pieces, nodes)
         self._explain_unmerged()
@@ -1411,6 +1433,9 @@ class _GraphFuser:
                     pieces, changed = red.pieces, True
             self._report_shared(src, nodes)  # a shared term is what keeps this sum apart
             plans.append((src, pieces))
+        if changed and self.straight_only:
+            self._decline_new_code((root.name,))
+            return set()
         hazard = self._inplace_hazard(root, nodes) if changed else None
         if hazard is not None:
             self.ctx.report.declined((root.name,), hazard)

@@ -116,21 +116,39 @@ def _holds_proxy(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def trace_restoring(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+def _written(snap: _Snapshot, skip: set[str]) -> list[str]:
+    """Attributes of ``snap.module`` that tracing assigned (new or different objects)."""
+    now = snap.module.__dict__
+    out = [k for k, v in now.items() if k not in skip and (k not in snap.state or snap.state[k] is not v)]
+    for table, saved in snap.tables.items():
+        current = now.get(table, {})
+        out += [k for k, v in current.items() if k not in skip and (k not in saved or saved[k] is not v)]
+    return sorted(set(out) - set(snap.tables))
+
+
+def trace_restoring(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, Any], dict[str, list[str]]]:
     """``tracer.trace(module)`` with every module of ``module`` restored as it was afterwards.
 
-    Returns the graph and the constants the tracer attached to the root (``_tensor_constant0``
-    for a tensor the forward creates), which :func:`graph_module` needs. Raises what tracing
-    raises, or :class:`StoredProxyError` when a Proxy is still reachable from an attribute.
+    Returns the graph, the constants the tracer attached to the root (``_tensor_constant0``
+    for a tensor the forward creates), which :func:`graph_module` needs, and the attributes each
+    module's forward assigned while traced (by module path; a generated forward would not
+    repeat those writes). Raises what tracing raises, or :class:`StoredProxyError` when a Proxy
+    is still reachable from an attribute.
     """
     snaps = _snapshot(module)
+    names = {id(m): name for name, m in module.named_modules()}
     before = snaps[0].state
     extras: dict[str, Any] = {}
+    writes: dict[str, list[str]] = {}
     try:
         graph = tracer.trace(module)
         for table in ("_parameters", "_buffers"):
             extras.update({k: v for k, v in module.__dict__[table].items() if k not in snaps[0].tables[table]})
         extras.update({k: v for k, v in module.__dict__.items() if k not in before})
+        for snap in snaps:
+            written = _written(snap, set(extras) if snap is snaps[0] else set())
+            if written:
+                writes[names.get(id(snap.module), "?")] = written
     finally:
         _restore(snaps)
     for m in module.modules():
@@ -139,7 +157,7 @@ def trace_restoring(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dic
                 raise StoredProxyError(
                     f"its forward stores a traced value inside {type(m).__name__}.{key}, which convfuse cannot restore"
                 )
-    return graph, extras
+    return graph, extras, writes
 
 
 def graph_module(module: nn.Module, graph: fx.Graph, extras: dict[str, Any], name: str) -> fx.GraphModule:
