@@ -305,7 +305,7 @@ def put_back_failures(
     If the remaining whole still fails (parts that fail only together), the original model
     comes back, every remaining part named. Returns the model and ``(part, why)`` per part put back.
     """
-    ok, _, why = check(fused)
+    ok, _, why = check(copy.deepcopy(fused))  # copies run: the returned module's state stays as built
     if ok:
         return fused, []
     failed: list[tuple[Part, str]] = []
@@ -314,7 +314,7 @@ def put_back_failures(
         if not ok:
             failed.append((part, why))
             fused = _revert(fused, part)
-    ok, _, why = check(fused)
+    ok, _, why = check(copy.deepcopy(fused))
     if not ok:
         done = {id(p) for p, _ in failed}
         failed += [(p, f"the fused parts together {why}") for p in parts if id(p) not in done]

@@ -198,7 +198,7 @@ def _fuse_with_report(
     if batches is not None:
         fused = _self_check(module, fused, ctx, batches, originals)
     _explain_remaining_convs(module, ctx)
-    report.after, out = _stats(fused, inputs, report)
+    report.after, out = _stats(copy.deepcopy(fused) if inputs is not None else fused, inputs, report)
     if ctx.untraced:
         report.notes.append(
             f"not traced by torch.fx (children fused separately): {', '.join(ctx.untraced)}"
@@ -260,7 +260,7 @@ def _self_check(
             Decline(Reason.SELF_CHECK, f"the fused {type(part.original).__name__} {why}; it was put back as it was"),
         )
         ctx.checked_back.append(part.path)
-    ok, err, why = batches.check(fused)
+    ok, err, why = batches.check(copy.deepcopy(fused))
     shape = ", ".join(str(tuple(t.shape)) for t in batches.inputs[0] if isinstance(t, torch.Tensor))
     if ok:
         ctx.report.notes.append(
