@@ -73,7 +73,16 @@ from .torch_check import (
 from .torch_layers import conv_from_spec
 from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule
 from .torch_rules import module_op as _rule_op
-from .torch_surgery import get_path, graph_module, has_hooks, install_forward, set_path, trace_restoring
+from .torch_surgery import (
+    carry_attributes,
+    get_path,
+    graph_module,
+    has_hooks,
+    install_forward,
+    replace_layer,
+    set_path,
+    trace_restoring,
+)
 
 __all__ = ["fuse", "fuse_with_report"]
 
@@ -638,10 +647,10 @@ def _write_back(module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, befor
         except AttributeError:
             old = None
         if old is not new:
-            set_path(module, target, new)
+            replace_layer(module, target, new)
     for target in before.calls:
         if target not in called:
-            set_path(module, target, nn.Identity())
+            replace_layer(module, target, nn.Identity())
     if fuser.straight:
         return
     hollow: set[str] = set()
@@ -661,7 +670,7 @@ def _write_back(module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, befor
         except AttributeError:
             continue  # inside a module already replaced
         if not any(u == path or u.startswith(path + ".") for u in used):
-            set_path(module, path, nn.Identity())
+            replace_layer(module, path, nn.Identity())
         elif path in hollow:
             set_path(module, path, _shell(old))
     for node in final:
@@ -837,17 +846,25 @@ def _fuse_segment(
     one GraphModule child, with the report lines; None when it does not trace or nothing merges
     (the child-by-child route then fuses and reports it)."""
     holder = nn.Sequential(OrderedDict(seg))
-    scratch = replace(ctx, report=Report(), untraced=[], seen=set(), parts=[])
-    traced = _trace(holder, prefix, scratch, report=False)
-    if traced is None:
-        return None
-    graph, extras, _ = traced
-    with _from_fx(prefix, holder):
-        gm = graph_module(holder, graph, extras, "Sequential")
-        calls = _Before.of(graph)
-        fuser = _GraphFuser(gm, prefix, scratch, None)
-        if not fuser.run():
+    for attempt in range(2):
+        scratch = replace(ctx, report=Report(), untraced=[], seen=set(), parts=[])
+        traced = _trace(holder, prefix, scratch, report=False)
+        if traced is None:
             return None
+        graph, extras, _ = traced
+        with _from_fx(prefix, holder):
+            gm = graph_module(holder, graph, extras, "Sequential")
+            calls = _Before.of(graph)
+            fuser = _GraphFuser(gm, prefix, scratch, None)
+            if not fuser.run():
+                return None
+        inner = [s for s in fuser.inner_scopes() if id(get_path(holder, s)) not in ctx.descended]
+        if attempt or not inner:
+            break
+        for scope in inner:  # new code inside one child: that child gets it, then fuse the run again
+            child = get_path(holder, scope)
+            ctx.descended.add(id(child))
+            _fuse_any(child, _join(prefix, scope), ctx)
     ctx.seen |= scratch.seen
     ctx.parts += scratch.parts
     if fuser.straight:
@@ -938,6 +955,7 @@ def _write_run(
         out += unchanged
         return
     key_of = {op.name: op.origin[0] for op in steps}
+    origin_of = {op.name: op.origin[1] for op in steps}
     for piece in red.pieces:
         if isinstance(piece, Kept):
             out.append(piece.op.origin)
@@ -946,12 +964,26 @@ def _write_run(
                 merges.append((-1, piece))
                 continue
             merges.append((len(out), piece))
-            out.append((key_of[piece.sources[0]], conv_from_spec(piece.spec)))
+            merged = conv_from_spec(piece.spec)
+            carry_attributes(origin_of[piece.sources[0]], merged)
+            out.append((key_of[piece.sources[0]], merged))
         else:  # pragma: no cover - a chain has no branches
             raise AssertionError("a Sequential run reduced to branches")
 
 
 # --------------------------------------------------------------------------- torch.fx graphs
+def _kept_nodes(pieces: Sequence[Piece]) -> set[Any]:
+    """The graph nodes of the ops ``pieces`` write back unchanged (those need no new code)."""
+    out: set[Any] = set()
+    for piece in pieces:
+        if isinstance(piece, Kept) and piece.op.origin is not None:
+            out.add(piece.op.origin)
+        elif isinstance(piece, Branches):
+            for branch in piece.branches:
+                out |= _kept_nodes(branch)
+    return out
+
+
 def _verbatim(steps: Sequence[Step]) -> list[Piece]:
     """Steps written back as they are."""
     return [
@@ -1441,7 +1473,7 @@ class _GraphFuser:
             self.ctx.report.declined((root.name,), hazard)
         if not changed or hazard is not None:
             return set()
-        self.rewrites.append((False, self._scope(nodes)))
+        self.rewrites.append((False, self._scope(nodes - {n for _, p in plans for n in _kept_nodes(p)})))
         with self.graph.inserting_before(root):
             outs = [self._emit(pieces, src) for src, pieces in plans]
             acc = outs[0]
@@ -1554,7 +1586,7 @@ class _GraphFuser:
     # ------------------------------------------------------------------ write back
     def _write(self, root: fx.Node, src: fx.Node, pieces: list[Piece], nodes: set[fx.Node]) -> None:
         straight = self._is_straight(src, nodes, pieces)
-        self.rewrites.append((straight, "" if straight else self._scope(nodes)))
+        self.rewrites.append((straight, "" if straight else self._scope(nodes - _kept_nodes(pieces))))
         with self.graph.inserting_before(root):
             out = self._emit(pieces, src, in_place=straight)
         self._replace(root, out, nodes)

@@ -23,6 +23,7 @@ tracing, so a forward that writes ``self.mean = self.mean.type_as(x)`` never lea
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ __all__ = [
     "generated_code",
     "get_path",
     "set_path",
+    "replace_layer",
+    "carry_attributes",
 ]
 
 #: Per-module hook tables of ``nn.Module`` (forward, pre-forward and backward).
@@ -181,6 +184,36 @@ def set_path(root: nn.Module, target: str, value: nn.Module) -> None:
     """Put ``value`` at dotted ``target`` under ``root`` (the parent must exist)."""
     owner, _, leaf = target.rpartition(".")
     setattr(get_path(root, owner), leaf, value)
+
+
+def replace_layer(root: nn.Module, target: str, value: nn.Module) -> None:
+    """Put ``value`` in place of the layer at ``target``, carrying the plain attributes the
+    model gave that layer (``m.f``, ``m.i`` of a routing parent) over to it."""
+    try:
+        old = get_path(root, target)
+    except AttributeError:
+        old = None
+    if isinstance(old, nn.Module):
+        carry_attributes(old, value)
+    set_path(root, target, value)
+
+
+def carry_attributes(old: nn.Module, new: nn.Module) -> None:
+    """Copy to ``new`` the public plain attributes of ``old`` that its class does not set itself
+    (not ``nn.Module`` state, not an argument of a torch layer's ``__init__``)."""
+    if type(old).__module__.startswith("torch."):
+        try:
+            own = set(inspect.signature(type(old).__init__).parameters)
+        except (TypeError, ValueError):
+            own = set()
+    else:
+        own = set()
+    for key, value in old.__dict__.items():
+        if key.startswith("_") or key in own or key == "training" or key in new.__dict__:
+            continue
+        if isinstance(value, (nn.Module, nn.Parameter)):
+            continue
+        new.__dict__[key] = value
 
 
 # --------------------------------------------------------------------------- generated forward
