@@ -1,9 +1,16 @@
 """PyTorch front end: ``fuse(module)`` merges every exact linear run of an ``nn.Module``.
 
-An ``nn.Sequential`` (nested too) comes back as an ``nn.Sequential`` with merged layers in
-place; any other module is traced with ``torch.fx`` and comes back as a ``GraphModule`` when
-something merged. A module fx cannot trace (data-dependent control flow) keeps its own forward
-and has its children fused one by one; the report says which modules were not traced.
+The returned module is the caller's model (a copy), not a rewrite of it: every module keeps its
+class, attributes, methods, buffers, hooks and ``training`` flag. An ``nn.Sequential`` its parent
+calls as a whole has its runs merged in place (a Sequential whose children the parent calls one
+by one, as routing loops do, is fused child by child). Any other module is traced with
+``torch.fx`` (:func:`.torch_surgery.trace_restoring`: tracing never changes it) and written back
+by surgery when every merge is a straight run of layer calls, or given a generated forward on a
+subclass of its own class, as deep in the tree as the merge allows (:mod:`.torch_surgery` says
+which happens when). A module fx cannot trace (data-dependent control flow) keeps its own
+forward and has its children fused one by one; the report says which modules were not traced.
+Before returning, :mod:`.torch_check` runs the result next to the original and puts back any
+module that raises or differs (reason ``self-check``).
 
 This module finds regions and writes them back; :mod:`.torch_rules` says which layers are
 linear, :mod:`.torch_ir` reduces a region with :mod:`convfuse.algebra`.
