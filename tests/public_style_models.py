@@ -27,6 +27,7 @@ __all__ = [
     "Concat",
     "Detect",
     "DetectionModel",
+    "RoutingParent",
     "TrainBlock",
     "SRNet",
 ]
@@ -208,6 +209,31 @@ class DetectionModel(nn.Module):
 
     def info(self):
         return f"{len(self.model)} layers, {sum(p.numel() for p in self.parameters())} parameters"
+
+
+class RoutingParent(nn.Module):
+    """The routing loop of ``DetectionModel`` over any layers: layer ``i`` adds the saved output
+    of layer ``f`` to its input (``f = -1``: none); ``channels`` adds a shape check fx cannot
+    trace (as a detection head's ``x.shape`` work does), so the children are fused on their own."""
+
+    def __init__(self, layers: list[nn.Module], routes: list[int], channels: int | None = None) -> None:
+        super().__init__()
+        for i, (m, f) in enumerate(zip(layers, routes)):
+            m.f, m.i = f, i
+        self.model = nn.Sequential(*layers)
+        self.save = sorted({f for f in routes if f >= 0})
+        self.channels = channels
+
+    def forward(self, x):
+        y = []
+        for m in self.model:
+            if m.f != -1:
+                x = x + y[m.f]
+            x = m(x)
+            y.append(x if m.i in self.save else None)
+        if self.channels is not None and x.shape[1] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {x.shape[1]}")
+        return x
 
 
 # --------------------------------------------------------------------------- SR style

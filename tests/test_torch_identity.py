@@ -12,7 +12,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import convfuse
@@ -24,7 +23,7 @@ from convfuse.frontends.torch_surgery import generated_code, original_class
 
 from ._torch_models import RepVGGBlock, conv_bn, rand_bn, randomize_bn
 from .helpers import rel_err
-from .public_style_models import SRNet, DetectionModel, TrainBlock
+from .public_style_models import DetectionModel, RoutingParent, SRNet, TrainBlock
 
 FP32 = 1e-5
 
@@ -73,29 +72,9 @@ def test_yolo_style_routing_over_plain_layers_twin_never_merges_across_children(
     later layer reads the conv's own output (``f = 0``): merging them across the children would
     change what that layer reads, so they stay; the layers inside each child still merge."""
 
-    class Router(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            layers = [nn.Conv2d(3, 4, 3, padding=1), rand_bn(4), nn.Sequential(nn.Conv2d(4, 4, 1), rand_bn(4))]
-            for i, (m, f) in enumerate(zip(layers, (-1, -1, 0))):
-                m.f, m.i = f, i
-            self.model = nn.Sequential(*layers)
-            self.save = [0]
-            self.expected = 8
-
-        def forward(self, x):
-            y = []
-            for m in self.model:
-                if m.f != -1:
-                    x = x + y[m.f]
-                x = m(x)
-                y.append(x if m.i in self.save else None)
-            if x.shape[-1] != self.expected:  # shape-dependent control flow: fx cannot trace the parent
-                raise ValueError("unexpected size")
-            return x
-
     torch.manual_seed(1)
-    model = Router().eval()
+    layers = [nn.Conv2d(3, 4, 3, padding=1), rand_bn(4), nn.Sequential(nn.Conv2d(4, 4, 1), rand_bn(4))]
+    model = RoutingParent(layers, [-1, -1, 0], channels=4).eval()  # shape check: fx cannot trace it
     x = torch.randn(2, 3, 8, 8)
     fused, report = convfuse.fuse(model, return_report=True, example_inputs=x)
     assert rel_err(_out(model, x), _out(fused, x)) <= FP32
@@ -293,19 +272,25 @@ def test_torch_export_of_the_fused_yolo_block() -> None:
 
 
 # --------------------------------------------------------------------------- the self-check
-def test_self_check_puts_back_a_part_that_does_not_match(monkeypatch) -> None:
-    """A wrong merge (the merged conv's bias perturbed here) is caught before returning: that
-    module is put back with reason self-check, the rest stays fused."""
+def _perturb_merges(monkeypatch, factor: float, kernel: int | None = None) -> None:
+    """Make the torch front end write wrong merged convs (weights scaled by ``factor``; only
+    those with a ``kernel``-wide kernel when given)."""
     real = torch_fx.conv_from_spec
 
     def wrong(spec):
         conv = real(spec)
-        if conv.weight.shape[-1] == 3 and isinstance(conv, nn.Conv2d):  # only the 3x3 merges
+        if isinstance(conv, nn.Conv2d) and kernel in (None, conv.weight.shape[-1]):
             with torch.no_grad():
-                conv.weight.mul_(1.01)
+                conv.weight.mul_(factor)
         return conv
 
     monkeypatch.setattr(torch_fx, "conv_from_spec", wrong)
+
+
+def test_self_check_puts_back_a_part_that_does_not_match(monkeypatch) -> None:
+    """A wrong merge (the merged 3x3 scaled by 1.01 here) is caught before returning: that
+    module is put back with reason self-check, the rest stays fused."""
+    _perturb_merges(monkeypatch, 1.01, kernel=3)
     torch.manual_seed(12)
     model = _Stage(4).eval()
     x = torch.randn(2, 4, 6, 6)
@@ -321,15 +306,7 @@ def test_self_check_twin_skipped_with_check_false_and_noted_without_inputs(monke
     """The twins: ``check=False`` returns the (here wrong) merge unchecked and says so; a model
     that does not start with a conv and has no example inputs is returned with a note that no
     check could run."""
-    real = torch_fx.conv_from_spec
-
-    def wrong(spec):
-        conv = real(spec)
-        with torch.no_grad():
-            conv.weight.mul_(2.0)
-        return conv
-
-    monkeypatch.setattr(torch_fx, "conv_from_spec", wrong)
+    _perturb_merges(monkeypatch, 2.0)
     torch.manual_seed(13)
     model = _Stage(4).eval()
     fused, report = convfuse.fuse(model, return_report=True, check=False)

@@ -20,7 +20,7 @@ from convfuse.frontends.torch_surgery import original_class
 
 from ._torch_models import RepVGGBlock, rand_bn
 from .helpers import rel_err
-from .public_style_models import TrainBlock
+from .public_style_models import RoutingParent, TrainBlock
 
 C = 4
 TOL = 1e-9
@@ -52,30 +52,6 @@ class Scaled(nn.Module):
         return self.a(x) + self.alpha * self.b(x)
 
 
-class Router(nn.Module):
-    """A parent that loops over its Sequential's children and routes by ``f``/``i``, YOLO style;
-    ``guard`` adds a shape check fx cannot trace, so the children are fused on their own."""
-
-    def __init__(self, layers: list[nn.Module], routes: list[int], guard: bool) -> None:
-        super().__init__()
-        for i, (m, f) in enumerate(zip(layers, routes)):
-            m.f, m.i = f, i
-        self.model = nn.Sequential(*layers)
-        self.save = sorted({f for f in routes if f >= 0})
-        self.guard = guard
-
-    def forward(self, x):
-        y = []
-        for m in self.model:
-            if m.f != -1:
-                x = x + y[m.f]
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-        if self.guard and x.shape[1] != C:
-            raise ValueError("channels changed")
-        return x
-
-
 def _leaf(kind: str, tag: str) -> nn.Module:
     return {
         "conv3": lambda: nn.Conv2d(C, C, 3, padding=1),
@@ -102,10 +78,10 @@ def _tree(draw: st.DrawFn, depth: int = 0) -> nn.Module:
     if shape == "seq":
         return nn.Sequential(*children)
     routes = [-1] + [draw(st.sampled_from(list(range(i)) + [-1])) for i in range(1, n)]
-    return Router(children, routes, guard=draw(st.booleans()))
+    return RoutingParent(children, routes, channels=C if draw(st.booleans()) else None)
 
 
-_ATTRS = ("tag", "k", "alpha", "f", "i", "save", "guard")
+_ATTRS = ("tag", "k", "alpha", "f", "i", "save", "channels")
 
 
 def _check_identity(model: nn.Module, fused: nn.Module) -> None:
@@ -126,7 +102,7 @@ def _check_identity(model: nn.Module, fused: nn.Module) -> None:
         for attr in _ATTRS:
             if hasattr(m, attr):
                 assert getattr(f, attr) == getattr(m, attr), (name, attr)
-        if isinstance(m, Router):
+        if isinstance(m, RoutingParent):
             assert len(f.model) == len(m.model), name
 
 

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..compare import compare, tolerance_for
 from ..errors import one_line
-from .torch_surgery import _HOOK_TABLES
+from .torch_surgery import HOOK_TABLES
 
 __all__ = [
     "example_spatial_size",
@@ -136,7 +136,7 @@ def quiet(model: nn.Module) -> Iterator[None]:
     """Every module of ``model`` without its hooks for the duration (restored afterwards)."""
     saved = []
     for m in model.modules():
-        for table in _HOOK_TABLES:
+        for table in HOOK_TABLES:
             hooks = getattr(m, table, None)
             if hooks:
                 saved.append((m, table, hooks))

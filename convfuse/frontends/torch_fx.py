@@ -201,9 +201,10 @@ def _fuse_with_report(
     batches = _batches(reference, inputs, report) if check else None
     if not check:
         report.notes.append("self-check: skipped (check=False)")
-    whole = None
-    if batches is not None:
-        paths = sequentials_called_whole(reference, batches.inputs[0])
+    probe = batches.inputs[0] if batches is not None else inputs or infer_example_input(reference)
+    whole = None  # which Sequentials their parents call as a whole: seen on a run of a copy
+    if probe is not None:
+        paths = sequentials_called_whole(reference, probe)
         if paths is not None:
             named = dict(work.named_modules())
             whole = {id(named[p]) for p in paths if p in named}

@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _format_import_block, _forward_from_src, sys_importer
 
 __all__ = [
+    "HOOK_TABLES",
     "StoredProxyError",
     "has_hooks",
     "trace_restoring",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 #: Per-module hook tables of ``nn.Module`` (forward, pre-forward and backward).
-_HOOK_TABLES = (
+HOOK_TABLES = (
     "_forward_hooks",
     "_forward_pre_hooks",
     "_backward_hooks",
@@ -61,7 +62,7 @@ class StoredProxyError(RuntimeError):
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has its own forward, pre-forward or backward hooks."""
-    return any(getattr(module, table, None) for table in _HOOK_TABLES)
+    return any(getattr(module, table, None) for table in HOOK_TABLES)
 
 
 # --------------------------------------------------------------------------- tracing safely
