@@ -377,3 +377,63 @@ def test_tracing_restores_what_a_forward_writes() -> None:
     assert model.last == [] and isinstance(model.scale, torch.Tensor)
     assert fused.last == [] and type(fused.scale) is torch.Tensor
     assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and len(fused.last) == 1
+
+
+# --------------------------------------------------------------------------- aliases and unknown sizes
+class _Aliased(nn.Module):
+    def __init__(self, alias: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = rand_bn(4)
+        if alias:
+            self.norm = self.bn  # the same BN under a second name; the forward uses that one
+
+    def forward(self, x):
+        return torch.relu(getattr(self, "norm", self.bn)(self.conv(x)))
+
+
+def test_layer_registered_under_two_names_is_not_replaced_in_place() -> None:
+    """Surgery at one name would leave the other calling the old BN: a generated forward instead."""
+    torch.manual_seed(15)
+    model = _Aliased(alias=True).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = convfuse.fuse(model, example_inputs=x)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32
+    assert generated_code(fused) is not None and _counts(fused)[1] == 0
+
+
+def test_layer_with_one_name_twin_is_replaced_in_place() -> None:
+    torch.manual_seed(15)
+    model = _Aliased(alias=False).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = convfuse.fuse(model, example_inputs=x)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32
+    assert generated_code(fused) is None and _counts(fused) == (1, 0) and type(fused.bn) is nn.Identity
+
+
+class _FixedHead(nn.Module):
+    """LeNet-style: the Linear head wants exactly 32x32 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 5), rand_bn(6), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(6 * 14 * 14, 10)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def test_model_whose_size_cannot_be_inferred_is_fused_and_says_it_was_not_checked() -> None:
+    torch.manual_seed(16)
+    model = _FixedHead().eval()
+    fused, report = convfuse.fuse(model, return_report=True)
+    assert any(n.startswith("self-check: not run (the original module fails on an inferred input") for n in report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and _counts(fused) == (1, 0)
+
+
+def test_model_whose_size_is_given_twin_is_checked() -> None:
+    torch.manual_seed(16)
+    model = _FixedHead().eval()
+    _, report = convfuse.fuse(model, return_report=True, example_inputs=torch.randn(1, 3, 32, 32))
+    assert any(n.startswith("self-check: fused and original agree on example inputs (1, 3, 32, 32)") for n in report.notes)

@@ -81,13 +81,15 @@ def _first_leaf_with_weights(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def infer_example_input(module: nn.Module, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor] | None:
+def infer_example_input(
+    module: nn.Module, batch: int = 2, seed: int = 0, scale: int = 1
+) -> tuple[torch.Tensor] | None:
     """A random ``[batch, C, *spatial]`` input for a model that starts with a conv, else None.
 
     "Starts with a conv": the first leaf layer holding weights, in registration order, is a
     ``ConvNd`` (or ``ConvTransposeNd``); ``C`` comes from its weight, the spatial size from
-    :func:`example_spatial_size` over every conv and pooling layer of the model, dtype and device
-    from the weight.
+    :func:`example_spatial_size` over every conv and pooling layer of the model (times
+    ``scale``), dtype and device from the weight.
     """
     first = _first_leaf_with_weights(module)
     if not isinstance(first, _CONV) or isinstance(first.weight, nn.parameter.UninitializedParameter):
@@ -107,7 +109,7 @@ def infer_example_input(module: nn.Module, batch: int = 2, seed: int = 0) -> tup
             s = m.stride if m.stride not in (None, (), []) else k
             strides.append(tuple(s) if isinstance(s, (tuple, list)) else (int(s),))
             kernels.append(tuple(int(v) for v in k))
-    spatial = example_spatial_size(strides, kernels, ndim)
+    spatial = tuple(n * scale for n in example_spatial_size(strides, kernels, ndim))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, channels, *spatial), generator=gen, dtype=torch.float64)
     return (x.to(device=first.weight.device, dtype=first.weight.dtype),)

@@ -238,14 +238,20 @@ def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Repor
     """The self-check's two batches and the original's outputs on them, or None (noted)."""
     source = "example inputs"
     if inputs is None:
-        inputs = infer_example_input(reference)
         source = "an inferred input"
-        if inputs is None:
-            report.notes.append(
-                "self-check: not run (no example_inputs, and the model does not start with a conv "
-                "to infer an input from); pass example_inputs to check the fused module"
-            )
-            return None
+        for scale in (1, 2, 4):  # a model whose head wants a larger size: try a few
+            inputs = infer_example_input(reference, scale=scale)
+            if inputs is None:
+                report.notes.append(
+                    "self-check: not run (no example_inputs, and the model does not start with a conv "
+                    "to infer an input from); pass example_inputs to check the fused module"
+                )
+                return None
+            try:
+                run_quietly(reference, inputs)
+                break
+            except Exception:  # noqa: BLE001 - the next size, or the note below
+                continue
     batch = [inputs, random_like(inputs)]
     try:
         refs = [run_quietly(reference, b) for b in batch]
@@ -598,7 +604,9 @@ def _fuse_traced(
         before = _Before.of(graph)
         mark = (len(ctx.report.merges), len(ctx.report.declines), len(ctx.report.notes))
         writers = "; ".join(f"{_join(prefix, p) or type(module).__name__} assigns {', '.join(w)}" for p, w in writes.items())
-        fuser = _GraphFuser(gm, prefix, ctx, inputs, straight_only=writers if depth > _MAX_DESCENT else "")
+        fuser = _GraphFuser(
+            gm, prefix, ctx, inputs, straight_only=writers if depth > _MAX_DESCENT else "", aliased=_aliased(module)
+        )
         changed = fuser.run()
         inner = fuser.inner_scopes() if changed and depth < _MAX_DESCENT else []
         children = [get_path(module, scope) for scope in inner]
@@ -625,6 +633,15 @@ def _fuse_traced(
         if has_hooks(child) and _rule_op(child, target) is None and next(child.children(), None) is not None:
             _fuse_any(child, _join(prefix, target), ctx)
     return changed
+
+
+def _aliased(module: nn.Module) -> frozenset[str]:
+    """Paths of modules registered under more than one path (replacing one path would leave
+    the other calling the old layer)."""
+    paths: dict[int, list[str]] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    return frozenset(p for names in paths.values() if len(names) > 1 for p in names)
 
 
 @dataclass
@@ -656,9 +673,10 @@ def _write_back(module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, befor
             old = None
         if old is not new:
             replace_layer(module, target, new)
-    for target in before.calls:
-        if target not in called:
-            replace_layer(module, target, nn.Identity())
+    absorbed = {id(get_path(module, t)) for t in before.calls if t not in called}
+    for name, m in list(module.named_modules(remove_duplicate=False)):
+        if name and id(m) in absorbed and name not in called:  # every name the layer has
+            replace_layer(module, name, nn.Identity())
     if fuser.straight:
         return
     hollow: set[str] = set()
@@ -863,7 +881,7 @@ def _fuse_segment(
         with _from_fx(prefix, holder):
             gm = graph_module(holder, graph, extras, "Sequential")
             calls = _Before.of(graph)
-            fuser = _GraphFuser(gm, prefix, scratch, None)
+            fuser = _GraphFuser(gm, prefix, scratch, None, aliased=_aliased(holder))
             if not fuser.run():
                 return None
         inner = [s for s in fuser.inner_scopes() if id(get_path(holder, s)) not in ctx.descended]
@@ -1087,9 +1105,16 @@ class _GraphFuser:
     """Find maximal linear regions of a traced graph, reduce them, write them back."""
 
     def __init__(
-        self, gm: fx.GraphModule, prefix: str, ctx: _Context, inputs: tuple[Any, ...] | None, straight_only: str = ""
+        self,
+        gm: fx.GraphModule,
+        prefix: str,
+        ctx: _Context,
+        inputs: tuple[Any, ...] | None,
+        straight_only: str = "",
+        aliased: frozenset[str] = frozenset(),
     ) -> None:
         self.gm = gm
+        self.aliased = aliased  # layer paths that share their module with another path
         self.straight_only = straight_only  # why only straight runs may merge here ("" : anything may)
         self.graph = gm.graph
         self.prefix = prefix
@@ -1367,6 +1392,8 @@ class _GraphFuser:
         prev = src
         for node in chain:
             if node.op != "call_module" or self.calls[node.target] != 1 or node.target in self.attr_owners:
+                return False
+            if node.target in self.aliased:
                 return False
             if node.args != (prev,) or node.kwargs:
                 return False
