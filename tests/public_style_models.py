@@ -24,6 +24,7 @@ __all__ = [
     "RepConv",
     "Bottleneck",
     "C2f",
+    "fuse_conv_and_bn",
     "Concat",
     "Detect",
     "DetectionModel",
@@ -108,6 +109,23 @@ class C2f(nn.Module):
         y = list(self.cv1(x).chunk(2, 1))
         y.extend(m(y[-1]) for m in self.m)
         return self.cv2(torch.cat(y, 1))
+
+
+def fuse_conv_and_bn(conv, bn):
+    """Fuse Conv2d() and BatchNorm2d() layers."""
+    fusedconv = (
+        nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
+        .requires_grad_(False)
+        .to(conv.weight.device)
+    )  # fmt: skip
+    w_conv = conv.weight.view(conv.out_channels, -1)
+    w_bn = torch.diag(bn.weight.div(torch.sqrt(bn.eps + bn.running_var)))
+    fusedconv.weight.copy_(torch.mm(w_bn, w_conv).view(fusedconv.weight.shape))
+    b_conv = torch.zeros(conv.weight.shape[0], device=conv.weight.device) if conv.bias is None else conv.bias
+    b_bn = bn.bias - bn.weight.mul(bn.running_mean).div(torch.sqrt(bn.running_var + bn.eps))
+    fusedconv.bias.copy_(torch.mm(w_bn, b_conv.reshape(-1, 1)).reshape(-1) + b_bn)
+    return fusedconv
 
 
 class Concat(nn.Module):
@@ -202,6 +220,15 @@ class DetectionModel(nn.Module):
             x = m(x)
             y.append(x if m.i in self.save else None)
         return x
+
+    def fuse(self):
+        """Fold Conv-block BatchNorms into their convs, as YOLO's own ``fuse()`` does."""
+        for m in self.model.modules():
+            if isinstance(m, Conv) and hasattr(m, "bn"):
+                m.conv = fuse_conv_and_bn(m.conv, m.bn)
+                delattr(m, "bn")
+                m.forward = m.forward_fuse
+        return self
 
     def is_fused(self, thresh=10):
         bn = tuple(v for k, v in nn.__dict__.items() if "Norm" in k)

@@ -19,7 +19,7 @@ from convfuse import Reason
 from convfuse.errors import ConvfuseError, InternalError, TorchFxError
 from convfuse.frontends import torch_fx, torch_surgery
 from convfuse.frontends.torch_check import example_spatial_size, infer_example_input
-from convfuse.frontends.torch_surgery import generated_code, original_class
+from convfuse.frontends.torch_surgery import FoldedBatchNorm, generated_code, original_class
 
 from ._torch_models import RepVGGBlock, conv_bn, rand_bn, randomize_bn
 from .helpers import rel_err
@@ -82,6 +82,31 @@ def test_yolo_style_routing_over_plain_layers_twin_never_merges_across_children(
     assert _counts(fused.model[2]) == (1, 0)  # a Sequential its parent calls whole: merged inside
     assert [m.f for m in fused.model] == [-1, -1, 0]
     assert any("one by one" in n for n in report.notes + [d.decline.message for d in report.declines])
+
+
+def test_yolo_style_models_own_fuse_still_works_after_convfuse() -> None:
+    """The model's own BN-folding ``fuse()`` (``m.conv = fuse_conv_and_bn(m.conv, m.bn)``) runs on
+    the fused model: each folded BN reads as an identity BN, so it folds nothing more."""
+    model = _detector()
+    fused = convfuse.fuse(model)
+    x = torch.randn(1, 3, 32, 32)
+    ref = _out(model, x)[0]
+    with torch.no_grad():
+        again = fused.fuse()
+    assert again is fused and rel_err(ref, _out(fused, x)[0]) <= FP32
+    assert not any(hasattr(m, "bn") for m in fused.model if type(m).__name__ == "Conv")
+
+
+def test_yolo_style_model_fused_by_its_own_method_twin_has_nothing_left_to_fold() -> None:
+    """The twin: a model already folded by its own ``fuse()`` has no BN left; convfuse merges
+    only the RepConv branches and the result still runs and matches."""
+    model = _detector()
+    with torch.no_grad():
+        model.fuse()
+    fused, report = convfuse.fuse(model, return_report=True)
+    x = torch.randn(1, 3, 32, 32)
+    assert rel_err(_out(model, x)[0], _out(fused, x)[0]) <= FP32
+    assert {m.kind for m in report.merges} == {"sum"}
 
 
 # --------------------------------------------------------------------------- SR style
@@ -408,7 +433,7 @@ def test_layer_with_one_name_twin_is_replaced_in_place() -> None:
     x = torch.randn(2, 3, 6, 6)
     fused = convfuse.fuse(model, example_inputs=x)
     assert rel_err(_out(model, x), _out(fused, x)) <= FP32
-    assert generated_code(fused) is None and _counts(fused) == (1, 0) and type(fused.bn) is nn.Identity
+    assert generated_code(fused) is None and _counts(fused) == (1, 0) and type(fused.bn) is FoldedBatchNorm
 
 
 class _FixedHead(nn.Module):
@@ -437,3 +462,40 @@ def test_model_whose_size_is_given_twin_is_checked() -> None:
     model = _FixedHead().eval()
     _, report = convfuse.fuse(model, return_report=True, example_inputs=torch.randn(1, 3, 32, 32))
     assert any(n.startswith("self-check: fused and original agree on example inputs (1, 3, 32, 32)") for n in report.notes)
+
+
+# --------------------------------------------------------------------------- constants the tracer creates
+_MASK = torch.linspace(0.5, 1.5, 36).view(1, 1, 6, 6)  # a global tensor: fx stores it as _tensor_constant0
+
+
+class _GlobalMask(nn.Module):
+    def __init__(self, as_buffer: bool) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        if as_buffer:
+            self.register_buffer("mask", _MASK.clone())
+
+    def forward(self, x):
+        mask = self.mask if hasattr(self, "mask") else _MASK
+        return (self.a(x) + self.b(x)) * mask
+
+
+def test_tensor_constant_the_tracer_creates_is_kept_for_the_generated_forward() -> None:
+    """The issue's fx lint failure (``_tensor_constant0 ... references nonexistent attribute``):
+    the generated forward gets the constant as a non-persistent buffer; state_dict keys stay."""
+    torch.manual_seed(17)
+    model = _GlobalMask(as_buffer=False).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = convfuse.fuse(model, example_inputs=x)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and _counts(fused)[0] == 1
+    assert not any("_tensor_constant" in k for k in fused.state_dict())
+
+
+def test_buffer_constant_twin_stays_a_buffer() -> None:
+    torch.manual_seed(17)
+    model = _GlobalMask(as_buffer=True).eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = convfuse.fuse(model, example_inputs=x)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and _counts(fused)[0] == 1
+    assert torch.equal(fused.mask, model.mask) and "mask" in fused.state_dict()

@@ -80,6 +80,7 @@ from .torch_check import (
 from .torch_layers import conv_from_spec
 from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule
 from .torch_rules import module_op as _rule_op
+from .torch_surgery import absorbed as placeholder
 from .torch_surgery import (
     carry_attributes,
     get_path,
@@ -673,10 +674,10 @@ def _write_back(module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, befor
             old = None
         if old is not new:
             replace_layer(module, target, new)
-    absorbed = {id(get_path(module, t)) for t in before.calls if t not in called}
+    gone = {id(get_path(module, t)) for t in before.calls if t not in called}
     for name, m in list(module.named_modules(remove_duplicate=False)):
-        if name and id(m) in absorbed and name not in called:  # every name the layer has
-            replace_layer(module, name, nn.Identity())
+        if name and id(m) in gone and name not in called:  # every name the layer has
+            replace_layer(module, name, placeholder(m))
     if fuser.straight:
         return
     hollow: set[str] = set()
@@ -696,7 +697,7 @@ def _write_back(module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, befor
         except AttributeError:
             continue  # inside a module already replaced
         if not any(u == path or u.startswith(path + ".") for u in used):
-            replace_layer(module, path, nn.Identity())
+            replace_layer(module, path, placeholder(old))
         elif path in hollow:
             set_path(module, path, _shell(old))
     for node in final:

@@ -4,7 +4,9 @@ What happens to a module convfuse changes (the README's "PyTorch modules" sectio
 
 * **Surgery** (the module's own ``forward`` is kept): when every merge in a traced module is a
   straight line of layer calls (``self.bn(self.conv(x))``, each layer called once), the merged
-  conv takes the place of the run's first layer and the other layers become ``nn.Identity``.
+  conv takes the place of the run's first layer and the other layers become ``nn.Identity``
+  (a BatchNorm: :class:`FoldedBatchNorm`, which still reads as an identity BN for a model's own
+  BN-folding method); a replaced layer's plain attributes (``m.f``, ``m.i``) carry over.
   The module keeps its class, attributes, methods, buffers and hooks; nothing else changes.
 * **A generated forward**: where a merge needs new code (a sum of branches, a merged
   ``F.pad``/functional call), the module's ``forward`` is replaced by the fused graph's code on a
@@ -44,6 +46,8 @@ __all__ = [
     "get_path",
     "set_path",
     "replace_layer",
+    "FoldedBatchNorm",
+    "absorbed",
     "carry_attributes",
 ]
 
@@ -197,6 +201,56 @@ def replace_layer(root: nn.Module, target: str, value: nn.Module) -> None:
     if isinstance(old, nn.Module):
         carry_attributes(old, value)
     set_path(root, target, value)
+
+
+class FoldedBatchNorm(nn.Identity):
+    """What stands where a BatchNorm was folded into a conv: the identity map, which also reads
+    as an identity BatchNorm (weight 1, bias 0, mean 0, variance 1, eps 0; computed, never
+    stored), so a model's own BN-folding method (``m.conv = fuse_conv_and_bn(m.conv, m.bn)``)
+    still works after convfuse and folds nothing more. Not a ``_BatchNorm``: no statistics left."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        ref = bn.running_mean if bn.running_mean is not None else bn.weight
+        self.num_features = bn.num_features
+        self.eps = 0.0
+        self.momentum = bn.momentum
+        self.affine = True
+        self.track_running_stats = True
+        like = torch.empty(0) if ref is None else torch.empty(0, dtype=ref.dtype, device=ref.device)
+        self.register_buffer("_like", like, persistent=False)  # follows .to(); not in state_dict
+
+    def _full(self, value: float) -> torch.Tensor:
+        return torch.full((self.num_features,), value, dtype=self._like.dtype, device=self._like.device)
+
+    __jit_unused_properties__ = ["weight", "bias", "running_mean", "running_var"]  # noqa: RUF012
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._full(1.0)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self._full(0.0)
+
+    @property
+    def running_mean(self) -> torch.Tensor:
+        return self._full(0.0)
+
+    @property
+    def running_var(self) -> torch.Tensor:
+        return self._full(1.0)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features} (folded)"
+
+
+def absorbed(layer: nn.Module) -> nn.Module:
+    """The placeholder for a layer merged into another: ``nn.Identity``, or for a BatchNorm a
+    :class:`FoldedBatchNorm`."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return FoldedBatchNorm(layer)
+    return nn.Identity()
 
 
 def carry_attributes(old: nn.Module, new: nn.Module) -> None:
