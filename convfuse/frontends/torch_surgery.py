@@ -211,7 +211,7 @@ class FoldedBatchNorm(nn.Identity):
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
-        ref = bn.running_mean if bn.running_mean is not None else bn.weight
+        ref = next((t for t in (getattr(bn, k, None) for k in ("running_mean", "weight")) if t is not None), None)
         self.num_features = bn.num_features
         self.eps = 0.0
         self.momentum = bn.momentum
