@@ -340,7 +340,8 @@ def _explain_remaining_convs(module: nn.Module, ctx: _Context) -> None:
         split = [a for a in ancestors if a in ctx.split or (a == root and "the model" in ctx.split)]
         if back:
             ctx.report.declined(
-                (shown,), Decline(Reason.SELF_CHECK, f"{back[-1]} was put back as it was by the self-check (see that line)")
+                (shown,),
+                Decline(Reason.SELF_CHECK, f"{back[-1]} was put back as it was by the self-check (see that line)"),
             )
             continue
         if split and (not untraced or ancestors.index(split[-1]) > ancestors.index(untraced[-1])):
@@ -604,7 +605,9 @@ def _fuse_traced(
         gm = graph_module(module, graph, extras, type(module).__name__)
         before = _Before.of(graph)
         mark = (len(ctx.report.merges), len(ctx.report.declines), len(ctx.report.notes))
-        writers = "; ".join(f"{_join(prefix, p) or type(module).__name__} assigns {', '.join(w)}" for p, w in writes.items())
+        writers = "; ".join(
+            f"{_join(prefix, p) or type(module).__name__} assigns {', '.join(w)}" for p, w in writes.items()
+        )
         fuser = _GraphFuser(
             gm, prefix, ctx, inputs, straight_only=writers if depth > _MAX_DESCENT else "", aliased=_aliased(module)
         )
@@ -659,7 +662,9 @@ class _Before:
         return _Before(calls, traced - set(calls))
 
 
-def _write_back(module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, before: _Before, extras: dict[str, Any]) -> None:
+def _write_back(
+    module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, before: _Before, extras: dict[str, Any]
+) -> None:
     """Put the fused graph ``gm`` (traced from ``module``) into ``module``: merged convs at their
     targets, absorbed layers as ``nn.Identity``; a generated forward where a merge needs one,
     and then a traced-through module the new forward no longer uses at all is an
