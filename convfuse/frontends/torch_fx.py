@@ -77,7 +77,7 @@ from .torch_check import (
     run_quietly,
     sequentials_called_whole,
 )
-from .torch_layers import conv_from_spec
+from .torch_layers import conv_from_spec, layer_types, mark_provenance
 from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule
 from .torch_rules import module_op as _rule_op
 from .torch_surgery import absorbed as placeholder
@@ -996,7 +996,8 @@ def _write_run(
                 merges.append((-1, piece))
                 continue
             merges.append((len(out), piece))
-            merged = conv_from_spec(piece.spec)
+            types = {op.name: type(op.origin[1]).__name__ for op in steps}
+            merged = mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, types)
             carry_attributes(origin_of[piece.sources[0]], merged)
             out.append((key_of[piece.sources[0]], merged))
         else:  # pragma: no cover - a chain has no branches
@@ -1653,7 +1654,9 @@ class _GraphFuser:
                     target = self.target_of[piece.sources[0]]
                 else:
                     target = self._new_module_name(piece.sources)
-                self.gm.add_submodule(target, conv_from_spec(piece.spec))
+                types = layer_types(self.gm, piece.sources, self.prefix)
+                merged = mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, types)
+                self.gm.add_submodule(target, merged)
                 value = self.graph.call_module(target, (value,))
                 self.ctx.report.merged(
                     piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note, piece.timing
