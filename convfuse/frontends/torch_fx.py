@@ -78,8 +78,7 @@ from .torch_check import (
     sequentials_called_whole,
 )
 from .torch_layers import conv_from_spec, layer_types, mark_provenance
-from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule
-from .torch_rules import module_op as _rule_op
+from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule, module_op
 from .torch_surgery import absorbed as placeholder
 from .torch_surgery import (
     carry_attributes,
@@ -448,15 +447,6 @@ class _Context:
     descended: set[int] = field(default_factory=set)  # children fused on their own for a parent
 
 
-def module_op(module: nn.Module, name: str) -> LinearOp | Decline | None:
-    """The rule tables' reading of a layer; a layer with hooks is not merged away (its hooks
-    would no longer run)."""
-    op = _rule_op(module, name)
-    if op is not None and not isinstance(op, Decline) and has_hooks(module):
-        return Decline(Reason.UNSUPPORTED, f"{name} has hooks, which would no longer run if it were merged away")
-    return op
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
@@ -480,7 +470,7 @@ def _fuse_any(module: nn.Module, prefix: str, ctx: _Context, top: bool = False, 
     if isinstance(module, _CONTAINERS):
         _fuse_children(module, prefix, ctx)
         return module
-    if _rule_op(module, prefix) is not None:
+    if module_op(module, prefix) is not None:
         return module  # a single known layer
     if type(module).__module__.startswith("torch.nn") and next(module.children(), None) is None:
         return module  # a torch leaf layer (activation, pooling, ...): nothing inside
@@ -634,7 +624,7 @@ def _fuse_traced(
             child = get_path(module, target)
         except AttributeError:
             continue  # inside a module the write-back replaced
-        if has_hooks(child) and _rule_op(child, target) is None and next(child.children(), None) is not None:
+        if has_hooks(child) and module_op(child, target) is None and next(child.children(), None) is not None:
             _fuse_any(child, _join(prefix, target), ctx)
     return changed
 
