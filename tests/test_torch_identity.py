@@ -513,3 +513,21 @@ def test_buffer_constant_twin_stays_a_buffer() -> None:
     fused = convfuse.fuse(model, example_inputs=x)
     assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and _counts(fused)[0] == 1
     assert torch.equal(fused.mask, model.mask) and "mask" in fused.state_dict()
+
+
+def test_a_graph_module_comes_back_a_graph_module_with_the_fused_graph() -> None:
+    torch.manual_seed(18)
+    model = randomize_bn(RepVGGBlock(4, 4)).eval()
+    traced = torch.fx.symbolic_trace(model)
+    fused, report = convfuse.fuse(traced, return_report=True)
+    x = torch.randn(2, 4, 6, 6)
+    assert isinstance(fused, torch.fx.GraphModule) and _counts(fused) == (1, 0)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and "self.fused(x)" in fused.code
+    assert torch.equal(_out(pickle.loads(pickle.dumps(fused)), x), _out(fused, x))
+    assert not any(d.reason is Reason.SELF_CHECK for d in report.declines)
+
+
+def test_a_plain_module_twin_never_becomes_a_graph_module() -> None:
+    torch.manual_seed(18)
+    fused = convfuse.fuse(randomize_bn(RepVGGBlock(4, 4)).eval())
+    assert not isinstance(fused, torch.fx.GraphModule) and type(fused).__mro__[1] is RepVGGBlock

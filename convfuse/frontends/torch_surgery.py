@@ -331,7 +331,11 @@ def original_class(module: nn.Module) -> type:
 
 def install_forward(module: nn.Module, graph: fx.Graph) -> None:
     """Give ``module`` the forward ``graph`` computes (targets relative to ``module``), keeping
-    its instance state and subclassing its own class."""
+    its instance state and subclassing its own class (a ``GraphModule`` simply takes the new
+    graph, and stays a GraphModule)."""
+    if isinstance(module, fx.GraphModule):
+        module.graph = graph  # the setter takes ownership and recompiles
+        return
     python = graph.python_code(root_module="self")
     code = _format_import_block(python.globals, sys_importer) + python.src
     module.__class__ = _fused_class(original_class(module), code)
