@@ -531,3 +531,30 @@ def test_a_plain_module_twin_never_becomes_a_graph_module() -> None:
     torch.manual_seed(18)
     fused = convfuse.fuse(randomize_bn(RepVGGBlock(4, 4)).eval())
     assert not isinstance(fused, torch.fx.GraphModule) and type(fused).__mro__[1] is RepVGGBlock
+
+
+class _Noisy(nn.Module):
+    def __init__(self, noise: float) -> None:
+        super().__init__()
+        self.body = conv_bn(3, 4, 3, padding=1)
+        self.noise = noise
+
+    def forward(self, x):
+        y = self.body(x)
+        return y + self.noise * torch.randn_like(y)
+
+
+def test_a_model_that_does_not_repeat_itself_is_not_checked_and_says_so() -> None:
+    torch.manual_seed(19)
+    fused, report = convfuse.fuse(_Noisy(0.1).eval(), return_report=True)
+    assert any("not run" in n and "different outputs on the same input" in n for n in report.notes)
+    assert _counts(fused) == (1, 0)
+
+
+def test_a_model_that_repeats_itself_twin_is_checked() -> None:
+    torch.manual_seed(19)
+    model = _Noisy(0.0).eval()
+    fused, report = convfuse.fuse(model, return_report=True)
+    assert any(n.startswith("self-check: fused and original agree") for n in report.notes)
+    x = torch.randn(2, 3, 5, 5)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32

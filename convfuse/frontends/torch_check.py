@@ -307,16 +307,24 @@ def put_back_failures(
     If the remaining whole still fails (parts that fail only together), the original model
     comes back, every remaining part named. Returns the model and ``(part, why)`` per part put back.
     """
-    ok, _, why = check(copy.deepcopy(fused))  # copies run: the returned module's state stays as built
+    def on_copy(make: Callable[[], nn.Module]) -> tuple[bool, float, str]:
+        """``check`` on a fresh copy (the returned module's state stays as built)."""
+        try:
+            model = make()
+        except Exception as exc:  # noqa: BLE001 - a fused module that cannot be copied fails
+            return False, math.inf, f"cannot be copied ({type(exc).__name__}: {one_line(exc, 200)})"
+        return check(model)
+
+    ok, _, why = on_copy(lambda: copy.deepcopy(fused))
     if ok:
         return fused, []
     failed: list[tuple[Part, str]] = []
     for part in sorted(parts, key=lambda p: -p.depth):
-        ok, _, why = check(_with_part(original, part))
+        ok, _, why = on_copy(lambda: _with_part(original, part))  # noqa: B023 - called at once
         if not ok:
             failed.append((part, why))
             fused = _revert(fused, part)
-    ok, _, why = check(copy.deepcopy(fused))
+    ok, _, why = on_copy(lambda: copy.deepcopy(fused))
     if not ok:
         done = {id(p) for p, _ in failed}
         failed += [(p, f"the fused parts together {why}") for p in parts if id(p) not in done]

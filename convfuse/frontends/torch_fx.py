@@ -255,10 +255,9 @@ def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Repor
     batch = [inputs, random_like(inputs)]
     try:
         refs = [run_quietly(reference, b) for b in batch]
-        if any(m.training for m in reference.modules()):  # dropout and the like: check it repeats
-            ok, _, why = Batches([batch[0]], [refs[0]], source).check(reference)
-            if not ok:
-                raise RuntimeError(f"it gives different outputs on the same input ({why})")
+        ok, _, why = Batches([batch[0]], [refs[0]], source).check(reference)  # dropout, torch.rand...
+        if not ok:
+            raise RuntimeError(f"it gives different outputs on the same input ({why})")
     except Exception as exc:  # noqa: BLE001 - the original itself does not run: nothing to check
         report.notes.append(f"self-check: not run (the original module fails on {source}: {one_line(exc, 200)})")
         return None
@@ -283,15 +282,15 @@ def _self_check(
             Decline(Reason.SELF_CHECK, f"the fused {type(part.original).__name__} {why}; it was put back as it was"),
         )
         ctx.checked_back.append(part.path)
-    ok, err, why = batches.check(copy.deepcopy(fused))
+    ok, err, why = batches.check(copy.deepcopy(fused))  # copyable: put_back_failures checked a copy
     shape = ", ".join(str(tuple(t.shape)) for t in batches.inputs[0] if isinstance(t, torch.Tensor))
     if ok:
         ctx.report.notes.append(
             f"self-check: fused and original agree on {batches.source} {shape} and a second random batch "
             f"(max relative error {err:.2e})"
         )
-    else:  # pragma: no cover - put_back_failures returns the original when the parts fail together
-        raise InternalError(f"internal error: the fused module still fails its self-check ({why})")
+    else:  # only the original itself can fail here (put_back_failures returned a copy of it)
+        ctx.report.notes.append(f"self-check: the original model itself does not repeat its outputs ({why})")
     return fused
 
 
