@@ -574,7 +574,12 @@ _MAX_DESCENT = 4
 
 
 def _fuse_traced(
-    module: nn.Module, prefix: str, ctx: _Context, inputs: tuple[Any, ...] | None, depth: int = 0
+    module: nn.Module,
+    prefix: str,
+    ctx: _Context,
+    inputs: tuple[Any, ...] | None,
+    depth: int = 0,
+    straight_only: bool = False,
 ) -> bool | None:
     """Trace ``module``, merge its graph and write the result back into ``module`` itself.
 
@@ -583,8 +588,9 @@ def _fuse_traced(
     first (then ``module`` is traced again), so new code is as deep as it can be; one that needs
     new code in ``module``'s own forward gives ``module`` a generated forward
     (:mod:`.torch_surgery`), unless a forward it would replace assigns attributes: then only
-    straight runs merge and the others are declined. Returns whether it changed, None when it
-    cannot be traced (reported). Hooked children (leaves of the trace) are fused on their own.
+    straight runs merge and the others are declined (``straight_only``, the second pass).
+    Returns whether it changed, None when it cannot be traced (reported). Hooked children (leaves
+    of the trace) are fused on their own.
     """
     traced = _trace(module, prefix, ctx, report=depth == 0)
     if traced is None:
@@ -598,10 +604,10 @@ def _fuse_traced(
             f"{_join(prefix, p) or type(module).__name__} assigns {', '.join(w)}" for p, w in writes.items()
         )
         fuser = _GraphFuser(
-            gm, prefix, ctx, inputs, straight_only=writers if depth > _MAX_DESCENT else "", aliased=_aliased(module)
+            gm, prefix, ctx, inputs, straight_only=writers if straight_only else "", aliased=_aliased(module)
         )
         changed = fuser.run()
-        inner = fuser.inner_scopes() if changed and depth < _MAX_DESCENT else []
+        inner = fuser.inner_scopes() if changed and depth < _MAX_DESCENT and not straight_only else []
         children = [get_path(module, scope) for scope in inner]
         if inner and all(
             id(c) not in ctx.descended and _trace(c, "", ctx, report=False) is not None for c in children
@@ -612,9 +618,9 @@ def _fuse_traced(
                 _fuse_any(child, _join(prefix, scope), ctx)
             _fuse_traced(module, prefix, ctx, inputs, depth + 1)
             return True
-        if changed and not fuser.straight and writers and depth <= _MAX_DESCENT:
+        if changed and not fuser.straight and writers and not straight_only:
             del ctx.report.merges[mark[0] :], ctx.report.declines[mark[1] :], ctx.report.notes[mark[2] :]
-            return _fuse_traced(module, prefix, ctx, inputs, _MAX_DESCENT + 1)
+            return _fuse_traced(module, prefix, ctx, inputs, depth + 1, straight_only=True)
         if changed:
             _write_back(module, gm, fuser, before, extras)
             ctx.parts.append(module)
