@@ -558,3 +558,47 @@ def test_a_model_that_repeats_itself_twin_is_checked() -> None:
     assert any(n.startswith("self-check: fused and original agree") for n in report.notes)
     x = torch.randn(2, 3, 5, 5)
     assert rel_err(_out(model, x), _out(fused, x)) <= FP32
+
+
+class _State:
+    """A plain object a model keeps its run-time state in."""
+
+    def __init__(self) -> None:
+        self.last = None
+
+
+class _DeepWriter(nn.Module):
+    """Writes traced values into a dict of lists and into a plain object's attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), rand_bn(4))
+        self.head = RepVGGBlock(4, 4)
+        self.cache = {"feats": [], "meta": {"calls": []}}
+        self.state = _State()
+
+    def forward(self, x):
+        y = self.body(x)
+        self.cache["feats"].append(y)
+        self.cache["meta"]["calls"].append(y.shape)
+        self.state.last = y
+        return self.head(y)
+
+
+def test_nested_writes_of_a_forward_are_restored_after_tracing() -> None:
+    torch.manual_seed(20)
+    model = _DeepWriter().eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = convfuse.fuse(model, example_inputs=x)
+    assert fused.cache == {"feats": [], "meta": {"calls": []}} and fused.state.last is None
+    assert model.cache == {"feats": [], "meta": {"calls": []}}
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and _counts(fused) == (2, 0)
+    assert len(fused.cache["feats"]) == 1 and isinstance(fused.state.last, torch.Tensor)
+
+
+def test_a_forward_without_writes_twin_keeps_its_code() -> None:
+    """The twin: no writes, so nothing to restore; the block's own forward still runs (surgery)."""
+    torch.manual_seed(20)
+    model = nn.Sequential(_Stage(4)).eval()
+    fused = convfuse.fuse(model)
+    assert generated_code(fused[0]) is None and generated_code(fused[0].block) is not None

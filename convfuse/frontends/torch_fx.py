@@ -624,6 +624,11 @@ def _fuse_traced(
         if changed:
             _write_back(module, gm, fuser, before, extras)
             ctx.parts.append(module)
+    for path in sorted(fuser.declined_children):  # their own forwards may take new code
+        child = get_path(module, path)
+        if id(child) not in ctx.descended:
+            ctx.descended.add(id(child))
+            _fuse_any(child, _join(prefix, path), ctx)
     for target in before.calls:
         try:
             child = get_path(module, target)
@@ -1118,6 +1123,7 @@ class _GraphFuser:
         self.gm = gm
         self.aliased = aliased  # layer paths that share their module with another path
         self.straight_only = straight_only  # why only straight runs may merge here ("" : anything may)
+        self.declined_children: set[str] = set()  # children holding a merge declined for that
         self.graph = gm.graph
         self.prefix = prefix
         self.ctx = ctx
@@ -1348,7 +1354,15 @@ class _GraphFuser:
         return src, [step], nodes
 
     # ------------------------------------------------------------------ regions
-    def _decline_new_code(self, names: tuple[str, ...]) -> None:
+    def _decline_new_code(self, names: tuple[str, ...], nodes: Iterable[fx.Node]) -> None:
+        """Straight runs only here: decline a merge that needs new code, and remember the
+        children it lies in (each is fused on its own afterwards)."""
+        for node in nodes:
+            stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+            if node.op == "call_module" and stack and stack[-1] == node.target:
+                stack = stack[:-1]
+            if stack:
+                self.declined_children.add(stack[0])
         where = self.prefix or type(self.gm).__name__
         self.ctx.report.declined(
             names,
@@ -1441,7 +1455,7 @@ class _GraphFuser:
                 self.ctx.report.declined(names, red)
                 continue
             if red.changed and self.straight_only and not self._is_straight(src, nodes, red.pieces):
-                self._decline_new_code(names)
+                self._decline_new_code(names, nodes)
                 continue
             if red.changed:
                 self._write(root, src, red.pieces, nodes)
@@ -1503,7 +1517,7 @@ class _GraphFuser:
             self._report_shared(src, nodes)  # a shared term is what keeps this sum apart
             plans.append((src, pieces))
         if changed and self.straight_only:
-            self._decline_new_code((root.name,))
+            self._decline_new_code((root.name,), nodes)
             return set()
         hazard = self._inplace_hazard(root, nodes) if changed else None
         if hazard is not None:

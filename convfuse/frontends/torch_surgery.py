@@ -14,19 +14,21 @@ What happens to a module convfuse changes (the README's "PyTorch modules" sectio
   ``isinstance`` checks, attributes, methods, buffers, hooks and the ``training`` flag stay as
   they were. Merged convs live at ``<common parent>_fused`` on that module; absorbed layers
   become ``nn.Identity``. The class pickles and deep-copies (the code is rebuilt from source,
-  as ``torch.fx.GraphModule`` does). Attribute writes in the replaced forward are not repeated
-  (the values they computed are still used).
+  as ``torch.fx.GraphModule`` does). A forward that writes attributes is never replaced (the
+  front end merges only straight runs there), since the generated code would not repeat them.
 
 Tracing (:func:`trace_restoring`) snapshots every instance ``__dict__`` (parameters, buffers,
-submodules and plain attributes, list and dict contents one level deep) and restores it after
+submodules and plain attributes, nested containers too) and restores it after
 tracing, so a forward that writes ``self.mean = self.mean.type_as(x)`` never leaves an fx
-``Proxy`` on the module; a Proxy stored deeper is a :class:`StoredProxyError`.
+``Proxy`` on the module; containers (lists, dicts, sets, plain objects' attributes) are restored
+in place, nested up to ``_DEPTH`` levels; a Proxy stored deeper is a :class:`StoredProxyError`.
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,12 +72,43 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------- tracing safely
+#: How deep nested lists, dicts and sets of plain attributes are recorded and restored.
+_DEPTH = 6
+
+
 @dataclass
 class _Snapshot:
     module: nn.Module
     state: dict[str, Any]  # the instance __dict__, shallow
     tables: dict[str, dict[str, Any]]  # _parameters, _buffers, _modules contents
-    containers: dict[int, tuple[Any, Any]]  # id -> (list/dict, its former contents)
+    containers: dict[int, tuple[Any, Any, str]]  # id -> (list/dict/set, former contents, attribute)
+
+
+def _record(value: Any, into: dict[int, tuple[Any, Any, str]], key: str, depth: int = 0) -> None:
+    """The contents of every mutable container reachable from attribute ``key``'s ``value`` (not
+    through modules or tensors), so that in-place writes (``self.cache["feats"].append(y)``,
+    ``self.state.last = y``) can be seen and undone."""
+    if depth > _DEPTH or id(value) in into or isinstance(value, (nn.Module, torch.Tensor)):
+        return
+    if isinstance(value, (list, dict, set)):
+        into[id(value)] = (value, value.copy(), key)
+    if isinstance(value, dict):
+        children = list(value.values())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        children = list(value)
+    elif _plain_object(value):
+        children = [vars(value)]  # an object's own attributes (``self.state.last = y``)
+    else:
+        return
+    for child in children:
+        _record(child, into, key, depth + 1)
+
+
+def _plain_object(value: Any) -> bool:
+    """An instance of a user class with its own attribute dict (not a class, function, module)."""
+    return hasattr(value, "__dict__") and not isinstance(
+        value, (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType, fx.Proxy)
+    )
 
 
 def _snapshot(root: nn.Module) -> list[_Snapshot]:
@@ -83,14 +116,10 @@ def _snapshot(root: nn.Module) -> list[_Snapshot]:
     for m in root.modules():
         state = dict(m.__dict__)
         tables = {k: dict(v) for k, v in state.items() if k in ("_parameters", "_buffers", "_modules")}
-        containers: dict[int, tuple[Any, Any]] = {}
+        containers: dict[int, tuple[Any, Any, str]] = {}
         for k, v in state.items():
-            if k.startswith("_") and k in tables:
-                continue
-            if isinstance(v, list):
-                containers[id(v)] = (v, list(v))
-            elif isinstance(v, dict) and not isinstance(v, nn.Module):
-                containers[id(v)] = (v, dict(v))
+            if k not in tables:
+                _record(v, containers, k)
         snaps.append(_Snapshot(m, state, tables, containers))
     return snaps
 
@@ -104,7 +133,7 @@ def _restore(snaps: list[_Snapshot]) -> None:
             table = m.__dict__[key]
             table.clear()
             table.update(contents)
-        for container, contents in snap.containers.values():
+        for container, contents, _ in snap.containers.values():
             if isinstance(container, list):
                 container[:] = contents
             else:
@@ -115,12 +144,14 @@ def _restore(snaps: list[_Snapshot]) -> None:
 def _holds_proxy(value: Any, depth: int = 0) -> bool:
     if isinstance(value, fx.Proxy):
         return True
-    if depth > 2 or isinstance(value, (nn.Module, torch.Tensor)):
+    if depth > _DEPTH or isinstance(value, (nn.Module, torch.Tensor)):
         return False
-    if isinstance(value, (list, tuple, set)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return any(_holds_proxy(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return any(_holds_proxy(v, depth + 1) for v in value.values())
+    if _plain_object(value):
+        return _holds_proxy(vars(value), depth + 1)
     return False
 
 
@@ -131,7 +162,21 @@ def _written(snap: _Snapshot, skip: set[str]) -> list[str]:
     for table, saved in snap.tables.items():
         current = now.get(table, {})
         out += [k for k, v in current.items() if k not in skip and (k not in saved or saved[k] is not v)]
+    for container, contents, key in snap.containers.values():
+        if _changed(container, contents):
+            out.append(f"{key} (in place)")
     return sorted(set(out) - set(snap.tables))
+
+
+def _changed(container: Any, contents: Any) -> bool:
+    """Whether a list, dict or set no longer holds the same objects as ``contents``."""
+    if len(container) != len(contents):
+        return True
+    if isinstance(container, list):
+        return any(a is not b for a, b in zip(container, contents))
+    if isinstance(container, dict):
+        return container.keys() != contents.keys() or any(container[k] is not contents[k] for k in contents)
+    return {id(v) for v in container} != {id(v) for v in contents}
 
 
 def trace_restoring(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, Any], dict[str, list[str]]]:
