@@ -210,6 +210,19 @@ def test_forward_hooks_on_a_fused_block_still_fire() -> None:
     assert seen == [("pre",), (2, 4, 6, 6)]
 
 
+def test_hooked_block_inside_a_traced_parent_is_fused_on_its_own_and_its_hook_fires() -> None:
+    """Tracing the parent keeps the hooked block whole (its hook is never called with Proxies);
+    the block is then fused on its own."""
+    torch.manual_seed(6)
+    model = randomize_bn(_Stage(4)).eval()
+    seen = []
+    model.block.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    fused = convfuse.fuse(model)
+    assert seen == [] and _counts(fused) == (2, 0) and fused.block._forward_hooks
+    x = torch.randn(2, 4, 6, 6)
+    assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and seen == ["RepVGGBlock", "RepVGGBlock"]
+
+
 def test_hook_on_a_layer_twin_keeps_that_layer() -> None:
     """The twin: a hook on a BatchNorm would stop running if the BN were folded: it stays."""
     torch.manual_seed(7)
