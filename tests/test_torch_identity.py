@@ -19,7 +19,7 @@ import convfuse
 from convfuse import Reason
 from convfuse.errors import ConvfuseError, InternalError, TorchFxError
 from convfuse.frontends import torch_fx, torch_surgery
-from convfuse.frontends.torch_check import example_spatial_size, infer_example_input
+from convfuse.frontends.torch_check import candidate_inputs, example_spatial_size, infer_example_input
 from convfuse.frontends.torch_surgery import FoldedBatchNorm, generated_code, original_class
 
 from ._torch_models import RepVGGBlock, conv_bn, rand_bn, randomize_bn
@@ -384,6 +384,8 @@ def test_example_spatial_size_allows_every_stride() -> None:
     assert example_spatial_size([(2, 1)] * 10, [(3, 3)], 2, limit=256) == (256, 8)  # capped
     x = infer_example_input(_detector())
     assert x is not None and x[0].shape == (2, 3, 32, 32)
+    sizes = [c[0].shape[-1] for c in candidate_inputs(_detector())]
+    assert sizes == [8, 16, 32, 64, 128]  # cheapest first: the self-check uses the first that runs
     assert infer_example_input(nn.Sequential(nn.Linear(3, 4), nn.Conv2d(4, 4, 1))) is None  # twin
 
 

@@ -29,6 +29,7 @@ from .torch_surgery import HOOK_TABLES
 __all__ = [
     "example_spatial_size",
     "infer_example_input",
+    "candidate_inputs",
     "random_like",
     "quiet",
     "run_quietly",
@@ -82,14 +83,14 @@ def _first_leaf_with_weights(module: nn.Module) -> nn.Module | None:
 
 
 def infer_example_input(
-    module: nn.Module, batch: int = 2, seed: int = 0, scale: int = 1
+    module: nn.Module, batch: int = 2, seed: int = 0, scale: int = 1, spatial: Sequence[int] | None = None
 ) -> tuple[torch.Tensor] | None:
     """A random ``[batch, C, *spatial]`` input for a model that starts with a conv, else None.
 
     "Starts with a conv": the first leaf layer holding weights, in registration order, is a
-    ``ConvNd`` (or ``ConvTransposeNd``); ``C`` comes from its weight, the spatial size from
-    :func:`example_spatial_size` over every conv and pooling layer of the model (times
-    ``scale``), dtype and device from the weight.
+    ``ConvNd`` (or ``ConvTransposeNd``); ``C`` comes from its weight, the spatial size (unless
+    given) from :func:`example_spatial_size` over every conv and pooling layer of the model
+    (times ``scale``), dtype and device from the weight.
     """
     first = _first_leaf_with_weights(module)
     if not isinstance(first, _CONV) or isinstance(first.weight, nn.parameter.UninitializedParameter):
@@ -109,10 +110,29 @@ def infer_example_input(
             s = m.stride if m.stride not in (None, (), []) else k
             strides.append(tuple(s) if isinstance(s, (tuple, list)) else (int(s),))
             kernels.append(tuple(int(v) for v in k))
-    spatial = tuple(n * scale for n in example_spatial_size(strides, kernels, ndim))
+    if spatial is None:
+        spatial = tuple(n * scale for n in example_spatial_size(strides, kernels, ndim))
+    elif len(spatial) != ndim:
+        return None
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, channels, *spatial), generator=gen, dtype=torch.float64)
     return (x.to(device=first.weight.device, dtype=first.weight.dtype),)
+
+
+def candidate_inputs(module: nn.Module, small: int = 8) -> list[tuple[torch.Tensor]]:
+    """Inputs to try, cheapest first, for a model that starts with a conv (else none): sizes
+    ``small * 2**j`` below the :func:`example_spatial_size` one (which over-counts the strides
+    of parallel branches), then that size and twice and four times it."""
+    base = infer_example_input(module)
+    if base is None:
+        return []
+    size = tuple(base[0].shape[2:])
+    out, n = [], small
+    while n < max(size):
+        out.append(infer_example_input(module, spatial=(n,) * len(size)))
+        n *= 2
+    out += [base] + [infer_example_input(module, scale=k) for k in (2, 4)]
+    return [x for x in out if x is not None]
 
 
 def random_like(inputs: tuple[Any, ...], seed: int = 1) -> tuple[Any, ...]:

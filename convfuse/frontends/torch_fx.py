@@ -70,6 +70,7 @@ from .torch_ir import (
 from .torch_check import (
     Batches,
     Part,
+    candidate_inputs,
     infer_example_input,
     put_back_failures,
     quiet,
@@ -239,14 +240,14 @@ def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Repor
     source = "example inputs"
     if inputs is None:
         source = "an inferred input"
-        for scale in (1, 2, 4):  # a model whose head wants a larger size: try a few
-            inputs = infer_example_input(reference, scale=scale)
-            if inputs is None:
-                report.notes.append(
-                    "self-check: not run (no example_inputs, and the model does not start with a conv "
-                    "to infer an input from); pass example_inputs to check the fused module"
-                )
-                return None
+        candidates = candidate_inputs(reference)
+        if not candidates:
+            report.notes.append(
+                "self-check: not run (no example_inputs, and the model does not start with a conv "
+                "to infer an input from); pass example_inputs to check the fused module"
+            )
+            return None
+        for inputs in candidates:  # the smallest size the model runs at
             try:
                 run_quietly(reference, inputs)
                 break
