@@ -73,7 +73,7 @@ def has_hooks(module: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------- tracing safely
 #: How deep nested lists, dicts and sets of plain attributes are recorded and restored.
-_DEPTH = 6
+_DEPTH = 32
 
 
 @dataclass
