@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..decline import Decline, Reason
 from ..errors import (
@@ -255,7 +255,7 @@ def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Repor
                 continue
     batch = [inputs, random_like(inputs)]
     try:
-        refs = [run_quietly(reference, b) for b in batch]
+        refs = [_detached(run_quietly(reference, b)) for b in batch]
         ok, _, why = Batches([batch[0]], [refs[0]], source).check(reference)  # dropout, torch.rand...
         if not ok:
             raise RuntimeError(f"it gives different outputs on the same input ({why})")
@@ -263,6 +263,11 @@ def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Repor
         report.notes.append(f"self-check: not run (the original module fails on {source}: {one_line(exc, 200)})")
         return None
     return Batches(batch, refs, source)
+
+
+def _detached(out: Any) -> Any:
+    """``out`` with every tensor copied (a model may return a buffer it later updates in place)."""
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out)
 
 
 def _self_check(
