@@ -74,7 +74,7 @@ class MixerStage(nn.Module):
     def __init__(self, dim: int, depth: int = 2) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(RepMixer(dim) for _ in range(depth))
-        self.mlps = nn.ModuleList(nn.Sequential(ConvBN(dim, dim * 2, 1), nn.GELU(), nn.Conv2d(dim * 2, dim, 1)) for _ in range(depth))
+        self.mlps = nn.ModuleList(nn.Sequential(ConvBN(dim, dim * 2, 1), nn.ReLU(), nn.Conv2d(dim * 2, dim, 1)) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for mixer, mlp in zip(self.blocks, self.mlps):

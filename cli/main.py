@@ -17,7 +17,7 @@ from typing import Any, NoReturn, Sequence
 import click
 
 from convfuse import __version__
-from convfuse.errors import one_line
+from convfuse.errors import internal_message, one_line
 
 from .inspect_cmd import inspect
 from .merge import merge
@@ -83,11 +83,7 @@ class ConvfuseGroup(click.Group):
 def _internal(error: BaseException) -> NoReturn:
     if os.environ.get("CONVFUSE_TRACEBACK"):
         traceback.print_exception(error)
-    _finish(
-        EXIT_INTERNAL,
-        f"convfuse: internal error: {type(error).__name__}: {one_line(str(error), 300)} "
-        "(a bug in convfuse; please report it, with CONVFUSE_TRACEBACK=1 for the traceback)",
-    )
+    _finish(EXIT_INTERNAL, f"convfuse: {internal_message(error)}")
 
 
 @click.group(cls=ConvfuseGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -21,6 +21,9 @@ __all__ = [
     "OutputError",
     "DeviceUnavailableError",
     "VerificationError",
+    "TorchFxError",
+    "InternalError",
+    "internal_message",
     "NotRunnableError",
 ]
 
@@ -69,6 +72,20 @@ class VerificationError(ConvfuseError):
     """A fused model does not compute what the reference computes."""
 
 
+class TorchFxError(ConvfuseError):
+    """torch.fx failed while convfuse rewrote a module; the message names the module's path."""
+
+
+class InternalError(ConvfuseError):
+    """An exception convfuse did not expect (a bug): the message is the CLI's one-line form."""
+
+
+def internal_message(error: BaseException) -> str:
+    """``internal error: TYPE: MESSAGE (a bug in convfuse; ...)`` on one line, as the CLI prints it."""
+    return (
+        f"internal error: {type(error).__name__}: {one_line(str(error), 300)} "
+        "(a bug in convfuse; please report it, with CONVFUSE_TRACEBACK=1 for the traceback)"
+    )
 class NotRunnableError(InvalidModelError):
     """The reference model cannot be run here, so nothing can be verified against it: operators
     ONNX Runtime lacks, or no input size that every layer accepts."""

@@ -239,11 +239,11 @@ class _Planner:
         nodes, inputs = self._grow(root)
         if len(inputs) == 1:
             self._region(inputs[0], root.output, nodes)
-        else:
+            self.claimed |= {id(n) for n in nodes}
+        else:  # claims the sum and the terms it planned; a lone term is planned from its own root
             self._mixed(root, nodes, inputs)
         for x in inputs:
             self._report_boundaries(nodes, x)
-        self.claimed |= {id(n) for n in nodes}
 
     def _report_boundaries(self, nodes: list[LinearNode], x: str) -> None:
         """The region stopped at ``x``: a graph output, or a tensor other nodes read too."""
@@ -621,8 +621,9 @@ class _Region:
         return self._maps[key]
 
     def _compute_map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | Decline:
-        if not nodes:
-            return identity(self.info[x].channels, self.info[x].ndim)
+        if not nodes:  # the input itself, in the precision the layers were built in (float64)
+            dtype = next(spec.dtype for spec in self.spec.values())
+            return identity(self.info[x].channels, self.info[x].ndim, dtype=dtype)
         acc: ConvSpec | Decline | None = None
         for seg_in, seg in self._series(x, nodes):
             m = self.segment_map(seg_in, seg)

@@ -19,16 +19,16 @@ from tests.test_region_properties import _run
 
 #: Deploy form of each block: (Conv, BN, Add, Gemm) after fusing.
 DEPLOY = {
-    "token mixer x + s*(mixer(x) - bn(x))": (6, 0, 4, 0),  # per stage block: dw conv, two 1x1; GELU's and the MLP's adds
+    "token mixer x + s*(mixer(x) - bn(x))": (6, 0, 2, 0),  # per block: a dw conv, two 1x1, the MLP residual
     "padded branch conv_chain(F.pad(x)) + skip(x)": (2, 0, 0, 0),
     "distilled head (head(x) + head_dist(x)) / 2": (0, 0, 0, 1),
 }
 #: What each twin keeps: (Conv, BN, Add, Gemm) after fusing.
 KEPT = {
     "mixer with a ReLU between branches": (1, 1, 2, 0),  # conv+BN fold; the sub and add stay
-    "mixer whose subtracted norm(x) is returned": (1, 2, 2, 0),  # norm(x) must stay computed
-    "padded branch with pad value 1": (3, 0, 2, 0),
-    "head with a ReLU before the average": (0, 1, 1, 2),
+    "mixer whose subtracted norm(x) is returned": (1, 1, 2, 0),  # conv+BN fold; norm(x) stays computed
+    "padded branch with pad value 1": (2, 0, 2, 0),  # the chain after the pad merges; the sum stays
+    "head with a ReLU before the average": (0, 0, 1, 2),  # each BN folds into its Linear
 }
 
 

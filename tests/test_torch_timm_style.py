@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import convfuse
+from convfuse.frontends.torch_surgery import generated_code
 from convfuse import Reason
 from convfuse.errors import TrainingModeError
 from convfuse.report import MergeKind
@@ -178,7 +179,8 @@ def _convs(model: nn.Module) -> int:
 
 
 def _code(model: nn.Module) -> str:
-    return "\n".join(m.code for m in model.modules() if isinstance(m, fx.GraphModule))
+    # GraphModules and the forwards convfuse generates on a module's own class (issue 10)
+    return "\n".join(m.code for m in model.modules() if isinstance(m, fx.GraphModule) or generated_code(m))
 
 
 def _check(make, x: torch.Tensor, after: int):

@@ -1,9 +1,16 @@
 """PyTorch front end: ``fuse(module)`` merges every exact linear run of an ``nn.Module``.
 
-An ``nn.Sequential`` (nested too) comes back as an ``nn.Sequential`` with merged layers in
-place; any other module is traced with ``torch.fx`` and comes back as a ``GraphModule`` when
-something merged. A module fx cannot trace (data-dependent control flow) keeps its own forward
-and has its children fused one by one; the report says which modules were not traced.
+The returned module is the caller's model (a copy), not a rewrite of it: every module keeps its
+class, attributes, methods, buffers, hooks and ``training`` flag. An ``nn.Sequential`` its parent
+calls as a whole has its runs merged in place (a Sequential whose children the parent calls one
+by one, as routing loops do, is fused child by child). Any other module is traced with
+``torch.fx`` (:func:`.torch_surgery.trace_restoring`: tracing never changes it) and written back
+by surgery when every merge is a straight run of layer calls, or given a generated forward on a
+subclass of its own class, as deep in the tree as the merge allows (:mod:`.torch_surgery` says
+which happens when). A module fx cannot trace (data-dependent control flow) keeps its own
+forward and has its children fused one by one; the report says which modules were not traced.
+Before returning, :mod:`.torch_check` runs the result next to the original and puts back any
+module that raises or differs (reason ``self-check``).
 
 This module finds regions and writes them back; :mod:`.torch_rules` says which layers are
 linear, :mod:`.torch_ir` reduces a region with :mod:`convfuse.algebra`.
@@ -30,10 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..decline import Decline, Reason
-from ..errors import InvalidModelError, InvalidOptionError, TrainingModeError
+from ..errors import (
+    ConvfuseError,
+    InternalError,
+    InvalidModelError,
+    InvalidOptionError,
+    TorchFxError,
+    TrainingModeError,
+    internal_message,
+    one_line,
+)
 from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
@@ -44,6 +60,28 @@ from .torch_import import op_node, parameter_sizes
 from .torch_ir import ConvOp, DenseOp, IdentityOp, LinearOp
 from .torch_layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
 from .torch_rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
+from .torch_check import (
+    Batches,
+    Part,
+    candidate_inputs,
+    infer_example_input,
+    put_back_failures,
+    quiet,
+    random_like,
+    run_quietly,
+    sequentials_called_whole,
+)
+from .torch_surgery import absorbed as placeholder
+from .torch_surgery import (
+    carry_attributes,
+    get_path,
+    graph_module,
+    has_hooks,
+    install_forward,
+    replace_layer,
+    set_path,
+    trace_restoring,
+)
 
 __all__ = ["fuse", "fuse_with_report"]
 
@@ -62,11 +100,13 @@ def fuse(
     device: str = "cpu",
     latency_budget: float = DEFAULT_BUDGET,
     timer: Timer | None = None,
+    check: bool = True,
 ) -> nn.Module | tuple[nn.Module, Report]:
     """A new module computing what ``module`` computes with its linear runs merged.
 
-    An ``nn.Sequential`` comes back as an ``nn.Sequential``; another module as a
-    ``torch.fx.GraphModule`` when something merged (else as a copy of itself); a module fx
+    The result keeps the input's classes, attributes, methods, buffers, hooks and ``training``
+    flags (see :mod:`.torch_surgery` for which modules get new code and when); an
+    ``nn.Sequential`` called as a whole comes back with merged layers in place; a module fx
     cannot trace keeps its forward and has its children fused (the report names it).
     ``policy``: ``"flops"`` (default) merges only what does not increase MACs or parameters,
     ``"always"`` every exact candidate, ``"latency"`` the candidates ONNX Runtime measures
@@ -75,9 +115,15 @@ def fuse(
     the flops rule); ``timer`` replaces the ONNX Runtime timer (:mod:`convfuse.latency`).
     ``example_inputs`` (a tensor or tuple) gives shapes to regions whose layers do not fix
     their channel count and to the latency timings, and lets the report count MACs and
-    the output error. The caller's module is never modified; every conv left unmerged gets a report line
-    saying why. Raises ``TrainingModeError`` for a BatchNorm (or subclass) in training mode and ``DeviceUnavailableError`` for ``device="cuda"`` without
-    CUDA. Returns the module, or ``(module, report)`` with ``return_report=True``.
+    the output error. Before returning, the fused module is run next to the original on the
+    example inputs and a second random batch of their shape (without them, on an input inferred
+    for a model that starts with a conv); a part that raises or differs is put back as it was
+    (reason ``self-check``) and the report says when no check could run; ``check=False`` skips
+    it. The caller's module is never modified nor run; every conv left unmerged gets a report
+    line saying why. Raises ``TrainingModeError`` for a BatchNorm (or subclass) in training mode,
+    ``DeviceUnavailableError`` for ``device="cuda"`` without CUDA, ``TorchFxError`` when torch.fx
+    fails on a module, ``InternalError`` for anything convfuse did not expect. Returns the
+    module, or ``(module, report)`` with ``return_report=True``.
     """
     fused, report = fuse_with_report(
         module,
@@ -86,6 +132,7 @@ def fuse(
         device=device,
         latency_budget=latency_budget,
         timer=timer,
+        check=check,
     )
     return (fused, report) if return_report else fused
 
@@ -98,8 +145,26 @@ def fuse_with_report(
     device: str = "cpu",
     latency_budget: float = DEFAULT_BUDGET,
     timer: Timer | None = None,
+    check: bool = True,
 ) -> tuple[nn.Module, Report]:
     """Like :func:`fuse`, always returning ``(module, report)``."""
+    try:
+        return _fuse_with_report(module, policy, example_inputs, device, latency_budget, timer, check)
+    except ConvfuseError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one error family: anything else is a bug in convfuse
+        raise InternalError(internal_message(exc)) from exc
+
+
+def _fuse_with_report(
+    module: nn.Module,
+    policy: Policy | str,
+    example_inputs: Any,
+    device: str,
+    latency_budget: float,
+    timer: Timer | None,
+    check: bool,
+) -> tuple[nn.Module, Report]:
     if not isinstance(module, nn.Module):
         hint = ""
         if isinstance(module, (str, os.PathLike, bytes)):
@@ -118,20 +183,38 @@ def fuse_with_report(
     inputs = _as_inputs(example_inputs)
     report = Report()
     report.notes.append(f"policy: {policy.value}")
-    report.before, ref_out = _stats(module, inputs, report)
-    shapes = _input_shapes(module, inputs) if judge.times and inputs is not None else {}
     try:
+        reference = copy.deepcopy(module)  # convfuse runs copies only, never the caller's module
         work = copy.deepcopy(module)
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot work on a copy
         raise InvalidModelError(f"cannot copy {type(module).__name__} to fuse it: {exc}") from exc
-    ctx = _Context(judge, report, inputs, shapes)
+    report.before, ref_out = _stats(reference, inputs, report)
+    shapes = _input_shapes(reference, inputs) if judge.times and inputs is not None else {}
+    batches = _batches(reference, inputs, report) if check else None
+    if not check:
+        report.notes.append("self-check: skipped (check=False)")
+    probe = batches.inputs[0] if batches is not None else inputs or infer_example_input(reference)
+    whole = None  # which Sequentials their parents call as a whole: seen on a run of a copy
+    if probe is not None:
+        paths = sequentials_called_whole(reference, probe)
+        if paths is not None:
+            named = dict(work.named_modules())
+            whole = {id(named[p]) for p in paths if p in named}
+    ctx = _Context(judge, report, inputs, shapes, whole=whole)
+    originals = {id(w): (o, name) for (name, o), w in zip(module.named_modules(), work.modules())}
     with torch.no_grad():
         fused = _fuse_any(work, "", ctx, top=True)
+    if batches is not None:
+        fused = _self_check(module, fused, ctx, batches, originals)
     _explain_remaining_convs(module, ctx)
-    report.after, out = _stats(fused, inputs, report)
+    report.after, out = _stats(copy.deepcopy(fused) if inputs is not None else fused, inputs, report)
     if ctx.untraced:
         report.notes.append(
             f"not traced by torch.fx (children fused separately): {', '.join(ctx.untraced)}"
+        )
+    if ctx.split:
+        report.notes.append(
+            "fused child by child, not called as a whole by their parent: " + ", ".join(ctx.split)
         )
     if ref_out is not None and out is not None:
         report.notes.append(f"example_inputs: max relative output error {_relative_error(ref_out, out):.2e}")
@@ -141,6 +224,78 @@ def fuse_with_report(
         )
     report.notes.extend(judge.notes())
     return fused, report
+
+
+def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Report) -> Batches | None:
+    """The self-check's two batches and the original's outputs on them, or None (noted)."""
+    source = "example inputs"
+    if inputs is None:
+        source = "an inferred input"
+        candidates = candidate_inputs(reference)
+        if not candidates:
+            report.notes.append(
+                "self-check: not run (no example_inputs, and the model does not start with a conv "
+                "to infer an input from); pass example_inputs to check the fused module"
+            )
+            return None
+        for inputs in candidates:  # the smallest size the model runs at
+            try:
+                run_quietly(reference, inputs)
+                break
+            except Exception:  # noqa: BLE001 - the next size, or the note below
+                continue
+    batch = [inputs, random_like(inputs)]
+    try:
+        refs = [_detached(run_quietly(reference, b)) for b in batch]
+        ok, _, why = Batches([batch[0]], [refs[0]], source).check(reference)  # dropout, torch.rand...
+        if not ok:
+            raise RuntimeError(f"it gives different outputs on the same input ({why})")
+    except Exception as exc:  # noqa: BLE001 - the original itself does not run: nothing to check
+        report.notes.append(f"self-check: not run (the original module fails on {source}: {one_line(exc, 200)})")
+        return None
+    return Batches(batch, refs, source)
+
+
+def _detached(out: Any) -> Any:
+    """``out`` with every tensor copied (a model may return a buffer it later updates in place)."""
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out)
+
+
+def _self_check(
+    module: nn.Module,
+    fused: nn.Module,
+    ctx: _Context,
+    batches: Batches,
+    originals: dict[int, tuple[nn.Module, str]],
+) -> nn.Module:
+    """Run ``fused`` next to the original; put back every part that raises or differs."""
+    parts = [Part(m, *originals[id(m)]) for m in ctx.parts if id(m) in originals]
+    fused, failed = put_back_failures(module, fused, parts, batches.check)
+    for part, why in failed:
+        where = part.path or type(module).__name__
+        ctx.report.merges = [m for m in ctx.report.merges if not _under(m.sources, part.path)]
+        ctx.report.declined(
+            (where,),
+            Decline(Reason.SELF_CHECK, f"the fused {type(part.original).__name__} {why}; it was put back as it was"),
+        )
+        ctx.checked_back.append(part.path)
+    ok, err, why = batches.check(copy.deepcopy(fused))  # copyable: put_back_failures checked a copy
+    shape = ", ".join(str(tuple(t.shape)) for t in batches.inputs[0] if isinstance(t, torch.Tensor))
+    if ok:
+        ctx.report.notes.append(
+            f"self-check: fused and original agree on {batches.source} {shape} and a second random batch "
+            f"(max relative error {err:.2e})"
+        )
+    else:  # only the original itself can fail here (put_back_failures returned a copy of it)
+        ctx.report.notes.append(f"self-check: the original model itself does not repeat its outputs ({why})")
+    return fused
+
+
+def _under(sources: Iterable[str], path: str) -> bool:
+    """Whether some layer of ``sources`` lies inside the module at ``path``."""
+    if not path:
+        return True
+    return any(s.split(":", 1)[0] == path or s.split(":", 1)[0].startswith(path + ".") for s in sources)
 
 
 # --------------------------------------------------------------------------- checks and stats
@@ -176,7 +331,20 @@ def _explain_remaining_convs(module: nn.Module, ctx: _Context) -> None:
         parts = name.split(".") if name else []
         ancestors = [".".join(parts[:k]) or root for k in range(len(parts))]
         untraced = [a for a in ancestors if a in ctx.untraced]
-        if untraced:
+        back = [a for a in ancestors + [name] if (a if a != root else "") in ctx.checked_back]
+        split = [a for a in ancestors if a in ctx.split or (a == root and "the model" in ctx.split)]
+        if back:
+            ctx.report.declined(
+                (shown,),
+                Decline(Reason.SELF_CHECK, f"{back[-1]} was put back as it was by the self-check (see that line)"),
+            )
+            continue
+        if split and (not untraced or ancestors.index(split[-1]) > ancestors.index(untraced[-1])):
+            why = (
+                f"its parent calls the layers of Sequential {split[-1]} one by one rather than the Sequential "
+                "as a whole, so they are not merged across its children"
+            )
+        elif untraced:
             why = f"it was fused on its own because torch.fx could not trace {untraced[-1]} (see that line)"
         elif not name:
             why = "the model is this one layer"
@@ -203,7 +371,7 @@ def _stats(module: nn.Module, inputs: tuple[Any, ...] | None, report: Report) ->
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with quiet(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
             out = module(*inputs)
     except Exception as exc:  # noqa: BLE001 - reported, MACs stay unknown
         report.notes.append(f"could not run example_inputs through {type(module).__name__}: {exc}")
@@ -233,17 +401,18 @@ def _input_shapes(module: nn.Module, inputs: tuple[Any, ...]) -> dict[str, _Args
 
         return hook
 
-    try:
-        for name, sub in module.named_modules():
-            if name:
-                handles.append(sub.register_forward_pre_hook(record(name)))
-        with torch.no_grad():
-            module(*inputs)
-    except Exception:  # noqa: BLE001 - shapes are optional; timings fall back to defaults
-        return {}
-    finally:
-        for handle in handles:
-            handle.remove()
+    with quiet(module):
+        try:
+            for name, sub in module.named_modules():
+                if name:
+                    handles.append(sub.register_forward_pre_hook(record(name)))
+            with torch.no_grad():
+                module(*inputs)
+        except Exception:  # noqa: BLE001 - shapes are optional; timings fall back to defaults
+            return {}
+        finally:
+            for handle in handles:
+                handle.remove()
     return shapes
 
 
@@ -267,20 +436,33 @@ class _Context:
     shapes: dict[str, _Args] = field(default_factory=dict)  # module input shapes (latency)
     untraced: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)  # conv layers some fuser looked at
+    whole: set[int] | None = None  # ids of Sequentials seen called as a whole (None: not observed)
+    parts: list[nn.Module] = field(default_factory=list)  # modules changed at their own level
+    split: list[str] = field(default_factory=list)  # Sequentials fused child by child
+    checked_back: list[str] = field(default_factory=list)  # parts the self-check put back
+    descended: set[int] = field(default_factory=set)  # children fused on their own for a parent
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _fuse_any(module: nn.Module, prefix: str, ctx: _Context, top: bool = False) -> nn.Module:
-    """Fuse ``module`` (a private copy) by the route its type allows; returns what replaces it."""
+def _fuse_any(module: nn.Module, prefix: str, ctx: _Context, top: bool = False, whole: bool = True) -> nn.Module:
+    """Fuse ``module`` (a private copy) in place by the route its type allows; returns it.
+
+    ``whole``: the module's parent calls it as a whole (a Sequential whose children its parent
+    calls one by one is fused child by child, never merged across its children).
+    """
     if _is_plain_sequential(module):
-        return _fuse_sequential(module, prefix, ctx)
+        if whole:
+            return _fuse_sequential(module, prefix, ctx)
+        ctx.split.append(prefix or "the model")
+        _fuse_children(module, prefix, ctx)
+        return module
     if isinstance(module, _CONTAINERS):
         _fuse_children(module, prefix, ctx)
         return module
@@ -288,43 +470,24 @@ def _fuse_any(module: nn.Module, prefix: str, ctx: _Context, top: bool = False) 
         return module  # a single known layer
     if type(module).__module__.startswith("torch.nn") and next(module.children(), None) is None:
         return module  # a torch leaf layer (activation, pooling, ...): nothing inside
-    tracer = _Tracer()
-    try:
-        gm = fx.GraphModule(module, tracer.trace(module), type(module).__name__)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to the children
-        where = prefix or type(module).__name__
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        inside = ""
-        if tracer.failed_in is not None and tracer.failed_in[0]:
-            path, cls = tracer.failed_in
-            inside = f" in {_join(prefix, path)} ({cls})"
-        ctx.untraced.append(where)
-        ctx.report.declined(
-            (where,),
-            Decline(
-                Reason.UNTRACEABLE,
-                f"torch.fx cannot trace {type(module).__name__}{inside} ({first_line}); its forward is kept "
-                "and its children were fused separately",
-            ),
-        )
+    if _fuse_traced(module, prefix, ctx, ctx.inputs if top else None) is None:
         _fuse_children(module, prefix, ctx)
-        return module
-    changed = _GraphFuser(gm, prefix, ctx, ctx.inputs if top else None).run()
-    return gm if changed else module
+    return module
 
 
 class _Tracer(fx.Tracer):
     """torch.fx tracer that keeps layers the rule tables know whole (a BatchNorm subclass that
-    keeps the base forward is one layer, not its ``_check_input_dim`` control flow), traces
-    through everything else (a subclass with its own forward), and remembers the innermost
-    module whose forward could not be traced."""
+    keeps the base forward is one layer, not its ``_check_input_dim`` control flow) and modules
+    with hooks (so their hooks run, and are never traced with Proxies), traces through everything
+    else (a subclass with its own forward), and remembers the innermost module whose forward
+    could not be traced."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or has_module_rule(m)
+        return super().is_leaf_module(m, module_qualified_name) or has_module_rule(m) or has_hooks(m)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
@@ -340,10 +503,225 @@ class _Tracer(fx.Tracer):
 
 
 def _fuse_children(module: nn.Module, prefix: str, ctx: _Context) -> None:
+    """Fuse each child on its own (the parent's forward is kept): a Sequential child is merged
+    across its children only when it was seen called as a whole."""
     for name, child in list(module.named_children()):
-        new = _fuse_any(child, _join(prefix, name), ctx)
+        whole = ctx.whole is not None and id(child) in ctx.whole
+        new = _fuse_any(child, _join(prefix, name), ctx, whole=whole)
         if new is not child:
             setattr(module, name, new)
+
+
+def _trace(
+    module: nn.Module, prefix: str, ctx: _Context, report: bool = True
+) -> tuple[fx.Graph, dict[str, Any], dict[str, list[str]]] | None:
+    """``module``'s graph, tracer constants and attribute writes, the module restored as it
+    was; None (reported when ``report``) when torch.fx cannot trace it."""
+    tracer = _Tracer()
+    try:
+        return trace_restoring(tracer, module)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to the children
+        if not report:
+            return None
+        where = prefix or type(module).__name__
+        inside = ""
+        if tracer.failed_in is not None and tracer.failed_in[0]:
+            path, cls = tracer.failed_in
+            inside = f" in {_join(prefix, path)} ({cls})"
+        ctx.untraced.append(where)
+        ctx.report.declined(
+            (where,),
+            Decline(
+                Reason.UNTRACEABLE,
+                f"torch.fx cannot trace {type(module).__name__}{inside} ({one_line(exc, 200)}); its forward is "
+                "kept and its children were fused separately",
+            ),
+        )
+        return None
+
+
+def _from_fx(prefix: str, module: nn.Module):  # noqa: ANN202 - a context manager
+    """torch.fx failures while rewriting ``module`` as a :class:`TorchFxError` naming it."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def guard():  # noqa: ANN202
+        try:
+            yield
+        except ConvfuseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted below: fx's own failures vs convfuse bugs
+            tb = exc.__traceback__
+            frames = []
+            while tb is not None:
+                frames.append(tb.tb_frame.f_code.co_filename)
+                tb = tb.tb_next
+            if any(f"torch{os.sep}fx{os.sep}" in f for f in frames):
+                where = prefix or type(module).__name__
+                raise TorchFxError(
+                    f"torch.fx failed while convfuse rewrote {where} ({type(module).__name__}): "
+                    f"{type(exc).__name__}: {one_line(exc, 300)}"
+                ) from exc
+            raise
+
+    return guard()
+
+
+_MAX_DESCENT = 4
+
+
+def _fuse_traced(
+    module: nn.Module,
+    prefix: str,
+    ctx: _Context,
+    inputs: tuple[Any, ...] | None,
+    depth: int = 0,
+    straight_only: bool = False,
+) -> bool | None:
+    """Trace ``module``, merge its graph and write the result back into ``module`` itself.
+
+    Surgery when every merge is a straight run of layer calls (the forward is kept). A merge
+    that needs new code inside one child's forward is made by fusing that child on its own
+    first (then ``module`` is traced again), so new code is as deep as it can be; one that needs
+    new code in ``module``'s own forward gives ``module`` a generated forward
+    (:mod:`.torch_surgery`), unless a forward it would replace assigns attributes: then only
+    straight runs merge and the others are declined (``straight_only``, the second pass).
+    Returns whether it changed, None when it cannot be traced (reported). Hooked children (leaves
+    of the trace) are fused on their own.
+    """
+    traced = _trace(module, prefix, ctx, report=depth == 0)
+    if traced is None:
+        return None
+    graph, extras, writes = traced
+    with _from_fx(prefix, module):
+        gm = graph_module(module, graph, extras, type(module).__name__)
+        before = _Before.of(graph)
+        mark = (len(ctx.report.merges), len(ctx.report.declines), len(ctx.report.notes))
+        writers = "; ".join(
+            f"{_join(prefix, p) or type(module).__name__} assigns {', '.join(w)}" for p, w in writes.items()
+        )
+        fuser = _GraphFuser(
+            gm, prefix, ctx, inputs, straight_only=writers if straight_only else "", aliased=_aliased(module)
+        )
+        changed = fuser.run()
+        inner = fuser.inner_scopes() if changed and depth < _MAX_DESCENT and not straight_only else []
+        children = [get_path(module, scope) for scope in inner]
+        if inner and all(
+            id(c) not in ctx.descended and _trace(c, "", ctx, report=False) is not None for c in children
+        ):
+            del ctx.report.merges[mark[0] :], ctx.report.declines[mark[1] :], ctx.report.notes[mark[2] :]
+            for scope, child in zip(inner, children):
+                ctx.descended.add(id(child))
+                _fuse_any(child, _join(prefix, scope), ctx)
+            _fuse_traced(module, prefix, ctx, inputs, depth + 1)
+            return True
+        if changed and not fuser.straight and writers and not straight_only:
+            del ctx.report.merges[mark[0] :], ctx.report.declines[mark[1] :], ctx.report.notes[mark[2] :]
+            return _fuse_traced(module, prefix, ctx, inputs, depth + 1, straight_only=True)
+        if changed:
+            _write_back(module, gm, fuser, before, extras)
+            ctx.parts.append(module)
+    for path in sorted(fuser.declined_children):  # their own forwards may take new code
+        child = get_path(module, path)
+        if id(child) not in ctx.descended:
+            ctx.descended.add(id(child))
+            _fuse_any(child, _join(prefix, path), ctx)
+    for target in before.calls:
+        try:
+            child = get_path(module, target)
+        except AttributeError:
+            continue  # inside a module the write-back replaced
+        if has_hooks(child) and module_op(child, target) is None and next(child.children(), None) is not None:
+            _fuse_any(child, _join(prefix, target), ctx)
+    return changed
+
+
+def _aliased(module: nn.Module) -> frozenset[str]:
+    """Paths of modules registered under more than one path (replacing one path would leave
+    the other calling the old layer)."""
+    paths: dict[int, list[str]] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    return frozenset(p for names in paths.values() if len(names) > 1 for p in names)
+
+
+@dataclass
+class _Before:
+    """What a traced graph used before fusing: layer calls, and modules whose forward it traced."""
+
+    calls: Counter
+    traced: set[str]
+
+    @staticmethod
+    def of(graph: fx.Graph) -> _Before:
+        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        traced = {path for n in graph.nodes for path, _ in (n.meta.get("nn_module_stack") or {}).values()}
+        return _Before(calls, traced - set(calls))
+
+
+def _write_back(
+    module: nn.Module, gm: fx.GraphModule, fuser: _GraphFuser, before: _Before, extras: dict[str, Any]
+) -> None:
+    """Put the fused graph ``gm`` (traced from ``module``) into ``module``: merged convs at their
+    targets, absorbed layers as ``nn.Identity``; a generated forward where a merge needs one,
+    and then a traced-through module the new forward no longer uses at all is an
+    ``nn.Identity`` too, one that lost folded weights a plain ``nn.Module`` holding the rest."""
+    final = list(gm.graph.nodes)
+    called = {n.target for n in final if n.op == "call_module"}
+    for target in called:
+        new = gm.get_submodule(target)
+        try:
+            old = get_path(module, target)
+        except AttributeError:
+            old = None
+        if old is not new:
+            replace_layer(module, target, new)
+    gone = {id(get_path(module, t)) for t in before.calls if t not in called}
+    for name, m in list(module.named_modules(remove_duplicate=False)):
+        if name and id(m) in gone and name not in called:  # every name the layer has
+            replace_layer(module, name, placeholder(m))
+    if fuser.straight:
+        return
+    hollow: set[str] = set()
+    for target in fuser.dropped:
+        owner_path, _, leaf = target.rpartition(".")
+        try:
+            owner = get_path(module, owner_path)
+        except AttributeError:
+            continue
+        if isinstance(owner, nn.Module) and owner_path not in called and hasattr(owner, leaf):
+            delattr(owner, leaf)
+            hollow.add(owner_path)
+    used = {n.target for n in final if n.op in ("call_module", "get_attr")}
+    for path in sorted(before.traced - {""}, key=lambda p: p.count(".")):
+        try:
+            old = get_path(module, path)
+        except AttributeError:
+            continue  # inside a module already replaced
+        if not any(u == path or u.startswith(path + ".") for u in used):
+            replace_layer(module, path, placeholder(old))
+        elif path in hollow:
+            set_path(module, path, _shell(old))
+    for node in final:
+        if node.op == "get_attr" and node.target in extras and not hasattr(module, node.target):
+            value = extras[node.target]
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                module.register_buffer(node.target, value, persistent=False)
+            else:
+                setattr(module, node.target, value)
+    install_forward(module, gm.graph)
+
+
+def _shell(module: nn.Module) -> nn.Module:
+    """A plain ``nn.Module`` with ``module``'s remaining state (its forward is no longer run and
+    some of its weights were folded away, so it is no longer a working ``type(module)``)."""
+    shell = nn.Module()
+    for key, value in module.__dict__.items():
+        if key in ("_parameters", "_buffers", "_modules"):
+            shell.__dict__[key].update(value)
+        elif key not in shell.__dict__ or not key.startswith("_"):
+            shell.__dict__[key] = value
+    return shell
 
 
 # --------------------------------------------------------------------------- nn.Sequential
@@ -395,10 +773,10 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Context) -> nn.Seque
     keys = list(seq._modules)
     numbered = keys == [str(i) for i in range(len(keys))]
     items: list[tuple[str, nn.Module, list[LinearOp] | Decline | None]] = []
-    segments: dict[int, Report] = {}  # id of a GraphModule fused from several children -> its lines
+    segments: dict[int, tuple[str, Report]] = {}  # id of a child fused with its neighbours -> key, lines
     for key, child, lines in _trace_mixed_runs(list(seq._modules.items()), prefix, ctx):
         if lines is not None:  # already fused as one graph with its neighbours
-            segments[id(child)] = lines
+            segments[id(child)] = (key, lines)
             items.append((key, child, None))
             continue
         name = _join(prefix, key)
@@ -428,16 +806,25 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Context) -> nn.Seque
     for index, piece in merges:
         target = _join(prefix, out[index][0]) if index >= 0 else "(removed)"
         ctx.report.merged(piece.kind, piece.sources, target, piece.before, piece.after, piece.note, piece.timing)
+    new_key = {segments[id(child)][0]: key for key, child in out if id(child) in segments}
     for key, child in out:
-        lines = segments.get(id(child))
-        if lines is not None:  # merge targets live inside the GraphModule, now at ``key``
-            for m in lines.merges:
-                inside = prefix and m.target.startswith(prefix + ".")
-                rel = m.target[len(prefix) + 1 :] if inside else m.target
-                target = m.target if m.target == "(removed)" else _join(prefix, _join(key, rel))
-                ctx.report.merges.append(replace(m, target=target))
-            ctx.report.declines += lines.declines
-            ctx.report.notes += lines.notes
+        old_key, lines = segments.get(id(child), ("", None))
+        if lines is None:
+            continue
+        for m in lines.merges:
+            inside = prefix and m.target.startswith(prefix + ".")
+            rel = m.target[len(prefix) + 1 :] if inside else m.target
+            if isinstance(child, fx.GraphModule):  # targets live inside the GraphModule, now at ``key``
+                rel = _join(key, rel)
+            else:  # surgery on the children: targets start with a child's old key
+                first, _, rest = rel.partition(".")
+                rel = _join(new_key.get(first, first), rest) if rest else new_key.get(first, first)
+            target = m.target if m.target == "(removed)" else _join(prefix, rel)
+            ctx.report.merges.append(replace(m, target=target))
+        ctx.report.declines += lines.declines
+        ctx.report.notes += lines.notes
+    if [(k, id(m)) for k, m in out] != [(k, id(m)) for k, m in seq._modules.items()] or segments:
+        ctx.parts.append(seq)
     _explain_sequential(items, prefix, ctx)
     seq._modules.clear()
     seq._modules.update(OrderedDict(out))
@@ -472,26 +859,47 @@ def _trace_mixed_runs(
             i += 1
         seg = children[lo:i]
         fused = _fuse_segment(seg, prefix, ctx) if set(kinds[lo:i]) == {"linear", "custom"} else None
-        out += [(key, child, None) for key, child in seg] if fused is None else [(seg[0][0], *fused)]
+        if fused is None:
+            out += [(key, child, None) for key, child in seg]
+        else:
+            new_children, lines = fused
+            out += [(key, child, lines if j == 0 else Report()) for j, (key, child) in enumerate(new_children)]
     return out
 
 
 def _fuse_segment(
     seg: list[tuple[str, nn.Module]], prefix: str, ctx: _Context
-) -> tuple[fx.GraphModule, Report] | None:
-    """``seg`` traced and fused as one graph (layers named as in the Sequential) with its
-    report lines, or None when it does not trace or nothing merges (the child-by-child route
-    then fuses and reports it)."""
+) -> tuple[list[tuple[str, nn.Module]], Report] | None:
+    """``seg`` traced and fused as one graph (layers named as in the Sequential): its children
+    after surgery (each keeps its class) when every merge is a straight run of layer calls, else
+    one GraphModule child, with the report lines; None when it does not trace or nothing merges
+    (the child-by-child route then fuses and reports it)."""
     holder = nn.Sequential(OrderedDict(seg))
-    try:
-        gm = fx.GraphModule(holder, _Tracer().trace(holder), "Sequential")
-    except Exception:  # noqa: BLE001 - the child-by-child route reports why
-        return None
-    scratch = replace(ctx, report=Report(), untraced=[], seen=set())
-    if not _GraphFuser(gm, prefix, scratch, None).run():
-        return None
+    for attempt in range(2):
+        scratch = replace(ctx, report=Report(), untraced=[], seen=set(), parts=[])
+        traced = _trace(holder, prefix, scratch, report=False)
+        if traced is None:
+            return None
+        graph, extras, _ = traced
+        with _from_fx(prefix, holder):
+            gm = graph_module(holder, graph, extras, "Sequential")
+            calls = _Before.of(graph)
+            fuser = _GraphFuser(gm, prefix, scratch, None, aliased=_aliased(holder))
+            if not fuser.run():
+                return None
+        inner = [s for s in fuser.inner_scopes() if id(get_path(holder, s)) not in ctx.descended]
+        if attempt or not inner:
+            break
+        for scope in inner:  # new code inside one child: that child gets it, then fuse the run again
+            child = get_path(holder, scope)
+            ctx.descended.add(id(child))
+            _fuse_any(child, _join(prefix, scope), ctx)
     ctx.seen |= scratch.seen
-    return gm, scratch.report
+    ctx.parts += scratch.parts
+    if fuser.straight:
+        _write_back(holder, gm, fuser, calls, extras)
+        return list(holder._modules.items()), scratch.report
+    return [(seg[0][0], gm)], scratch.report
 
 
 def _explain_sequential(
@@ -594,7 +1002,9 @@ def _write_run(
             m = first[id(node)]
             merges.append((len(out), m))
             types = {o.name: type(o.origin[1]).__name__ for o in ops}
-            out.append((op.origin[0], layer_from_merge(m, convs[0].dtype, types)))
+            merged_layer = layer_from_merge(m, convs[0].dtype, types)
+            carry_attributes(op.origin[1], merged_layer)
+            out.append((op.origin[0], merged_layer))
         elif id(node) not in merged:
             out.append(op.origin)
 
@@ -677,7 +1087,7 @@ def _qualified(target: Any) -> str:
 
 def _named_sources(report: Report) -> set[str]:
     """Every layer name a merge or decline line of ``report`` mentions."""
-    named = {s for m in report.merges for s in m.sources}
+    named = {s for m in report.merges for s in (*m.sources, m.target)}
     named |= {s for d in report.declines for s in d.sources}
     return named
 
@@ -685,8 +1095,19 @@ def _named_sources(report: Report) -> set[str]:
 class _GraphFuser:
     """Find maximal linear regions of a traced graph, reduce them, write them back."""
 
-    def __init__(self, gm: fx.GraphModule, prefix: str, ctx: _Context, inputs: tuple[Any, ...] | None) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        prefix: str,
+        ctx: _Context,
+        inputs: tuple[Any, ...] | None,
+        straight_only: str = "",
+        aliased: frozenset[str] = frozenset(),
+    ) -> None:
         self.gm = gm
+        self.aliased = aliased  # layer paths that share their module with another path
+        self.straight_only = straight_only  # why only straight runs may merge here ("" : anything may)
+        self.declined_children: set[str] = set()  # children holding a merge declined for that
         self.graph = gm.graph
         self.prefix = prefix
         self.ctx = ctx
@@ -699,6 +1120,14 @@ class _GraphFuser:
         self.functionalized: dict[fx.Node, Any] = {}  # in-place sum -> its original target
         self.changed = False
         self._const_cache: dict[fx.Node, Any] = {}
+        self.calls = Counter(n.target for n in self.nodes if n.op == "call_module")
+        self.attr_owners = {  # modules whose tensors the graph reads directly
+            ".".join(n.target.split(".")[:k]) for n in self.nodes if n.op == "get_attr"
+            for k in range(1, n.target.count(".") + 1)
+        }  # fmt: skip
+        self.rewrites: list[tuple[bool, str]] = []  # (a straight run of layer calls, scope) per merge
+        self.dropped: list[str] = []  # attributes only the merged layers read
+        self.target_of: dict[str, str] = {}  # layer name -> call_module target
         args = ctx.shapes.get(prefix) if inputs is None and prefix else None
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if args is not None and len(args) == len(placeholders):
@@ -774,6 +1203,7 @@ class _GraphFuser:
                     op = module_op(module, self._name(node.target))
                     entry = Unary(op, node.args[0]) if isinstance(op, LinearOp) else op
                     self.module_names.add(self._name(node.target))
+                    self.target_of[self._name(node.target)] = node.target
                 if isinstance(module, _CONV):
                     self.ctx.seen.add(self._name(node.target))
             elif node.op in ("call_function", "call_method"):
@@ -885,6 +1315,65 @@ class _GraphFuser:
                     user.replace_input_with(node, self._anchor(node, nodes))
 
     # ------------------------------------------------------------------ regions
+    def _decline_new_code(self, names: tuple[str, ...], nodes: Iterable[fx.Node]) -> None:
+        """Straight runs only here: decline a merge that needs new code, and remember the
+        children it lies in (each is fused on its own afterwards)."""
+        for node in nodes:
+            stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+            if node.op == "call_module" and stack and stack[-1] == node.target:
+                stack = stack[:-1]
+            if stack:
+                self.declined_children.add(stack[0])
+        where = self.prefix or type(self.gm).__name__
+        self.ctx.report.declined(
+            names,
+            Decline(
+                Reason.UNSUPPORTED,
+                f"merging this needs a new forward for {where}, but the forward it would replace writes "
+                f"attributes ({self.straight_only}), which a generated forward would not repeat",
+            ),
+        )
+
+    @property
+    def straight(self) -> bool:
+        """Every merge replaced a straight run of layer calls: surgery keeps the forward."""
+        return all(straight for straight, _ in self.rewrites)
+
+    def inner_scopes(self) -> list[str]:
+        """The children (outermost paths) whose own forwards hold a merge that needs new code."""
+        scopes = sorted({scope for straight, scope in self.rewrites if not straight} - {""})
+        return [s for s in scopes if not any(s.startswith(o + ".") for o in scopes)]
+
+    def _scope(self, nodes: Iterable[fx.Node]) -> str:
+        """The innermost module whose forward computes all of ``nodes`` ("" for this one)."""
+        common: list[str] | None = None
+        for node in nodes:
+            stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+            if node.op == "call_module" and stack and stack[-1] == node.target:
+                stack = stack[:-1]
+            if common is None:
+                common = stack
+            else:
+                k = 0
+                while k < min(len(common), len(stack)) and common[k] == stack[k]:
+                    k += 1
+                common = common[:k]
+        return common[-1] if common else ""
+
+    def _is_straight(self, merge: Merge) -> bool:
+        """Whether ``merge`` replaces layer calls one after another from its input (each layer
+        called once in the graph, its tensors not read directly), so that the merged layer in its
+        first layer's place, ``nn.Identity`` in the others, computes it with the module's own
+        forward."""
+        prev = self.by_name.get(merge.x)
+        for node in sorted((n.origin for n in merge.nodes), key=self.order.__getitem__):
+            if node.op != "call_module" or self.calls[node.target] != 1 or node.target in self.attr_owners:
+                return False
+            if node.target in self.aliased or node.args != (prev,) or node.kwargs:
+                return False
+            prev = node
+        return True
+
     def run(self) -> bool:
         self._build()
         graph = self._linear_graph()
@@ -1050,19 +1539,25 @@ class _GraphFuser:
     def _write(self, result: Plan) -> None:
         """The plan as fx nodes (the torch.fx exporter): a merge is one conv module called on its
         input, a sum left with fewer terms a chain of adds; replaced nodes are erased."""
-        by_name = {n.name: n for n in self.nodes}
+        by_name = self.by_name = {n.name: n for n in self.nodes}
         value: dict[str, fx.Node] = dict(by_name)
         for merges, resum in result.groups():
             fx_nodes = {n.origin for m in merges for n in m.nodes} | ({n.origin for n in resum.nodes} if resum else set())
             root = max(fx_nodes, key=self.order.__getitem__)
+            names = tuple(self._node_name(n) for n in sorted(fx_nodes, key=self.order.__getitem__))
             hazard = self._inplace_hazard(root, fx_nodes)
             if hazard is not None:
-                self.ctx.report.declined(tuple(n.name for m in merges for n in m.nodes), hazard)
+                self.ctx.report.declined(names, hazard)
                 continue
+            straight = resum is None and self._is_straight(merges[0])
+            if self.straight_only and not straight:
+                self._decline_new_code(names, fx_nodes)
+                continue
+            self.rewrites.append((straight, "" if straight else self._scope(fx_nodes)))
             replaced: list[tuple[fx.Node, fx.Node]] = []
             for merge in merges:
                 last = max((n.origin for n in merge.nodes), key=self.order.__getitem__)
-                target = self._new_module_name(merge.sources)
+                target = self.target_of[merge.sources[0]] if straight else self._new_module_name(merge.sources)
                 types = layer_types(self.gm, merge.sources, self.prefix)
                 self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge), types))
                 with self.graph.inserting_before(last):
@@ -1120,7 +1615,8 @@ class _GraphFuser:
                 self.graph.erase_node(node)
 
     def _new_module_name(self, sources: Iterable[str]) -> str:
-        """``<common parent of the merged layers>.fused`` (relative to this graph), made unique."""
+        """``<common parent of the merged layers>_fused`` on this graph's root (never inside a
+        child whose own forward may still run), made unique."""
         parents = []
         for s in sources:
             if s in self.module_names:
@@ -1134,7 +1630,7 @@ class _GraphFuser:
                 if len(set(parts)) != 1:
                     break
                 common.append(parts[0])
-        base = ".".join(common + ["fused"])
+        base = "_".join(common + ["fused"])
         name, i = base, 0
         while self._has_path(name):
             i += 1
@@ -1168,6 +1664,7 @@ class _GraphFuser:
             owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
             if hasattr(owner, leaf):
                 delattr(owner, leaf)
+                self.dropped.append(target)
         for node in self.graph.nodes:
             if isinstance(node.type, str):
                 # A PEP 563 string annotation ends up as a string global in the generated code,
