@@ -1,29 +1,29 @@
-"""The pieces a linear region needs beyond :mod:`convfuse.algebra`: scaled, padded and identity maps.
+"""The pieces a linear region needs beyond :mod:`convfuse.algebra`: scaled branches, Linear layers.
 
 Tensors only, written against :class:`~convfuse.spec.ConvSpec` and the algebra's public rules,
 so they work on whatever array type the spec holds. DESIGN.md section 5 (linear regions):
 
 - **Scaling a branch** by a constant ``c`` (``-b``, ``a - b``, ``s * b``): ``W' = c W``,
   ``b' = c b`` (:func:`scaled`), the per-channel affine rule with scale ``c`` and shift 0.
-- **A padded branch** (``F.pad(x)`` zero, then a valid conv): the identity with those pads
-  composes exactly with a following conv (it only moves where the conv reads zeros); a zero
-  pad *after* a spatial conv is the padding case 3 of the algebra and is declined there.
+- **A padded branch** (``F.pad(x)`` zero, then a valid conv): the readers give a zero pad as
+  the identity conv with those pads, which composes exactly with a following conv (it only
+  moves where the conv reads zeros); a zero pad *after* a spatial conv is padding case 3 of the
+  algebra and is declined there.
 - **Linear** ``y = x W^T + b`` on the last dim is a conv with no spatial extent: a 1D pointwise
   conv ``W[Co, Ci, 1]`` on a virtual length-1 grid (:func:`linear_spec`); every rule of the
   algebra applies unchanged, and :func:`as_matrix` reads the dense ``[Co, Ci]`` matrix back.
-- **Identity**: a Dirac kernel (:func:`convfuse.algebra.identity`); :func:`is_identity` tells
-  a map that does nothing (so writing it would be a no-op).
+- **Identity** (a branch that is the input itself): a Dirac kernel (:func:`convfuse.algebra.identity`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-from .algebra import ChannelAffine, identity, then_affine
+from .algebra import ChannelAffine, then_affine
 from .decline import Decline
 from .spec import ConvSpec
 
-__all__ = ["scaled", "padded_identity", "without_zero_bias", "is_identity", "linear_spec", "as_matrix"]
+__all__ = ["scaled", "without_zero_bias", "linear_spec", "as_matrix"]
 
 
 def scaled(spec: ConvSpec, factor: float) -> ConvSpec | Decline:
@@ -34,27 +34,9 @@ def scaled(spec: ConvSpec, factor: float) -> ConvSpec | Decline:
     return then_affine(spec, ChannelAffine(scale=zeros + float(factor), shift=zeros))
 
 
-def padded_identity(channels: int, ndim: int, pads: Sequence[tuple[int, int]], like: ConvSpec | None = None) -> ConvSpec:
-    """Zero padding by ``pads`` (begin, end per spatial dim) as a depthwise Dirac conv."""
-    spec = identity(channels, ndim) if like is None else identity(channels, ndim, dtype=like.dtype)
-    return spec.replace(pads=tuple((int(b), int(e)) for b, e in pads))
-
-
 def without_zero_bias(spec: ConvSpec) -> ConvSpec:
     """The same map without its bias when that bias is all zero (both writers drop it)."""
     return spec if spec.has_nonzero_bias() or spec.bias is None else spec.replace(bias=None)
-
-
-def is_identity(spec: ConvSpec) -> bool:
-    """Whether ``spec`` computes ``y = x``: depthwise, kernel 1, stride 1, unpadded, weight 1, no bias."""
-    return (
-        spec.groups == spec.in_channels == spec.out_channels
-        and spec.is_pointwise
-        and not spec.is_padded
-        and all(s == 1 for s in spec.stride)
-        and not spec.has_nonzero_bias()
-        and bool((spec.weight == 1).all())
-    )
 
 
 def linear_spec(weight: Any, bias: Any = None) -> ConvSpec:

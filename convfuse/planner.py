@@ -651,9 +651,6 @@ class _Region:
             parts.append(m)
         return add(parts) if last.kind is OpKind.SUM else concat(parts)
 
-    def shape_of(self, specs: Sequence[ConvSpec]) -> ConvSpec:
-        return estimate.chain_shape(list(specs))
-
     # ------------------------------------------------------------------ policy
     def decide(self, nodes: Sequence[LinearNode], merged: ConvSpec, x: str, y: str, block: Block | None):
         macs, params = self.before(nodes)
@@ -955,10 +952,6 @@ def _kind(nodes: Sequence[LinearNode]) -> str:
         block = "concat" if OpKind.CONCAT in kinds else "sum"
         return block if kinds[-1] in (OpKind.SUM, OpKind.CONCAT) else f"{block}+chain"
     return "+".join(n.tag or _TAGS.get(n.kind, n.kind.value) for n in nodes if n.kind is not OpKind.IDENTITY)
-
-
-def _only_parallel(nodes: Sequence[LinearNode]) -> bool:
-    return nodes[-1].kind in (OpKind.SUM, OpKind.CONCAT)
 
 
 def _default_dtype() -> Any:

@@ -570,6 +570,17 @@ def unread_nodes(nodes: Sequence[onnx.NodeProto]) -> list[tuple[list[onnx.NodePr
 
 
 # --------------------------------------------------------------------------- writer
+def _cast(weight: torch.Tensor, bias: torch.Tensor | None, elem_type: int) -> tuple[torch.Tensor, torch.Tensor | None] | Decline:
+    """Merged weights in the model's type, once; an all-zero bias left out (adding zero is
+    exact); a value the type cannot hold (float16 overflow) is a decline."""
+    dtype = FLOAT_TYPES[elem_type]
+    weight = weight.detach().to(dtype)
+    bias = None if bias is None or not bool(torch.any(bias != 0)) else bias.detach().to(dtype)
+    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    return weight, bias
+
+
 def conv_node(
     spec: ConvSpec,
     *,
@@ -586,11 +597,10 @@ def conv_node(
     """
     if spec.padding_mode != "zeros" and spec.is_padded:
         return Decline(Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros")
-    dtype = FLOAT_TYPES[elem_type]
-    weight = spec.weight.detach().to(dtype)
-    bias = None if spec.bias is None or not bool(torch.any(spec.bias != 0)) else spec.bias.detach().to(dtype)
-    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
-        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    cast = _cast(spec.weight, spec.bias, elem_type)
+    if isinstance(cast, Decline):
+        return cast
+    weight, bias = cast
     w_name = fresh(f"{name}.weight")
     initializers = [numpy_helper.from_array(weight.cpu().numpy(), w_name)]
     inputs = [x, w_name]
@@ -624,12 +634,10 @@ def linear_nodes(
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | Decline:
     """A Linear layer on the last dim of ``x``: ``Gemm`` (transB=1) on a ``[N, C]`` tensor,
     ``MatMul`` then ``Add`` on any other rank."""
-    dtype = FLOAT_TYPES[elem_type]
-    weight, bias = as_matrix(spec)
-    weight = weight.detach().to(dtype)
-    bias = None if bias is None or not bool(torch.any(bias != 0)) else bias.detach().to(dtype)
-    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
-        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    cast = _cast(*as_matrix(spec), elem_type)
+    if isinstance(cast, Decline):
+        return cast
+    weight, bias = cast
     w_name = fresh(f"{name}.weight")
     b_name = fresh(f"{name}.bias") if bias is not None else ""
     if rank2:
