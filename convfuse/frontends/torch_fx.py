@@ -12,8 +12,8 @@ forward and has its children fused one by one; the report says which modules wer
 Before returning, :mod:`.torch_check` runs the result next to the original and puts back any
 module that raises or differs (reason ``self-check``).
 
-This module finds regions and writes them back; :mod:`.torch_rules` says which layers are
-linear, :mod:`.torch_ir` reduces a region with :mod:`convfuse.algebra`.
+This module imports a graph to the planner's IR (:mod:`.torch_import`; :mod:`.torch_rules` says
+which layers and calls are linear) and writes :func:`convfuse.planner.plan`'s result back.
 
 Real-world forms (timm): a layer subclass with its own forward is traced through (its
 ``F.batch_norm`` / ``F.conv2d`` call is read), rank reads (``x.ndim``, ``x.dim()``,
