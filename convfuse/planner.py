@@ -378,8 +378,6 @@ class _Planner:
         features = any(n.layout == "last" for n in nodes)
         info = self._features_info(x, nodes) if features else self._input_info(x, nodes)
         if isinstance(info, Decline):
-            if features:
-                self._decline([n.name for n in nodes if n.kind.is_unary], info)
             return None  # no layer says what the input is (a pool alone): nothing to do
         region = _Region(self, x, y, nodes, info, features)
         best = region.best(x, y, tuple(nodes))
@@ -410,16 +408,26 @@ class _Planner:
         """A region of Linear layers: every map acts on the last dim (a 1D pointwise conv on a
         virtual length-1 grid). Layers that read channels at dim 1 join only on known rank-2
         tensors, where dim 1 is the last; convolutions, pads and pools never do."""
+        bad: list[tuple[LinearNode, Decline]] = []
         for n in nodes:
             if n.kind in (OpKind.CONV, OpKind.PAD, OpKind.POOL):
-                return Decline(Reason.RANK_MISMATCH, f"{n.name} works on spatial dims in a region of Linear layers")
+                bad.append((n, Decline(Reason.RANK_MISMATCH, f"{n.name} works on spatial dims, a Linear layer on the last dim")))
+                continue
             needs_rank2 = n.layout == "first" or n.kind is OpKind.CONCAT
             if needs_rank2 and any(len(self.g.shapes.get(i) or ()) != 2 for i in n.inputs):
-                return Decline(
+                bad.append((n, Decline(
                     Reason.RANK_MISMATCH,
                     f"{n.name} reads channels at dim 1 and a Linear layer reads the last dim; they agree only "
                     "on a [N, C] tensor, and this input's rank is not known to be 2 (pass example inputs)",
-                )
+                )))  # fmt: skip
+        if bad:  # cut the region where the layout changes: each side is planned on its own
+            cut = {i for n in nodes if n.layout == "last" for i in n.inputs}
+            cut |= {t for n, _ in bad for t in (*n.inputs, n.output)}
+            for n, decline in bad:
+                self._decline([n.name, *(m.name for m in nodes if m.layout == "last")], decline)
+            if not cut <= self.materialized:
+                raise _Retry(tensors=cut)
+            return bad[0][1]
         channels = self._channels(x, nodes)
         if channels is None:
             return Decline(Reason.UNSUPPORTED, f"cannot tell the features of {x!r} from the layers reading it")
