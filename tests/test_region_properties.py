@@ -14,13 +14,14 @@ Regions per run: 170 nets x 3 + 40 heads = 550.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections import Counter
 
 import onnx
 import onnxruntime as ort
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -30,12 +31,12 @@ from convfuse.frontends.onnx_graph import model_stats
 from tests.helpers import rel_err
 from tests.region_models import HeadNet, RegionNet, heads, regions
 
-NETS = int(__import__("os").environ.get("NETS", 170))
+NETS = int(os.environ.get("NETS", 170))  # nets of 3 regions per run
 HEADS = 40
 _SPATIAL = {1: (7,), 2: (5, 5), 3: (4, 4, 3)}
 _SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None)
-if __import__("os").environ.get("NOSHRINK"):
-    _SETTINGS["phases"] = [__import__("hypothesis").Phase.generate]
+if os.environ.get("NOSHRINK"):  # report the first failing example at once (debugging)
+    _SETTINGS["phases"] = [Phase.generate]
 
 
 def _export(module: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
