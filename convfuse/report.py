@@ -30,8 +30,12 @@ class MergeKind(str, Enum):
     PAD = "pad into conv"  # a zero Pad folded into one conv's padding
     CHAIN = "conv chain"  # consecutive convs (or average pools) composed into one
     SUM = "sum of branches"  # parallel branches of one input, summed, as one conv
+    CONCAT = "concat of branches"  # parallel branches of one input, concatenated, as one conv
     IDENTITY = "identity removed"  # a node that computes nothing, dropped
     OTHER = "other"  # a kind this table does not know yet
+
+    __str__ = str.__str__  # the value, in reports and f-strings
+    __format__ = str.__format__
 
     @classmethod
     def of(cls, kind: str) -> MergeKind:
@@ -40,11 +44,13 @@ class MergeKind(str, Enum):
             return cls.IDENTITY
         if kind == "sum" or kind.startswith("sum+"):
             return cls.SUM
+        if kind == "concat" or kind.startswith("concat+"):
+            return cls.CONCAT
         if kind == "chain":
             return cls.CHAIN
         if kind == "conv+affine":
             return cls.CONV_AFFINE
-        parts = kind.split("+")
+        parts = ["conv" if p == "linear" else p for p in kind.split("+")]
         others = {p for p in parts if p != "conv"}
         if "conv" not in parts or not others <= _CHAIN_PARTS:
             return cls.OTHER
@@ -58,7 +64,7 @@ class MergeKind(str, Enum):
 
 
 #: Op kinds an ONNX chain is made of (``LinearOp.kind``).
-_CHAIN_PARTS = {"bn", "mul", "add", "sub", "div", "pad", "avgpool"}
+_CHAIN_PARTS = {"bn", "mul", "add", "sub", "div", "neg", "affine", "pad", "avgpool"}
 
 
 @dataclass(frozen=True)

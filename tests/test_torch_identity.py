@@ -403,7 +403,7 @@ def test_unexpected_exceptions_are_one_line_internal_errors_twin(monkeypatch) ->
     def broken(*args, **kwargs):
         raise ValueError("boom\nsecond line")
 
-    monkeypatch.setattr(torch_fx, "reduce_region", broken)
+    monkeypatch.setattr(torch_fx, "plan", broken)
     with pytest.raises(InternalError) as info:
         convfuse.fuse(RepVGGBlock(4, 4).eval())
     assert isinstance(info.value, ConvfuseError)

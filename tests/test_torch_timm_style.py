@@ -21,6 +21,7 @@ import convfuse
 from convfuse.frontends.torch_surgery import generated_code
 from convfuse import Reason
 from convfuse.errors import TrainingModeError
+from convfuse.report import MergeKind
 
 from ._torch_models import randomize_bn
 from .helpers import rel_err
@@ -241,7 +242,7 @@ def test_mobileone_block_merges_to_one_conv(c_in, c_out, k, stride, groups, bran
 
 def test_convnormact_with_act_merges_conv_and_bn_keeps_relu() -> None:
     model, fused, report = _check(lambda: ConvNormAct(4, 8, 3), torch.randn(2, 4, 7, 7), after=1)
-    assert [m.kind for m in report.merges] == ["conv+affine"]
+    assert [m.group for m in report.merges] == [MergeKind.CONV_BN]
     assert any(isinstance(m, nn.ReLU) for m in fused.modules())
     assert report.merges[0].target == "fused"
 
@@ -275,7 +276,7 @@ def test_sequential_act_between_conv_and_next_conv_twin() -> None:
     the ReLU stays, and its line names the layer before it."""
     make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), BatchNormAct2d(8), nn.Conv2d(8, 8, 1))  # noqa: E731
     _, fused, report = _check(make, torch.randn(2, 3, 8, 8), after=2)
-    assert [m.kind for m in report.merges] == ["conv+affine"]
+    assert [m.group for m in report.merges] == [MergeKind.CONV_BN]
     (line,) = report.declines
     assert line.sources == ("2",) and line.reason is Reason.NOTHING_TO_MERGE, report.to_text()
     assert "1.act (ReLU)" in line.decline.message
@@ -437,7 +438,7 @@ class _FunctionalBN(nn.Module):
 @pytest.mark.parametrize("form", ["F.batch_norm", "torch.batch_norm"])
 def test_functional_batch_norm_forms_merge(form: str) -> None:
     _, _, report = _check(lambda: _FunctionalBN(form), torch.randn(2, 3, 6, 6), after=1)
-    assert [m.kind for m in report.merges] == ["conv+affine"]
+    assert [m.group for m in report.merges] == [MergeKind.CONV_BN]
 
 
 def test_functional_batch_norm_with_computed_statistics_twin() -> None:
@@ -482,7 +483,7 @@ class _ActBeforeSum(nn.Module):
 
 def test_act_inside_bn_blocks_the_sum() -> None:
     model, fused, report = _check(_ActBeforeSum, torch.randn(2, 8, 7, 7), after=2)
-    assert [m.kind for m in report.merges] == ["conv+affine", "conv+affine"]
+    assert [m.group for m in report.merges] == [MergeKind.CONV_BN, MergeKind.CONV_BN]
     assert sum(isinstance(m, nn.ReLU) for m in fused.modules()) == 2
 
 

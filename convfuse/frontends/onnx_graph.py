@@ -1,22 +1,20 @@
-"""The ONNX front end: find linear runs in a graph, merge each with the shared algebra, write back.
+"""The ONNX front end: an importer to the planner's IR and an exporter of its plan.
 
-Rules (:data:`RULES`), applied to every graph, subgraphs first, until a round changes nothing:
+Rules (:data:`RULES`), applied to every graph, subgraphs first:
 
 1. **Identity.** ``y = Identity(x)``: consumers read ``x`` instead. When ``y`` is a graph output,
-   ``x``'s producer writes ``y`` directly (graph outputs keep their names), if it can.
-2. **Chain.** ``x -> L1 -> L2 -> ... -> Ln`` where each ``Li`` is a :class:`LinearOp` (Conv,
-   inference BatchNormalization, Mul/Add/Sub/Div by a per-channel constant, zero Pad,
-   AveragePool) and every intermediate tensor has one consumer and is not a graph output. The
-   run is split and merged by :func:`convfuse.plan.plan_chain` (padding cases and cost policy
-   included); each merged part becomes one Conv.
-3. **Sum.** An ``Add``/``Sum`` tree whose terms are linear branches of one tensor ``x`` (a branch
-   may be ``x`` itself): merged by :func:`convfuse.plan.plan_sum` into one Conv; terms from other
-   tensors stay in a smaller sum.
+   ``x``'s producer writes ``y`` directly (graph outputs keep their names), if it can. Repeated
+   until nothing changes.
+2. **Linear regions.** Every node :mod:`.onnx_nodes` reads as linear in one activation (Conv,
+   inference BatchNormalization, Mul/Add/Sub/Div by a per-channel constant, Neg, zero Pad,
+   AveragePool) and every ``Add``/``Sub``/``Sum`` of activations and ``Concat`` on channels
+   becomes a :class:`~convfuse.ir.LinearNode`; :func:`convfuse.planner.plan` finds the regions
+   and decides what merges; each merge becomes one Conv, each sum left with fewer terms is
+   rebuilt from Add/Sub (or one Sum). Run once.
 
-A tensor read by more than one node, or that is a graph output, is never merged away. Declines
-reported are those of the last round (the one where nothing changed), so a decline that a later
-merge made moot is not reported. Merged nodes take the name of the first convolution they
-replace; untouched nodes are left as they are.
+A tensor read by a node that is not linear, or that is a graph output, is never merged away.
+Merged nodes take the name of the first convolution they replace; untouched nodes are left as
+they are.
 """
 
 from __future__ import annotations
@@ -26,17 +24,17 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Hashable, Iterator, Sequence
 
 import onnx
-import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..algebra import Cost
 from ..decline import Decline, Reason
 from ..errors import InvalidModelError, InvalidOptionError
 from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
-from ..plan import SumPlan, plan_chain, plan_sum
+from ..ir import LinearGraph, LinearNode, OpKind, TensorInfo
+from ..planner import Merge, Resum, plan
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
@@ -48,6 +46,7 @@ from .onnx_nodes import (
     conv_macs,
     conv_node,
     label,
+    linear_nodes,
     mark_merged,
     read_linear,
     unread_nodes,
@@ -58,6 +57,12 @@ __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 #: Op types always shown in the before/after summary (others only when their count changes).
 REPORTED_OPS = ("Conv", "BatchNormalization", "Add")
 
+#: Ops on small constants that are evaluated to read a constant input (exporters compute
+#: ``F.pad``'s pads this way); nodes of these types left unused by a merge are removed.
+_FOLDABLE = frozenset(
+    {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Unsqueeze", "Squeeze", "Gather",
+     "Shape", "Mul", "Sub", "Add", "Div", "Range", "Expand"}  # fmt: skip
+)
 #: Initializers with at most this many elements keep their data for shape inference.
 _SMALL_CONSTANT = 1024
 #: Safety stop for the rewrite loop (each round removes at least one node or sum term).
@@ -222,11 +227,52 @@ class _Index:
             producer = self.producer.get(name)
             if producer is None:
                 return "not a constant of this graph"
+            if producer.op_type in _FOLDABLE and _is_default(producer):
+                folded = self._fold(producer, name)
+                if folded is not None:
+                    return folded
             if producer.op_type != "Identity" or not _is_default(producer):
                 quantized = " (quantized: convfuse merges float weights)" if producer.op_type == "DequantizeLinear" else ""
                 return f"computed at run time by {producer.op_type} node {label(producer)!r}{quantized}"
             name = producer.input[0]
         return "behind too many Identity nodes"
+
+    def _fold(self, node: onnx.NodeProto, name: str, depth: int = 0) -> onnx.TensorProto | None:
+        """The value of a small shape computation on constants (what exporters emit for
+        ``F.pad``'s pads), run by ONNX's reference evaluator; None when an input is not constant."""
+        if depth > 32 or not node.output or name not in node.output:
+            return None
+        inputs = []
+        for i in node.input:
+            if not i:
+                inputs.append(None)
+                continue
+            found = self.constants.get(i)
+            if found is None:
+                producer = self.producer.get(i)
+                if producer is None or producer.op_type not in _FOLDABLE or i in self.inputs or i in self.overridable:
+                    return None
+                found = self._fold(producer, i, depth + 1)
+            if found is None or math.prod(found.dims) > _SMALL_CONSTANT:
+                return None
+            inputs.append(found)
+        from onnx.reference import ReferenceEvaluator
+
+        names = [f"in{k}" if t is not None else "" for k, t in enumerate(inputs)]
+        copy = helper.make_node(node.op_type, names, list(node.output), domain=node.domain)
+        copy.attribute.extend(node.attribute)
+        graph = helper.make_graph(
+            [copy], "fold", [], [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+            [numpy_helper.from_array(numpy_helper.to_array(t), n) for t, n in zip(inputs, names) if t is not None],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        try:
+            outs = ReferenceEvaluator(model).run(None, {})
+        except Exception:  # noqa: BLE001 - not foldable here: the node stays a run-time value
+            return None
+        for out, value in zip(node.output, outs):
+            self.constants[out] = numpy_helper.from_array(value, out)
+        return self.constants.get(name)
 
     def shape(self, name: str) -> Dims | None:
         entry = self._shapes.get(name)
@@ -281,7 +327,7 @@ class _Rewrite:
         return out
 
 
-_Declines = list[tuple[list[onnx.NodeProto], Decline]]
+_Declines = list[tuple[list[str], Decline]]  # node labels and why they were kept
 Rule = Callable[[_Index, onnx.GraphProto, _State, _Declines], "list[onnx.NodeProto] | None"]
 
 
@@ -329,7 +375,7 @@ def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declin
         ):
             why = "a graph input or constant" if producer is None else "also a graph output"
             declines.append(
-                ([node], Decline(Reason.GRAPH_OUTPUT, f"{y!r} is a graph output and its input {x!r} is {why}"))
+                ([label(node)], Decline(Reason.GRAPH_OUTPUT, f"{y!r} is a graph output and its input {x!r} is {why}"))
             )
             continue
         rename[x] = y
@@ -355,384 +401,176 @@ def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declin
     return kept
 
 
-# --------------------------------------------------------------------------- rule 2: chains
-def _chain_note(ops: Sequence[LinearOp], specs: Sequence[ConvSpec]) -> str:
-    notes = []
-    if any(op.kind == "pad" for op in ops):
-        notes.append("zero Pad folded into the conv padding")
-    for k in range(1, len(ops)):
-        prefix = specs[:k]
-        if (
-            specs[k].is_padded
-            and all(s.is_pointwise and not s.is_padded for s in prefix)
-            and any(op.kind != "pad" for op in ops[:k])
-        ):
-            notes.append(
-                f"padding case 1: the layers before {label(ops[k].node)} are pointwise with zero bias, so "
-                "its zero padding moves to the input"
-            )
-    return "; ".join(notes)
+# --------------------------------------------------------------------------- rule 2: linear regions
+_OP_KINDS = {
+    "bn": OpKind.BATCHNORM,
+    "conv": OpKind.CONV,
+    "linear": OpKind.LINEAR,
+    "pad": OpKind.PAD,
+    "avgpool": OpKind.POOL,
+}
 
 
-def _dims(state: _State, name: str) -> Dims | None:
-    """Inferred dims of tensor ``name`` (``None`` entries symbolic), or ``None`` if unknown."""
-    entry = state.shapes.get(name)
-    return None if entry is None else entry[1]
-
-
-def _input_channels(run: Sequence[LinearOp]) -> list[int]:
-    """Input channels of each op in a run: set by the convolutions (other ops keep the count)."""
-    current = next(op.in_channels for op in run if op.is_conv)
-    channels: list[int] = []
-    for op in run:
-        assert current is not None
-        channels.append(current)
-        if op.is_conv:
-            current = op.out_channels
-    return channels
-
-
-_T = TypeVar("_T")
-
-
-def _split(items: Sequence[tuple[LinearOp, _T | Decline]], declines: _Declines) -> list[list[tuple[LinearOp, _T]]]:
-    """Runs between unusable ops (value a Decline), each reported with its neighbours; only runs
-    of two or more ops holding a conv are returned."""
-    runs: list[list[tuple[LinearOp, _T]]] = [[]]
-    for k, (op, value) in enumerate(items):
-        if isinstance(value, Decline):
-            around = [items[j][0].node for j in (k - 1, k, k + 1) if 0 <= j < len(items)]
-            declines.append((around, value))
-            runs.append([])
-        else:
-            runs[-1].append((op, value))
-    return [r for r in runs if len(r) >= 2 and any(op.is_conv for op, _ in r)]
-
-
-def merge_chains(index: _Index, graph: onnx.GraphProto, state: _State, declines: _Declines) -> list[onnx.NodeProto] | None:
-    """Rule 2: every maximal chain of single-consumer linear ops holding a conv, split and merged."""
-    ops: dict[int, LinearOp] = {}
-    for node in index.nodes:
-        op = index.linear(node)
-        if op is not None:
-            ops[id(node)] = op
-    following: dict[int, LinearOp] = {}
-    for node in index.nodes:
-        a = ops.get(id(node))
-        if a is None:
+def _param_sizes(node: onnx.NodeProto, index: _Index, skip: str) -> dict[Hashable, int]:
+    """Float initializers ``node`` reads (not its activation ``skip``), by name: its parameters."""
+    sizes: dict[Hashable, int] = {}
+    for name in node.input:
+        if not name or name == skip:
             continue
-        users = index.users(a.y)
-        followers = [ops[id(u)] for u in users if id(u) in ops and ops[id(u)].x == a.y]
-        if a.y in index.output_set or len(users) > 1:
-            reason = Reason.GRAPH_OUTPUT if a.y in index.output_set else Reason.SHARED_TENSOR
-            why = "is a graph output" if reason is Reason.GRAPH_OUTPUT else f"is read by {len(users)} nodes"
-            seen: set[int] = set()
-            for b in followers:
-                if id(b.node) in seen or not (a.is_conv or b.is_conv):
-                    continue
-                seen.add(id(b.node))
-                declines.append(
-                    ([a.node, b.node], Decline(reason, f"{a.y!r} {why}, so {label(a.node)} is kept to produce it"))
-                )
-            continue
-        if followers:
-            following[id(node)] = followers[0]
-    has_prev = {id(b.node) for b in following.values()}
-    rewrite = _Rewrite()
-    for node in index.nodes:
-        head = ops.get(id(node))
-        if head is None or id(node) in has_prev:
-            continue
-        chain = [head]
-        while id(chain[-1].node) in following:
-            chain.append(following[id(chain[-1].node)])
-        if len(chain) < 2 or not any(op.is_conv for op in chain):
-            continue
-        usable = _split([(op, op.refused if op.refused is not None else op) for op in chain], declines)
-        for run in usable:
-            _merge_run([op for op, _ in run], graph, state, declines, rewrite)
-    return rewrite.apply(index.nodes)
+        found = index.tensor(name)
+        if not isinstance(found, str) and found.data_type in _PARAM_TYPES:
+            sizes[name] = math.prod(found.dims)
+    return sizes
 
 
-def _merge_run(
-    run: list[LinearOp], graph: onnx.GraphProto, state: _State, declines: _Declines, rewrite: _Rewrite
-) -> None:
-    ndim = next(op.ndim for op in run if op.is_conv)
-    assert ndim is not None
-    channels = _input_channels(run)
-    resolved = [(op, op.spec(ndim, c)) for op, c in zip(run, channels)]
-    for part in _split(resolved, declines):
-        part_ops = [op for op, _ in part]
-        specs = [spec for _, spec in part]
-        elem = next(op.elem_type for op in part_ops if op.is_conv)
-        plan = plan_chain(
-            specs,
-            [op.is_conv for op in part_ops],
-            state.judge,
-            input_shape=_dims(state, part_ops[0].x),
-            dtype=FLOAT_TYPES.get(elem or 0, torch.float32),
-        )
-        for start, stop, decline in plan.kept:
-            declines.append(([op.node for op in part_ops[start:stop]], decline))
-        for seg in plan.segments:
-            seg_ops = part_ops[seg.start : seg.stop]
-            first_conv = next(op for op in seg_ops if op.is_conv)
-            assert first_conv.elem_type is not None
-            name = first_conv.node.name or state.names.fresh(f"Conv_{seg_ops[-1].y}")
-            built = conv_node(
-                seg.spec, name=name, x=seg_ops[0].x, y=seg_ops[-1].y, elem_type=first_conv.elem_type, fresh=state.names.fresh
-            )
-            if isinstance(built, Decline):
-                declines.append(([op.node for op in seg_ops], built))
-                continue
-            new_node, initializers = built
-            kind = "+".join(op.kind for op in seg_ops)
-            mark_merged(new_node, kind, [op.node for op in seg_ops])
-            graph.initializer.extend(initializers)
-            state.created.update(t.name for t in initializers)
-            rewrite.replace[id(seg_ops[-1].node)] = [new_node]
-            rewrite.removed.update(id(op.node) for op in seg_ops)
-            state.merges += 1
-            note = "; ".join(n for n in (_chain_note(seg_ops, specs[seg.start : seg.stop]), seg.note) if n)
-            state.report.merged(
-                kind,
-                [label(op.node) for op in seg_ops],
-                name,
-                seg.before,
-                seg.after,
-                note,
-                seg.timing,
-            )
+def _unary_node(node: onnx.NodeProto, op: LinearOp, index: _Index) -> LinearNode:
+    def build(info: TensorInfo, op: LinearOp = op) -> ConvSpec | Decline:
+        return op.spec(info.ndim, info.channels)
 
-
-# --------------------------------------------------------------------------- rule 3: sums
-def _is_sum(node: onnx.NodeProto, index: _Index) -> bool:
-    if not _is_default(node) or len(node.output) != 1:
-        return False
-    if node.op_type == "Add" and len(node.input) == 2 or node.op_type == "Sum" and len(node.input) >= 2:
-        return all(n and not index.is_constant(n) for n in node.input)
-    return False
-
-
-def _flatten(root: onnx.NodeProto, index: _Index, sums: set[int]) -> tuple[list[onnx.NodeProto], list[str]]:
-    """The Add/Sum nodes of the tree under ``root`` and its terms, in input order."""
-    tree: list[onnx.NodeProto] = []
-    terms: list[str] = []
-    stack: list[onnx.NodeProto | str] = [root]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            terms.append(item)
-            continue
-        tree.append(item)
-        pending: list[onnx.NodeProto | str] = []
-        for name in item.input:
-            producer = index.producer.get(name)
-            inner = (
-                producer is not None
-                and id(producer) in sums
-                and name not in index.output_set
-                and len(index.users(name)) == 1
-            )
-            pending.append(producer if inner and producer is not None else name)
-        stack.extend(reversed(pending))
-    return tree, terms
-
-
-def _branch(term: str, index: _Index, ops: dict[int, LinearOp]) -> tuple[str, list[LinearOp]]:
-    """Walk back from a sum term through single-consumer linear ops: (source tensor, ops in order)."""
-    chain: list[LinearOp] = []
-    current = term
-    while current not in index.output_set and len(index.users(current)) == 1:
-        producer = index.producer.get(current)
-        op = ops.get(id(producer)) if producer is not None else None
-        if op is None or op.y != current:
-            break
-        chain.append(op)
-        current = op.x
-    chain.reverse()
-    return current, chain
-
-
-@dataclass
-class _GroupPlan:
-    source: str
-    members: list[int]  # term indices merged
-    chains: list[list[LinearOp]]
-    plan: SumPlan
-
-
-def _plan_group(
-    source: str,
-    members: list[int],
-    chains: list[list[LinearOp]],
-    root: onnx.NodeProto,
-    state: _State,
-    declines: _Declines,
-) -> _GroupPlan | None:
-    # The source's channels: the input of the first conv of any branch (earlier ops keep C).
-    firsts = [next(op for op in chain if op.is_conv) for chain in chains if any(o.is_conv for o in chain)]
-    known = [op for op in firsts if op.refused is None]
-    if not known:
-        for chain in chains:
-            refused = next((op.refused for op in chain if op.refused is not None), None)
-            if refused is not None:
-                declines.append(([o.node for o in chain] + [root], refused))
-        return None
-    ndim, c_in = known[0].ndim, known[0].in_channels
-    assert ndim is not None and c_in is not None
-    usable: list[tuple[int, list[LinearOp], list[ConvSpec]]] = []
-    for member, chain in zip(members, chains):
-        specs: list[ConvSpec] = []
-        current = c_in
-        problem: Decline | None = next((op.refused for op in chain if op.refused is not None), None)
-        for op in chain if problem is None else ():
-            if op.is_conv and op.in_channels != current:
-                problem = Decline(
-                    Reason.CHANNEL_MISMATCH, f"{label(op.node)} reads {op.in_channels} channels, branch has {current}"
-                )
-                break
-            spec = op.spec(ndim, current)
-            if isinstance(spec, Decline):
-                problem = spec
-                break
-            specs.append(spec)
-            current = spec.out_channels
-        if problem is not None:
-            declines.append(([op.node for op in chain] + [root], problem))
-            continue
-        usable.append((member, chain, specs))
-    if len(usable) < 2:
-        return None
-    elem = known[0].elem_type
-    plan = plan_sum(
-        [specs for _, _, specs in usable],
-        c_in,
-        ndim,
-        state.judge,
-        input_shape=_dims(state, source),
-        dtype=FLOAT_TYPES.get(elem or 0, torch.float32),
+    return LinearNode(
+        label(node),
+        _OP_KINDS.get(op.kind, OpKind.AFFINE),
+        (op.x,),
+        op.y,
+        build,
+        ndim=op.ndim,
+        in_channels=op.in_channels,
+        weights=_param_sizes(node, index, op.x),
+        refused=op.refused,
+        origin=(node, op),
+        layout={"linear": "last", "bn": "first"}.get(op.kind),
+        tag=op.kind,
     )
-    for j, decline in plan.branch_declines:
-        declines.append(([op.node for op in usable[j][1]] + [root], decline))
-    if plan.spec is None:
-        if plan.decline is not None:
-            declines.append(([op.node for _, chain, _ in usable for op in chain] + [root], plan.decline))
-        return None
-    used = [usable[j] for j in plan.used]
-    if not any(op.is_conv for _, chain, _ in used for op in chain):
-        return None
-    return _GroupPlan(source, [m for m, _, _ in used], [chain for _, chain, _ in used], plan)
 
 
-def merge_sums(index: _Index, graph: onnx.GraphProto, state: _State, declines: _Declines) -> list[onnx.NodeProto] | None:
-    """Rule 3: Add/Sum trees of linear branches of one tensor become one Conv (plus the other terms)."""
-    ops: dict[int, LinearOp] = {}  # refused ones too: a branch through one is reported, not skipped
+def _combining_node(node: onnx.NodeProto, index: _Index) -> LinearNode | None:
+    """``Add``/``Sub``/``Sum`` of activations (a SUM) or ``Concat`` on channels (a CONCAT)."""
+    if not _is_default(node) or len(node.output) != 1 or not all(node.input):
+        return None
+    if any(index.is_constant(n) for n in node.input):
+        return None
+    n = len(node.input)
+    if node.op_type in ("Add", "Sub") and n == 2 or node.op_type == "Sum" and n >= 2:
+        coefs = (1.0, -1.0) if node.op_type == "Sub" else (1.0,) * n
+        return LinearNode(label(node), OpKind.SUM, tuple(node.input), node.output[0], coefs=coefs, origin=(node, None))
+    if node.op_type == "Concat" and n >= 2:
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), None)
+        ranks = {len(d) for d in (index.shape(i) for i in node.input) if d is not None}
+        if axis == 1 or (axis is not None and axis < 0 and len(ranks) == 1 and axis + ranks.pop() == 1):
+            return LinearNode(label(node), OpKind.CONCAT, tuple(node.input), node.output[0], origin=(node, None))
+    return None
+
+
+def _linear_graph(index: _Index, state: _State) -> LinearGraph:
+    """The graph's linear nodes as the planner's IR (the ONNX importer)."""
+    nodes: list[LinearNode] = []
     for node in index.nodes:
         op = index.linear(node)
-        if op is not None:
-            ops[id(node)] = op
-    sums = [n for n in index.nodes if _is_sum(n, index)]
-    sum_ids = {id(n) for n in sums}
-    rewrite = _Rewrite()
-    for root in sums:
-        out = root.output[0]
-        users = index.users(out)
-        if out not in index.output_set and len(users) == 1 and id(users[0]) in sum_ids:
-            continue  # an inner node: handled from its root
-        tree, terms = _flatten(root, index, sum_ids)
-        branches = [_branch(t, index, ops) for t in terms]
-        groups: dict[str, list[int]] = {}
-        for i, (source, _) in enumerate(branches):
-            groups.setdefault(source, []).append(i)
-        plans: list[_GroupPlan] = []
-        for source, members in groups.items():
-            chains = [branches[i][1] for i in members]
-            if len(members) < 2 or not any(op.is_conv for chain in chains for op in chain):
-                continue
-            found = _plan_group(source, members, chains, root, state, declines)
-            if found is not None:
-                plans.append(found)
-        if not plans:
-            continue
-        _rewrite_sum(root, tree, terms, plans, graph, state, declines, rewrite)
-    return rewrite.apply(index.nodes)
+        ir = _unary_node(node, op, index) if op is not None else _combining_node(node, index)
+        if ir is not None:
+            nodes.append(ir)
+    inside = {id(n.origin[0]) for n in nodes}
+    external = set(index.output_set)
+    for node in index.nodes:
+        if id(node) not in inside:
+            external.update(_uses(node))
+    shapes = {t: dims for t in {n.output for n in nodes} | {i for n in nodes for i in n.inputs} if (dims := index.shape(t)) is not None}
+    return LinearGraph(nodes, external, set(index.output_set), shapes, state.names.fresh)
 
 
-def _rewrite_sum(
-    root: onnx.NodeProto,
-    tree: list[onnx.NodeProto],
-    terms: list[str],
-    plans: list[_GroupPlan],
-    graph: onnx.GraphProto,
-    state: _State,
-    declines: _Declines,
-    rewrite: _Rewrite,
-) -> None:
-    out = root.output[0]
-    claimed = tree + [op.node for p in plans for chain in p.chains for op in chain]
-    if rewrite.claims(claimed):
-        return
-    whole = len(plans) == 1 and len(plans[0].members) == len(terms)
-    if not whole and state.opset < 7:
-        declines.append(
-            ([root], Decline(Reason.UNSUPPORTED, "opset < 7: rebuilding a partial sum needs broadcasting Add"))
-        )
-        return
-    built: list[tuple[_GroupPlan, onnx.NodeProto, list[onnx.TensorProto]]] = []
-    for p in plans:
-        first_conv = next(op for chain in p.chains for op in chain if op.is_conv)
-        assert first_conv.elem_type is not None and p.plan.spec is not None
-        name = first_conv.node.name or state.names.fresh(f"Conv_{out}")
-        y = out if whole else state.names.fresh(f"{out}/{name}")
-        made = conv_node(p.plan.spec, name=name, x=p.source, y=y, elem_type=first_conv.elem_type, fresh=state.names.fresh)
+def _elem_type(merge: Merge) -> int | None:
+    for node in merge.nodes:
+        if node.kind.is_anchor and node.origin[1] is not None:
+            return node.origin[1].elem_type
+    return None
+
+
+def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines: _Declines) -> list[onnx.NodeProto] | None:
+    """Rule 2: every linear region planned by :func:`convfuse.planner.plan`, written back as Conv
+    nodes (and the sums left with fewer terms) - the ONNX exporter."""
+    ir = _linear_graph(index, state)
+    if not any(n.kind.is_anchor for n in ir.nodes):
+        return None
+    elem = next((n.origin[1].elem_type for n in ir.nodes if n.kind.is_anchor and n.origin[1].elem_type), None)
+    result = plan(ir, state.judge, FLOAT_TYPES.get(elem or 0, None))
+    declines.extend(result.declines)
+    position = {id(n): k for k, n in enumerate(index.nodes)}
+    built: dict[int, tuple[list[onnx.NodeProto], list[onnx.TensorProto]]] = {}
+    failed: set[str] = set()
+    for merge in result.merges:
+        first = next(n for n in merge.nodes if n.kind.is_anchor)
+        name = first.origin[0].name or state.names.fresh(f"Conv_{merge.y}")
+        elem_type = _elem_type(merge)
+        elem_type = elem_type or onnx.TensorProto.FLOAT
+        if merge.linear:
+            rank2 = len(index.shape(merge.x) or ()) == 2
+            made = linear_nodes(merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh, rank2=rank2)
+        else:
+            made = conv_node(merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh)
+            made = made if isinstance(made, Decline) else ([made[0]], made[1])
         if isinstance(made, Decline):
-            declines.append(([op.node for chain in p.chains for op in chain] + [root], made))
-            if whole:
-                return
+            declines.append((list(merge.sources), made))
+            failed.add(merge.y)
             continue
-        built.append((p, *made))
-    if not built:
-        return
-    # The remaining sum keeps the terms' order (a merged group sits where its first term was)
-    # and the root's op type: one Sum node for a Sum, a chain of Adds for an Add tree.
-    first_of = {min(p.members): node.output[0] for p, node, _ in built}
-    covered = {m for p, _, _ in built for m in p.members}
-    summands = [first_of[i] if i in first_of else t for i, t in enumerate(terms) if i in first_of or i not in covered]
-    new_nodes = [node for _, node, _ in built]
-    if len(summands) > 1 and root.op_type == "Sum":
-        new_nodes.append(helper.make_node("Sum", summands, [out], name=root.name))
-    acc = summands[0]
-    for k, term in enumerate(summands[1:] if root.op_type != "Sum" else [], start=1):
-        last = k == len(summands) - 1
-        y = out if last else state.names.fresh(f"{out}/partial{k}")
-        node_name = root.name if last else state.names.fresh(f"{root.name or 'Add'}/partial{k}")
-        new_nodes.append(helper.make_node("Add", [acc, term], [y], name=node_name))
-        acc = y
-    for p, node, initializers in built:
+        built[id(merge)] = made
+    resums = []
+    for resum in result.resums:
+        terms = {t for t, _ in resum.terms}
+        if terms & failed or state.opset < 7 or any(c not in (1.0, -1.0) for _, c in resum.terms):
+            if state.opset < 7:
+                declines.append(
+                    ([n.name for n in resum.nodes], Decline(Reason.UNSUPPORTED, "opset < 7: rebuilding a partial sum needs broadcasting Add"))
+                )
+            failed |= terms
+            continue
+        resums.append(resum)
+    rewrite = _Rewrite()
+    for merge in result.merges:
+        if id(merge) not in built or merge.y in failed:
+            continue
+        new_nodes, initializers = built[id(merge)]
+        node = new_nodes[0]
+        last = max((n.origin[0] for n in merge.nodes), key=lambda n: position[id(n)])
         graph.initializer.extend(initializers)
         state.created.update(t.name for t in initializers)
-        chains = p.chains
-        forms = ", ".join("+".join(op.kind for op in chain) or "identity" for chain in chains)
-        assert p.plan.spec is not None
-        mark_merged(node, "sum", [op.node for chain in chains for op in chain] + tree)
+        mark_merged(node, merge.kind, [n.origin[0] for n in merge.nodes])
+        rewrite.replace.setdefault(id(last), []).extend(new_nodes)
+        rewrite.removed.update(id(n.origin[0]) for n in merge.nodes)
         state.merges += 1
-        state.report.merged(
-            "sum",
-            [label(op.node) for chain in chains for op in chain] + [label(n) for n in tree],
-            node.name,
-            p.plan.before,
-            p.plan.after,
-            "; ".join(n for n in (f"{len(chains)} branches of {p.source!r}: {forms}", p.plan.note) if n),
-            p.plan.timing,
-        )
-    rewrite.replace[id(root)] = new_nodes
-    rewrite.removed.update(id(n) for n in tree)
-    rewrite.removed.update(id(op.node) for p, _, _ in built for chain in p.chains for op in chain)
+        state.report.merged(merge.kind, list(merge.sources), node.name, merge.before, merge.after, merge.note, merge.timing)
+    for resum in resums:
+        roots = [n.origin[0] for n in resum.nodes]
+        root = max(roots, key=lambda n: position[id(n)])
+        rewrite.replace.setdefault(id(root), []).extend(_sum_nodes(resum, root, state))
+        rewrite.removed.update(id(n) for n in roots)
+    return rewrite.apply(index.nodes)
+
+
+def _sum_nodes(resum: Resum, root: onnx.NodeProto, state: _State) -> list[onnx.NodeProto]:
+    """``y = sum c_i t_i`` with ``c_i`` in {1, -1}: one Sum, or a chain of Add/Sub (root's name last)."""
+    terms = sorted(resum.terms, key=lambda tc: tc[1] < 0)  # a positive term first
+    if root.op_type == "Sum" and all(c == 1 for _, c in terms) and len(terms) > 1:
+        return [helper.make_node("Sum", [t for t, _ in terms], [resum.y], name=root.name)]
+    out: list[onnx.NodeProto] = []
+    acc = terms[0][0]
+    if terms[0][1] < 0:
+        neg = state.names.fresh(f"{resum.y}/neg")
+        out.append(helper.make_node("Neg", [acc], [neg], name=state.names.fresh(f"{root.name or 'Neg'}/neg")))
+        acc = neg
+    if len(terms) == 1:
+        out.append(helper.make_node("Identity", [acc], [resum.y], name=root.name))
+        return out
+    for k, (term, coef) in enumerate(terms[1:], start=1):
+        last = k == len(terms) - 1
+        y = resum.y if last else state.names.fresh(f"{resum.y}/partial{k}")
+        name = root.name if last else state.names.fresh(f"{root.name or 'Add'}/partial{k}")
+        out.append(helper.make_node("Add" if coef > 0 else "Sub", [acc, term], [y], name=name))
+        acc = y
+    return out
 
 
 #: The rewrite rules, in the order each round applies them.
-RULES: tuple[Rule, ...] = (drop_identities, merge_chains, merge_sums)
+RULES: tuple[Rule, ...] = (drop_identities, merge_regions)
 
 
 
@@ -757,25 +595,26 @@ def _fuse_graph(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], stat
             state.subgraphs += 1
             _fuse_graph(sub, visible, state, f"subgraph {sub.name or '?'} of {label(node)}")
     declines: _Declines = []
-    for round_no in range(1, _MAX_ROUNDS + 1):
+    for round_no in range(1, _MAX_ROUNDS + 1):  # Identity removal until nothing changes
         declines = []
-        changed = False
-        for rule in RULES:
-            rewritten = rule(_Index(nodes, graph, outer, state), graph, state, declines)
-            if rewritten is not None:
-                nodes = rewritten
-                changed = True
-        state.say(f"{where}: round {round_no}, {state.merges} merges so far")
-        if not changed:
+        rewritten = drop_identities(_Index(nodes, graph, outer, state), graph, state, declines)
+        if rewritten is None:
             break
+        nodes = rewritten
     else:
         state.report.notes.append(f"{where}: stopped after {_MAX_ROUNDS} rounds of rewriting")
-    seen: set[tuple[tuple[int, ...], str, str]] = set()
-    for sources, decline in [*declines, *unread_nodes(nodes)]:
-        key = (tuple(id(n) for n in sources), decline.reason.value, decline.message)
+    for rule in RULES[1:]:  # then one plan of every linear region
+        rewritten = rule(_Index(nodes, graph, outer, state), graph, state, declines)
+        if rewritten is not None:
+            nodes = rewritten
+    state.say(f"{where}: round {round_no}, {state.merges} merges so far")
+    seen: set[tuple[tuple[str, ...], str, str]] = set()
+    unread = [([label(n) for n in members], decline) for members, decline in unread_nodes(nodes)]
+    for sources, decline in [*declines, *unread]:
+        key = (tuple(sources), decline.reason.value, decline.message)
         if key not in seen:
             seen.add(key)
-            state.report.declined([label(n) for n in sources], decline)
+            state.report.declined(list(sources), decline)
     nodes = _cleanup(graph, nodes, referenced_before | state.created, defined_before)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -790,15 +629,21 @@ def _cleanup(
     already left dangling is left as it was.
     """
     referenced = _referenced(graph, nodes)
-    nodes = [
-        n
-        for n in nodes
-        if not (
-            n.op_type == "Constant"
-            and _is_default(n)
-            and all(o not in referenced and o in referenced_before for o in n.output)
-        )
-    ]
+    while True:  # a removed node may leave the constants it read unused
+        kept = [
+            n
+            for n in nodes
+            if not (
+                n.op_type in _FOLDABLE
+                and _is_default(n)
+                and not any(True for _ in _subgraphs(n))
+                and all(o not in referenced and o in referenced_before for o in n.output)
+            )
+        ]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+        referenced = _referenced(graph, nodes)
     inputs = {i.name for i in graph.input}
     referenced = _referenced(graph, nodes)
     for k in reversed(range(len(graph.initializer))):

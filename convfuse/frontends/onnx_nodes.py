@@ -22,6 +22,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
+from ..algebra_linear import as_matrix, linear_spec
 from ..decline import Decline, Reason
 from ..provenance import Provenance, describe
 from ..spec import ConvSpec, InvalidSpecError, same_pads
@@ -35,6 +36,7 @@ __all__ = [
     "read_linear",
     "label",
     "conv_node",
+    "linear_nodes",
     "mark_merged",
     "merged_from",
     "unread_nodes",
@@ -80,7 +82,7 @@ class LinearOp:
     """
 
     node: onnx.NodeProto
-    kind: str  # "conv", "bn", "mul", "add", "sub", "div", "pad", "avgpool"
+    kind: str  # "conv", "linear", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool"
     x: str
     y: str
     ndim: int | None = None
@@ -92,7 +94,7 @@ class LinearOp:
 
     @property
     def is_conv(self) -> bool:
-        return self.kind == "conv"
+        return self.kind in ("conv", "linear")
 
     def spec(self, ndim: int, channels: int) -> ConvSpec | Decline:
         """This node as a float64 conv on a ``ndim``-D tensor with ``channels`` input channels."""
@@ -361,6 +363,58 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
     return read
 
 
+def read_neg(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``Neg(x)``: the per-channel affine with scale -1 (a subtracted branch)."""
+    if len(node.input) != 1 or len(node.output) != 1 or not isinstance(env.tensor(node.input[0]), str):
+        return None
+
+    def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        ones = torch.ones(channels, dtype=torch.float64)
+        return affine_conv(ChannelAffine(-ones, ones * 0), ndim)
+
+    return LinearOp(node, "neg", node.input[0], node.output[0], resolve=resolve)
+
+
+def read_gemm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``Gemm(A, B[, C])`` and ``MatMul(A, B)`` with constant ``B`` (and ``C``): a Linear layer on
+    the last dim of ``A``, ``y = alpha * A B' + beta * C`` (``B'`` is ``B`` or its transpose)."""
+    if len(node.input) < 2 or len(node.output) != 1 or not isinstance(env.tensor(node.input[0]), str):
+        return None
+    x, b_name = node.input[0], node.input[1]
+    attrs = _attrs(node)
+    gemm = node.op_type == "Gemm"
+    if gemm and attrs.get("transA", 0):
+        return None  # the activation is transposed: not a map of its last dim
+    b = _constant(env, b_name, "weight")
+    if isinstance(b, tuple):
+        return _refuse(node, "linear", x, *b)
+    if len(b.dims) != 2:
+        return None if not gemm else _refuse(node, "linear", x, Reason.UNSUPPORTED, f"weight of shape {list(b.dims)}")
+    trans_b = bool(attrs.get("transB", 0)) if gemm else False
+    k, n = (int(b.dims[1]), int(b.dims[0])) if trans_b else (int(b.dims[0]), int(b.dims[1]))
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    c: onnx.TensorProto | None = None
+    c_name = node.input[2] if gemm and len(node.input) > 2 else ""
+    if c_name:
+        found = _constant(env, c_name, "bias")
+        if isinstance(found, tuple):
+            return _refuse(node, "linear", x, *found)
+        if math.prod(found.dims) not in (1, n) or (len(found.dims) == 2 and found.dims[0] != 1):
+            return _refuse(node, "linear", x, Reason.UNSUPPORTED, f"bias of shape {list(found.dims)} for {n} outputs")
+        c = found
+
+    def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        if channels != k:
+            return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} reads {k} features, its input has {channels}")
+        weight = _f64(b)
+        weight = alpha * (weight if trans_b else weight.T)
+        bias = None if c is None else beta * _f64(c).reshape(-1).expand(n).clone()
+        bad = _non_finite(node, ("weight", b_name, weight), ("bias", c_name, bias))
+        return bad if bad is not None else linear_spec(weight.contiguous(), bias)
+
+    return LinearOp(node, "linear", x, node.output[0], None, k, n, b.data_type, resolve)
+
+
 def read_pad(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     """Constant-zero ``Pad`` of spatial dims: the identity conv with those pads (folds into a conv)."""
     if not node.input or len(node.output) != 1:
@@ -467,6 +521,9 @@ READERS: dict[str, Callable[[onnx.NodeProto, Env], LinearOp | None]] = {
     "Add": _affine_reader("Add"),
     "Sub": _affine_reader("Sub"),
     "Div": _affine_reader("Div"),
+    "Neg": read_neg,
+    "Gemm": read_gemm,
+    "MatMul": read_gemm,
     "Pad": read_pad,
     "AveragePool": read_average_pool,
 }
@@ -513,6 +570,17 @@ def unread_nodes(nodes: Sequence[onnx.NodeProto]) -> list[tuple[list[onnx.NodePr
 
 
 # --------------------------------------------------------------------------- writer
+def _cast(weight: torch.Tensor, bias: torch.Tensor | None, elem_type: int) -> tuple[torch.Tensor, torch.Tensor | None] | Decline:
+    """Merged weights in the model's type, once; an all-zero bias left out (adding zero is
+    exact); a value the type cannot hold (float16 overflow) is a decline."""
+    dtype = FLOAT_TYPES[elem_type]
+    weight = weight.detach().to(dtype)
+    bias = None if bias is None or not bool(torch.any(bias != 0)) else bias.detach().to(dtype)
+    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    return weight, bias
+
+
 def conv_node(
     spec: ConvSpec,
     *,
@@ -529,11 +597,10 @@ def conv_node(
     """
     if spec.padding_mode != "zeros" and spec.is_padded:
         return Decline(Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros")
-    dtype = FLOAT_TYPES[elem_type]
-    weight = spec.weight.detach().to(dtype)
-    bias = None if spec.bias is None or not bool(torch.any(spec.bias != 0)) else spec.bias.detach().to(dtype)
-    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
-        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    cast = _cast(spec.weight, spec.bias, elem_type)
+    if isinstance(cast, Decline):
+        return cast
+    weight, bias = cast
     w_name = fresh(f"{name}.weight")
     initializers = [numpy_helper.from_array(weight.cpu().numpy(), w_name)]
     inputs = [x, w_name]
@@ -555,6 +622,41 @@ def conv_node(
     return node, initializers
 
 
+def linear_nodes(
+    spec: ConvSpec,
+    *,
+    name: str,
+    x: str,
+    y: str,
+    elem_type: int,
+    fresh: Callable[[str], str],
+    rank2: bool,
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | Decline:
+    """A Linear layer on the last dim of ``x``: ``Gemm`` (transB=1) on a ``[N, C]`` tensor,
+    ``MatMul`` then ``Add`` on any other rank."""
+    cast = _cast(*as_matrix(spec), elem_type)
+    if isinstance(cast, Decline):
+        return cast
+    weight, bias = cast
+    w_name = fresh(f"{name}.weight")
+    b_name = fresh(f"{name}.bias") if bias is not None else ""
+    if rank2:
+        inits = [numpy_helper.from_array(weight.cpu().numpy(), w_name)]
+        inputs = [x, w_name]
+        if bias is not None:
+            inits.append(numpy_helper.from_array(bias.cpu().numpy(), b_name))
+            inputs.append(b_name)
+        return [helper.make_node("Gemm", inputs, [y], name=name, transB=1)], inits
+    inits = [numpy_helper.from_array(weight.T.contiguous().cpu().numpy(), w_name)]
+    if bias is None:
+        return [helper.make_node("MatMul", [x, w_name], [y], name=name)], inits
+    inits.append(numpy_helper.from_array(bias.cpu().numpy(), b_name))
+    mid = fresh(f"{y}/matmul")
+    nodes = [
+        helper.make_node("MatMul", [x, w_name], [mid], name=name),
+        helper.make_node("Add", [mid, b_name], [y], name=fresh(f"{name}/bias")),
+    ]
+    return nodes, inits
 def mark_merged(node: onnx.NodeProto, detail: str, sources: Sequence[onnx.NodeProto]) -> None:
     """Record on the merged ``node`` the merge kind and the original nodes it replaces, in its
     ``metadata_props`` and ``doc_string`` (:mod:`convfuse.provenance`). A source that is itself

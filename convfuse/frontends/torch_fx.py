@@ -12,8 +12,8 @@ forward and has its children fused one by one; the report says which modules wer
 Before returning, :mod:`.torch_check` runs the result next to the original and puts back any
 module that raises or differs (reason ``self-check``).
 
-This module finds regions and writes them back; :mod:`.torch_rules` says which layers are
-linear, :mod:`.torch_ir` reduces a region with :mod:`convfuse.algebra`.
+This module imports a graph to the planner's IR (:mod:`.torch_import`; :mod:`.torch_rules` says
+which layers and calls are linear) and writes :func:`convfuse.planner.plan`'s result back.
 
 Real-world forms (timm): a layer subclass with its own forward is traced through (its
 ``F.batch_norm`` / ``F.conv2d`` call is read), rank reads (``x.ndim``, ``x.dim()``,
@@ -31,7 +31,7 @@ import operator
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +53,13 @@ from ..errors import (
 from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
-from .torch_ir import (
-    Branches,
-    ConvOp,
-    IdentityOp,
-    Kept,
-    LinearOp,
-    Merged,
-    Piece,
-    Step,
-    SumStep,
-    TensorInfo,
-    reduce_region,
-    region_info,
-)
+from ..algebra_linear import linear_spec
+from ..ir import LinearGraph, LinearNode, OpKind
+from ..planner import Merge, Plan, Resum, plan
+from .torch_import import op_node, parameter_sizes
+from .torch_ir import ConvOp, DenseOp, IdentityOp, LinearOp
+from .torch_layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
+from .torch_rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
 from .torch_check import (
     Batches,
     Part,
@@ -78,8 +71,6 @@ from .torch_check import (
     run_quietly,
     sequentials_called_whole,
 )
-from .torch_layers import conv_from_spec, layer_types, mark_provenance
-from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule, module_op
 from .torch_surgery import absorbed as placeholder
 from .torch_surgery import (
     carry_attributes,
@@ -801,7 +792,7 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Context) -> nn.Seque
             ctx.report.declined((_join(prefix, items[i][0]),), ops)
 
     out: list[tuple[str, nn.Module]] = []
-    merges: list[tuple[int, Merged]] = []
+    merges: list[tuple[int, Merge]] = []
     run: list[tuple[str, nn.Module, list[LinearOp]]] = []
     for key, child, ops in items:
         if isinstance(ops, list):
@@ -967,68 +958,55 @@ def _unique_keys(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modul
     return out
 
 
+def layer_from_merge(merge: Merge, dtype: torch.dtype, types: dict[str, str]) -> nn.Module:
+    """The module a merge writes: a conv, or a Linear for a region of Linear layers, marked
+    with the layers it replaces (``types``: their class names)."""
+    spec = merge.spec.to(dtype)
+    layer = linear_from_spec(spec) if merge.linear else conv_from_spec(spec)
+    return mark_provenance(layer, merge.sources, merge.kind, types)
+
+
 def _write_run(
     run: list[tuple[str, nn.Module, list[LinearOp]]],
     ctx: _Context,
     out: list[tuple[str, nn.Module]],
-    merges: list[tuple[int, Merged]],
+    merges: list[tuple[int, Merge]],
 ) -> None:
-    """Append the layers a run reduces to (or the run unchanged) to ``out``."""
+    """Append the layers a run plans to (or the run unchanged) to ``out``."""
     unchanged = [(k, m) for k, m, _ in run]
-    steps: list[Step] = [op for _, _, ops in run for op in ops]
-    info = region_info(steps) if steps else None
-    if info is None:
-        out += unchanged
-        return
-    args = ctx.shapes.get(steps[0].name)
-    shape = args[0][0] if args else None
-    if shape is not None and len(shape) == info.ndim + 2 and shape[1] == info.channels:
-        info = replace(info, batch=shape[0], spatial=shape[2:])
-    red = reduce_region(steps, info, ctx.judge, ctx.report)
-    if isinstance(red, Decline):
-        ctx.report.declined(tuple(op.name for op in steps), red)
-        out += unchanged
-        return
-    if not red.changed:
-        out += unchanged
-        return
-    key_of = {op.name: op.origin[0] for op in steps}
-    origin_of = {op.name: op.origin[1] for op in steps}
-    for piece in red.pieces:
-        if isinstance(piece, Kept):
-            out.append(piece.op.origin)
-        elif isinstance(piece, Merged):
-            if piece.spec is None:
-                merges.append((-1, piece))
-                continue
-            merges.append((len(out), piece))
-            types = {op.name: type(op.origin[1]).__name__ for op in steps}
-            merged = mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, types)
-            carry_attributes(origin_of[piece.sources[0]], merged)
-            out.append((key_of[piece.sources[0]], merged))
-        else:  # pragma: no cover - a chain has no branches
-            raise AssertionError("a Sequential run reduced to branches")
-
-
-# --------------------------------------------------------------------------- torch.fx graphs
-def _kept_nodes(pieces: Sequence[Piece]) -> set[Any]:
-    """The graph nodes of the ops ``pieces`` write back unchanged (those need no new code)."""
-    out: set[Any] = set()
-    for piece in pieces:
-        if isinstance(piece, Kept) and piece.op.origin is not None:
-            out.add(piece.op.origin)
-        elif isinstance(piece, Branches):
-            for branch in piece.branches:
-                out |= _kept_nodes(branch)
-    return out
-
-
-def _verbatim(steps: Sequence[Step]) -> list[Piece]:
-    """Steps written back as they are."""
-    return [
-        Branches([_verbatim(b) for b in step.branches]) if isinstance(step, SumStep) else Kept(step)
-        for step in steps
+    ops = [op for _, _, run_ops in run for op in run_ops]
+    convs = [op.spec for op in ops if isinstance(op, ConvOp)] + [
+        linear_spec(op.weight) for op in ops if isinstance(op, DenseOp)
     ]
+    if not convs:
+        out += unchanged
+        return
+    args = ctx.shapes.get(ops[0].name)
+    shapes = {"t0": args[0][0]} if args else {}
+    nodes = [
+        op_node(op, f"t{k}", f"t{k + 1}", convs[0].dtype, convs[0].weight.device, parameter_sizes(op.origin[1]), op)
+        for k, op in enumerate(ops)
+    ]
+    graph = LinearGraph(nodes, {f"t{len(ops)}"}, {f"t{len(ops)}"}, shapes, pad_layer=True)
+    result = plan(graph, ctx.judge, convs[0].dtype)
+    for sources, decline in result.declines:
+        ctx.report.declined(sources, decline)
+    if not result.merges:
+        out += unchanged
+        return
+    first = {id(m.nodes[0]): m for m in result.merges}
+    merged = {id(n) for m in result.merges for n in m.nodes}
+    for node in nodes:
+        op = node.origin
+        if id(node) in first:
+            m = first[id(node)]
+            merges.append((len(out), m))
+            types = {o.name: type(o.origin[1]).__name__ for o in ops}
+            merged_layer = layer_from_merge(m, convs[0].dtype, types)
+            carry_attributes(op.origin[1], merged_layer)
+            out.append((op.origin[0], merged_layer))
+        elif id(node) not in merged:
+            out.append(op.origin)
 
 
 _CONST_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "detach", "contiguous", "flatten"}
@@ -1260,7 +1238,7 @@ class _GraphFuser:
         if node in self.functionalized:
             return True
         entry = self.entries.get(node)
-        if isinstance(entry, Terms):
+        if isinstance(entry, (Terms, Cat)):
             return True
         return isinstance(entry, Unary) and not isinstance(entry.op, IdentityOp) and not _is_view(node)
 
@@ -1321,7 +1299,10 @@ class _GraphFuser:
         """The tensor outside ``nodes`` that ``node`` was computed from (same rank)."""
         while node in nodes:
             entry = self.entries[node]
-            node = entry.input if isinstance(entry, Unary) else entry.terms[0][0]
+            if isinstance(entry, Unary):
+                node = entry.input
+            else:
+                node = entry.terms[0][0] if isinstance(entry, Terms) else entry.inputs[0]
         return node
 
     def _move_rank_reads(self, nodes: set[fx.Node], root: fx.Node) -> None:
@@ -1332,32 +1313,6 @@ class _GraphFuser:
             for user in list(node.users):
                 if self._rank_read(user):
                     user.replace_input_with(node, self._anchor(node, nodes))
-
-    def _expr(self, node: fx.Node, top: bool) -> tuple[fx.Node, list[Step], set[fx.Node]]:
-        """The longest linear expression ending at ``node``: (source, steps, nodes absorbed).
-
-        A tensor is absorbed when its only user is in the expression; branches of a sum must
-        reach one source, and the expression goes on past that source when every user of it is
-        inside.
-        """
-        entry = self.entries.get(node)
-        if entry is None or (not top and len(self._users(node)) != 1):
-            return node, [], set()
-        if isinstance(entry, Unary):
-            src, steps, nodes = self._expr(entry.input, False)
-            return src, steps + [entry.op], nodes | {node}
-        terms, sum_nodes = self._flat_terms(node)
-        parts = [(self._expr(inp, False), tail) for inp, tail in terms]
-        sources = {p[0][0] for p in parts}
-        if len(sources) != 1:
-            return node, [], set()
-        nodes = sum_nodes.union(*(p[0][2] for p in parts))
-        src = sources.pop()
-        step = SumStep([steps + list(tail) for (_, steps, _), tail in parts], name=node.name)
-        if src in self.entries and all(u in nodes for u in self._users(src)):
-            src2, pre, more = self._expr(src, True)
-            return src2, pre + [step], nodes | more
-        return src, [step], nodes
 
     # ------------------------------------------------------------------ regions
     def _decline_new_code(self, names: tuple[str, ...], nodes: Iterable[fx.Node]) -> None:
@@ -1405,156 +1360,96 @@ class _GraphFuser:
                 common = common[:k]
         return common[-1] if common else ""
 
-    def _is_straight(self, src: fx.Node, nodes: set[fx.Node], pieces: Sequence[Piece]) -> bool:
-        """Whether ``nodes`` are layer calls one after another from ``src`` (each layer called once
-        in the graph, its tensors not read directly) and ``pieces`` cover them in order, so that
-        putting each piece in its first layer's place, ``nn.Identity`` in the others, computes
-        the merged region with the module's own forward."""
-        chain = sorted(nodes, key=self.order.__getitem__)
-        prev = src
-        for node in chain:
+    def _is_straight(self, merge: Merge) -> bool:
+        """Whether ``merge`` replaces layer calls one after another from its input (each layer
+        called once in the graph, its tensors not read directly), so that the merged layer in its
+        first layer's place, ``nn.Identity`` in the others, computes it with the module's own
+        forward."""
+        prev = self.by_name.get(merge.x)
+        for node in sorted((n.origin for n in merge.nodes), key=self.order.__getitem__):
             if node.op != "call_module" or self.calls[node.target] != 1 or node.target in self.attr_owners:
                 return False
-            if node.target in self.aliased:
-                return False
-            if node.args != (prev,) or node.kwargs:
+            if node.target in self.aliased or node.args != (prev,) or node.kwargs:
                 return False
             prev = node
-        names = [self._name(n.target) for n in chain]
-        i = 0
-        for piece in pieces:
-            if isinstance(piece, Kept):
-                if i >= len(chain) or piece.op.origin is not chain[i]:
-                    return False
-                i += 1
-            elif isinstance(piece, Merged):
-                if tuple(names[i : i + len(piece.sources)]) != tuple(piece.sources):
-                    return False
-                i += len(piece.sources)
-            else:
-                return False
-        return i == len(chain)
+        return True
 
     def run(self) -> bool:
         self._build()
-        visited: set[fx.Node] = set()
-        for root in reversed(self.nodes):
-            if root in visited or root not in self.entries:
-                continue
-            src, steps, nodes = self._expr(root, True)
-            if not steps:
-                if isinstance(self.entries[root], Terms):
-                    visited |= self._mixed_sum(root)
-                continue
-            visited |= nodes
-            info = self._info(src, steps)
-            if info is None:
-                continue
-            self._report_shared(src, nodes)
-            hazard = self._inplace_hazard(root, nodes)
-            names = tuple(self._node_name(n) for n in sorted(nodes, key=self.order.__getitem__))
-            if hazard is not None:
-                self.ctx.report.declined(names, hazard)
-                continue
-            red = reduce_region(steps, info, self.ctx.judge, self.ctx.report)
-            if isinstance(red, Decline):
-                self.ctx.report.declined(names, red)
-                continue
-            if red.changed and self.straight_only and not self._is_straight(src, nodes, red.pieces):
-                self._decline_new_code(names, nodes)
-                continue
-            if red.changed:
-                self._write(root, src, red.pieces, nodes)
+        graph = self._linear_graph()
+        if any(n.kind.is_anchor for n in graph.nodes):
+            result = plan(graph, self.ctx.judge, self._dtype)
+            for sources, decline in result.declines:
+                self.ctx.report.declined(sources, decline)
+            self._write(result)
         self._explain_unmerged()
         if self.changed:
             self._restore_inplace()
             self._clean()
         return self.changed
 
-    def _info(self, src: fx.Node, steps: list[Step]) -> TensorInfo | None:
-        meta = src.meta.get("tensor_meta")
-        if isinstance(meta, TensorMetadata):
-            return region_info(steps, tuple(meta.shape), meta.dtype)
-        return region_info(steps)
+    @property
+    def _dtype(self) -> torch.dtype:
+        for entry in self.entries.values():
+            if isinstance(entry, Unary) and isinstance(entry.op, ConvOp):
+                return entry.op.spec.dtype
+            if isinstance(entry, Unary) and isinstance(entry.op, DenseOp):
+                return entry.op.weight.dtype
+        return torch.get_default_dtype()
 
-    def _flat_terms(
-        self, node: fx.Node, strict: bool = False
-    ) -> tuple[list[tuple[fx.Node, list[LinearOp]]], set[fx.Node]]:
-        """The terms of a sum, with nested sums used only here flattened into it (``strict``:
-        not even a rank read, for sums of different tensors whose ranks may differ)."""
-        out: list[tuple[fx.Node, list[LinearOp]]] = []
-        nodes = {node}
-        for inp, tail in self.entries[node].terms:
-            users = inp.users if strict else self._users(inp)
-            if isinstance(self.entries.get(inp), Terms) and len(users) == 1:
-                inner, more = self._flat_terms(inp, strict)
-                out += [(t, list(t_tail) + list(tail)) for t, t_tail in inner]
-                nodes |= more
-            else:
-                out.append((inp, list(tail)))
-        return out, nodes
+    def _linear_graph(self) -> LinearGraph:
+        """The graph's linear nodes as the planner's IR (the torch.fx importer)."""
+        default = self._dtype
+        convs = [e.op.spec for e in self.entries.values() if isinstance(e, Unary) and isinstance(e.op, ConvOp)]
+        device = convs[0].weight.device if convs else torch.device("cpu")
+        nodes: list[LinearNode] = []
+        for node in self.nodes:
+            entry = self.entries.get(node)
+            if isinstance(entry, Unary):
+                meta = entry.input.meta.get("tensor_meta")
+                dtype = meta.dtype if isinstance(meta, TensorMetadata) else default
+                nodes.append(
+                    op_node(entry.op, entry.input.name, node.name, dtype, device, self._weights(node), node)
+                )
+            elif isinstance(entry, Terms):
+                coefs = []
+                for _, tail in entry.terms:
+                    c = 1.0
+                    for op in tail:
+                        c *= float(op.scale)
+                    coefs.append(c)
+                inputs = tuple(t.name for t, _ in entry.terms)
+                nodes.append(LinearNode(node.name, OpKind.SUM, inputs, node.name, coefs=tuple(coefs), origin=node))
+            elif isinstance(entry, Cat):
+                inputs = tuple(t.name for t in entry.inputs)
+                nodes.append(LinearNode(node.name, OpKind.CONCAT, inputs, node.name, origin=node))
+        external: set[str] = set()
+        outputs: set[str] = set()
+        for node in self.nodes:
+            for user in self._users(node):
+                if user.op == "output":
+                    outputs.add(node.name)
+                if user not in self.entries:
+                    external.add(node.name)
+        shapes = {}
+        for node in self.nodes:
+            meta = node.meta.get("tensor_meta")
+            if isinstance(meta, TensorMetadata):
+                shapes[node.name] = tuple(int(d) for d in meta.shape)
+        by_name = {n.name: n for n in self.nodes}
 
-    def _mixed_sum(self, root: fx.Node) -> set[fx.Node]:
-        """A sum whose terms read different tensors: merge the terms of each tensor separately.
+        def describe(name: str) -> str:
+            outside = [u for u in self._users(by_name[name]) if u not in self.entries]
+            return ", ".join(self._describe(u) for u in outside)
 
-        ``(a(x) + b(y)) + c(x)`` becomes ``merged(x) + b(y)``. Returns the nodes rewritten
-        (none when no group of terms merges).
-        """
-        terms, nodes = self._flat_terms(root, strict=True)
-        groups: dict[fx.Node, list[list[Step]]] = {}
-        for inp, tail in terms:
-            src, steps, sub = self._expr(inp, False)
-            groups.setdefault(src, []).append(steps + tail)
-            nodes |= sub
-        if all(len(g) == 1 for g in groups.values()):
-            return set()
-        plans: list[tuple[fx.Node, list[Piece]]] = []
-        changed = False
-        for src, members in groups.items():
-            steps = members[0] if len(members) == 1 else [SumStep(members, name=root.name)]
-            pieces = _verbatim(steps)
-            info = self._info(src, steps) if steps else None
-            if info is not None:
-                red = reduce_region(steps, info, self.ctx.judge, self.ctx.report)
-                if isinstance(red, Decline):
-                    self.ctx.report.declined((root.name,), red)
-                elif red.changed:
-                    pieces, changed = red.pieces, True
-            self._report_shared(src, nodes)  # a shared term is what keeps this sum apart
-            plans.append((src, pieces))
-        if changed and self.straight_only:
-            self._decline_new_code((root.name,), nodes)
-            return set()
-        hazard = self._inplace_hazard(root, nodes) if changed else None
-        if hazard is not None:
-            self.ctx.report.declined((root.name,), hazard)
-        if not changed or hazard is not None:
-            return set()
-        self.rewrites.append((False, self._scope(nodes - {n for _, p in plans for n in _kept_nodes(p)})))
-        with self.graph.inserting_before(root):
-            outs = [self._emit(pieces, src) for src, pieces in plans]
-            acc = outs[0]
-            for other in outs[1:]:
-                acc = self.graph.call_function(operator.add, (acc, other))
-        self._replace(root, acc, nodes)
-        return nodes
+        return LinearGraph(nodes, external | outputs, outputs, shapes, describe=describe, pad_layer=True)
 
-    def _report_shared(self, src: fx.Node, nodes: set[fx.Node]) -> None:
-        """An intermediate tensor used outside the region stops the merge: say so."""
-        entry = self.entries.get(src)
-        if not isinstance(entry, Unary) or isinstance(entry.op, IdentityOp) or src in self.shared_reported:
-            return
-        outside = [u for u in self._users(src) if u not in nodes]
-        if not outside:
-            return
-        self.shared_reported.add(src)
-        inside = [self._node_name(u) for u in src.users if u in nodes]
-        users = ", ".join(self._describe(u) for u in outside)
-        reason = Reason.GRAPH_OUTPUT if any(u.op == "output" for u in outside) else Reason.SHARED_TENSOR
-        self.ctx.report.declined(
-            (entry.op.name, *inside),
-            Decline(reason, f"the output of {entry.op.name} is also used by {users}, so it must stay computed"),
-        )
+    def _weights(self, node: fx.Node) -> dict[Hashable, int]:
+        """The parameters a node reads (a module's, or those it reads through get_attr)."""
+        if node.op == "call_module":
+            return parameter_sizes(self.gm.get_submodule(node.target))
+        values = [self._const(a) for a in node.all_input_nodes if a.op == "get_attr"]
+        return parameter_sizes(*values)
 
     def _inplace_hazard(self, root: fx.Node, nodes: set[fx.Node]) -> Decline | None:
         """An in-place write to a tensor the region reads, between its first read and its root:
@@ -1641,57 +1536,83 @@ class _GraphFuser:
         return text if _shape_read(node) else text + ", which convfuse does not read as a linear op"
 
     # ------------------------------------------------------------------ write back
-    def _write(self, root: fx.Node, src: fx.Node, pieces: list[Piece], nodes: set[fx.Node]) -> None:
-        straight = self._is_straight(src, nodes, pieces)
-        self.rewrites.append((straight, "" if straight else self._scope(nodes - _kept_nodes(pieces))))
-        with self.graph.inserting_before(root):
-            out = self._emit(pieces, src, in_place=straight)
-        self._replace(root, out, nodes)
+    def _write(self, result: Plan) -> None:
+        """The plan as fx nodes (the torch.fx exporter): a merge is one conv module called on its
+        input, a sum left with fewer terms a chain of adds; replaced nodes are erased."""
+        by_name = self.by_name = {n.name: n for n in self.nodes}
+        value: dict[str, fx.Node] = dict(by_name)
+        for merges, resum in result.groups():
+            fx_nodes = {n.origin for m in merges for n in m.nodes} | ({n.origin for n in resum.nodes} if resum else set())
+            root = max(fx_nodes, key=self.order.__getitem__)
+            names = tuple(self._node_name(n) for n in sorted(fx_nodes, key=self.order.__getitem__))
+            hazard = self._inplace_hazard(root, fx_nodes)
+            if hazard is not None:
+                self.ctx.report.declined(names, hazard)
+                continue
+            straight = resum is None and self._is_straight(merges[0])
+            if self.straight_only and not straight:
+                self._decline_new_code(names, fx_nodes)
+                continue
+            self.rewrites.append((straight, "" if straight else self._scope(fx_nodes)))
+            replaced: list[tuple[fx.Node, fx.Node]] = []
+            for merge in merges:
+                last = max((n.origin for n in merge.nodes), key=self.order.__getitem__)
+                target = self.target_of[merge.sources[0]] if straight else self._new_module_name(merge.sources)
+                types = layer_types(self.gm, merge.sources, self.prefix)
+                self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge), types))
+                with self.graph.inserting_before(last):
+                    new = self.graph.call_module(target, (value[merge.x],))
+                value[merge.y] = new
+                if merge.y in by_name:
+                    replaced.append((by_name[merge.y], new))
+                self.ctx.report.merged(
+                    merge.kind, merge.sources, self._name(target), merge.before, merge.after, merge.note, merge.timing
+                )
+            if resum is not None:
+                sum_root = max((n.origin for n in resum.nodes), key=self.order.__getitem__)
+                with self.graph.inserting_before(sum_root):
+                    replaced.append((sum_root, self._sum(resum, value)))
+            for old, new in replaced:
+                old.replace_all_uses_with(new)
+            for old, new in replaced:  # a term may read a replaced node: point it at the new one
+                for user in list(old.users):
+                    user.replace_input_with(old, new)
+            for old, _ in replaced:
+                self._replace(old, fx_nodes)
+            self.changed = True
 
-    def _replace(self, root: fx.Node, out: fx.Node, nodes: set[fx.Node]) -> None:
-        root.replace_all_uses_with(out)
+    def _dtype_of(self, merge: Merge) -> torch.dtype:
+        for node in merge.nodes:
+            op = self.entries[node.origin].op if isinstance(self.entries.get(node.origin), Unary) else None
+            if isinstance(op, ConvOp):
+                return op.spec.dtype
+            if isinstance(op, DenseOp):
+                return op.weight.dtype
+        meta = self.nodes[self.order[merge.nodes[0].origin]].meta.get("tensor_meta")
+        return meta.dtype if isinstance(meta, TensorMetadata) else self._dtype
+
+    def _sum(self, resum: Resum, value: dict[str, fx.Node]) -> fx.Node:
+        """``sum_i c_i t_i`` as fx nodes: a positive term first, then adds and subs."""
+        terms = sorted(resum.terms, key=lambda tc: tc[1] < 0)
+        acc = value[terms[0][0]]
+        if terms[0][1] != 1:
+            acc = self.graph.call_function(operator.mul, (acc, terms[0][1]))
+        for name, coef in terms[1:]:
+            term = value[name]
+            if coef == 1:
+                acc = self.graph.call_function(operator.add, (acc, term))
+            elif coef == -1:
+                acc = self.graph.call_function(operator.sub, (acc, term))
+            else:
+                acc = self.graph.call_function(operator.add, (acc, self.graph.call_function(operator.mul, (term, coef))))
+        return acc
+
+    def _replace(self, root: fx.Node, nodes: set[fx.Node]) -> None:
+        """Erase the replaced nodes once nothing reads them (rank reads move to the input)."""
         self._move_rank_reads(nodes, root)
         for node in sorted(nodes, key=self.order.__getitem__, reverse=True):
-            self.graph.erase_node(node)
-        self.changed = True
-
-    def _emit(self, pieces: Sequence[Piece], value: fx.Node, in_place: bool = False) -> fx.Node:
-        """Nodes computing ``pieces`` from ``value``; ``in_place``: each merged conv takes its
-        first layer's target (surgery), else a new ``<common parent>_fused`` on the root."""
-        for piece in pieces:
-            if isinstance(piece, Kept):
-                value = self._copy(piece.op, value)
-            elif isinstance(piece, Merged):
-                if piece.spec is None:
-                    self.ctx.report.merged(piece.kind, piece.sources, "(removed)", piece.before, piece.after, piece.note)
-                    continue
-                if in_place:
-                    target = self.target_of[piece.sources[0]]
-                else:
-                    target = self._new_module_name(piece.sources)
-                types = layer_types(self.gm, piece.sources, self.prefix)
-                merged = mark_provenance(conv_from_spec(piece.spec), piece.sources, piece.kind, types)
-                self.gm.add_submodule(target, merged)
-                value = self.graph.call_module(target, (value,))
-                self.ctx.report.merged(
-                    piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note, piece.timing
-                )
-            elif isinstance(piece, Branches):
-                outs = [self._emit(branch, value) for branch in piece.branches]
-                acc = outs[0]
-                for other in outs[1:]:
-                    acc = self.graph.call_function(operator.add, (acc, other))
-                value = acc
-        return value
-
-    def _copy(self, op: LinearOp, value: fx.Node) -> fx.Node:
-        """The original node of ``op`` reading ``value`` (a virtual scale becomes a mul)."""
-        node = op.origin
-        if node is None:
-            return self.graph.call_function(operator.mul, (value, op.scale))
-        entry = self.entries[node]
-        old_input = entry.input
-        return self.graph.node_copy(node, lambda n: value if n is old_input else n)
+            if not getattr(node, "_erased", False) and not node.users:
+                self.graph.erase_node(node)
 
     def _new_module_name(self, sources: Iterable[str]) -> str:
         """``<common parent of the merged layers>_fused`` on this graph's root (never inside a

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..algebra import ChannelAffine
+from ..algebra_linear import as_matrix
 from ..decline import Decline, Reason
 from ..provenance import Provenance
 from ..spec import ConvSpec, same_pads
@@ -21,6 +22,7 @@ __all__ = [
     "BATCHNORM_TYPES",
     "spec_from_conv",
     "conv_from_spec",
+    "linear_from_spec",
     "affine_from_batchnorm",
     "mark_provenance",
     "layer_types",
@@ -90,6 +92,17 @@ def conv_from_spec(spec: ConvSpec) -> nn.Module:
     pad_cls = _PAD_TYPES[spec.padding_mode][spec.ndim - 1]
     pad = pad_cls(flat, 0.0) if spec.padding_mode == "zeros" else pad_cls(flat)
     return nn.Sequential(pad, conv)
+
+
+def linear_from_spec(spec: ConvSpec) -> nn.Linear:
+    """An ``nn.Linear`` computing a 1D pointwise spec on the last dim (weights copied)."""
+    weight, bias = as_matrix(spec)
+    layer = nn.Linear(spec.in_channels, spec.out_channels, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
 
 
 def affine_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine | Decline:

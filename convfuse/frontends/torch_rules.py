@@ -21,13 +21,14 @@ from torch import fx, nn
 from ..algebra import ChannelAffine
 from ..decline import Decline, Reason
 from ..spec import ConvSpec, same_pads
-from .torch_ir import AffineOp, ConvOp, IdentityOp, LinearOp, PadOp, PoolOp
+from .torch_ir import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp
 from .torch_layers import affine_from_batchnorm, spec_from_conv
 
 __all__ = [
     "UNKNOWN",
     "Unary",
     "Terms",
+    "Cat",
     "MODULE_RULES",
     "FUNCTION_RULES",
     "METHOD_RULES",
@@ -57,7 +58,14 @@ class Terms:
     terms: list[tuple[fx.Node, list[LinearOp]]]
 
 
-CallResult = Union[Unary, Terms, Decline, None]
+@dataclass(eq=False)
+class Cat:
+    """Graph tensors concatenated along the channel dim (``torch.cat(xs, dim=1)``)."""
+
+    inputs: list[fx.Node]
+
+
+CallResult = Union[Unary, Terms, Cat, Decline, None]
 ModuleRule = Callable[[nn.Module, str], Union[LinearOp, Decline, None]]
 CallRule = Callable[[fx.Node, Resolve], CallResult]
 
@@ -67,6 +75,12 @@ def _conv_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
     if isinstance(m.weight, nn.parameter.UninitializedParameter):
         return Decline(Reason.UNSUPPORTED, f"{name} is a lazy conv that has not seen an input yet")
     return ConvOp(name, spec=spec_from_conv(m))
+
+
+def _linear_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
+    if isinstance(m.weight, nn.parameter.UninitializedParameter):
+        return Decline(Reason.UNSUPPORTED, f"{name} is a lazy Linear that has not seen an input yet")
+    return DenseOp(name, weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach())
 
 
 def _batchnorm_module(ndim: int | None) -> ModuleRule:
@@ -143,6 +157,7 @@ MODULE_RULES: dict[type[nn.Module], ModuleRule] = {
     nn.Conv1d: _conv_module,
     nn.Conv2d: _conv_module,
     nn.Conv3d: _conv_module,
+    nn.Linear: _linear_module,
     nn.BatchNorm1d: _batchnorm_module(None),  # [N, C] or [N, C, L]: the region tells
     nn.BatchNorm2d: _batchnorm_module(2),
     nn.BatchNorm3d: _batchnorm_module(3),
@@ -378,6 +393,20 @@ def _conv_rule(n: int) -> CallRule:
     return rule
 
 
+def _linear_rule(node: fx.Node, resolve: Resolve) -> CallResult:
+    """``F.linear(x, weight, bias)`` with constant weight and bias: a Linear layer."""
+    bound = _bind(node, ("input", "weight", "bias"), {"bias": None})
+    if bound is None:
+        return None
+    x, w = resolve(bound["input"]), resolve(bound["weight"])
+    b = None if bound["bias"] is None else resolve(bound["bias"])
+    if not _is_graph(x) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    if b is not None and not isinstance(b, torch.Tensor):
+        return None
+    return Unary(DenseOp(node.name, weight=w.detach(), bias=None if b is None else b.detach()), x)
+
+
 def _batchnorm_call(node: fx.Node, resolve: Resolve, bound: dict[str, Any] | None) -> CallResult:
     """Inference batch norm called as a function: a per-channel affine (DESIGN.md section 2).
 
@@ -444,6 +473,17 @@ def _torch_batchnorm_rule(node: fx.Node, resolve: Resolve) -> CallResult:
     return _batchnorm_call(node, resolve, _bind(node, names, {}))
 
 
+def _cat_rule(node: fx.Node, resolve: Resolve) -> CallResult:
+    """``torch.cat(tensors, dim=1)`` of graph tensors: stacked channels (a CONCAT)."""
+    bound = _bind(node, ("tensors", "dim"), {"dim": 0})
+    if bound is None or bound["dim"] != 1 or not isinstance(bound["tensors"], (list, tuple)):
+        return None
+    parts = [resolve(t) for t in bound["tensors"]]
+    if len(parts) < 2 or not all(_is_graph(p) for p in parts):
+        return None
+    return Cat(parts)
+
+
 #: Function called by a ``call_function`` node -> converter.
 FUNCTION_RULES: dict[Any, CallRule] = {
     operator.add: _add_rule(1),
@@ -460,6 +500,8 @@ FUNCTION_RULES: dict[Any, CallRule] = {
     operator.neg: _neg_rule,
     torch.neg: _neg_rule,
     torch.clone: _same_rule,
+    torch.cat: _cat_rule,
+    torch.concat: _cat_rule,
     F.pad: _pad_rule,
     F.dropout: _dropout_rule,
     F.dropout1d: _dropout_rule,
@@ -473,6 +515,7 @@ FUNCTION_RULES: dict[Any, CallRule] = {
     F.conv1d: _conv_rule(1),
     F.conv2d: _conv_rule(2),
     F.conv3d: _conv_rule(3),
+    F.linear: _linear_rule,
     F.batch_norm: _functional_batchnorm_rule,
     torch.batch_norm: _torch_batchnorm_rule,
 }
