@@ -21,6 +21,7 @@ __all__ = [
     "OutputError",
     "DeviceUnavailableError",
     "VerificationError",
+    "TorchMissingError",
 ]
 
 
@@ -66,6 +67,10 @@ class DeviceUnavailableError(ConvfuseError):
 
 class VerificationError(ConvfuseError):
     """A fused model does not compute what the reference computes."""
+
+
+class TorchMissingError(ConvfuseError, ImportError):
+    """A torch API was called where PyTorch is not installed (the ONNX path needs no torch)."""
 
 
 def one_line(error: BaseException | str, limit: int | None = None) -> str:

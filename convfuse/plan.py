@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-import torch
+import numpy as np
 
 from . import estimate
 from .algebra import Cost, add, compose, compose_chain, cost, identity
@@ -84,7 +84,7 @@ def plan_chain(
     max_len: int = MAX_CHAIN,
     *,
     input_shape: Sequence[int | None] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Any = np.dtype(np.float32),
 ) -> ChainPlan:
     """Split the chain ``specs[0] -> specs[1] -> ...`` into runs and merge the runs that pay.
 
@@ -203,7 +203,7 @@ def plan_sum(
     policy: Policy | str | Judge = Policy.FLOPS,
     *,
     input_shape: Sequence[int | None] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Any = np.dtype(np.float32),
 ) -> SumPlan:
     """Merge ``sum_b chain_b(x)`` into one conv; an empty branch is ``x`` itself.
 
@@ -266,7 +266,7 @@ def _same_geometry_inputs(specs: Sequence[ConvSpec]) -> bool:
     )
 
 
-def _dtype(branches: Sequence[Sequence[ConvSpec]]) -> torch.dtype:
+def _dtype(branches: Sequence[Sequence[ConvSpec]]) -> np.dtype:
     for chain in branches:
         if chain:
             return chain[0].dtype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def test_asymmetric_reflect_spec_uses_a_reflection_pad() -> None:
 def test_dtype_is_kept_by_conversions() -> None:
     conv = nn.Conv2d(2, 3, 3).half()
     spec = spec_from_conv(conv)
-    assert spec.dtype == torch.float16 and conv_from_spec(spec).weight.dtype == torch.float16
+    assert spec.dtype == np.float16 and conv_from_spec(spec).weight.dtype == torch.float16
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import onnx
-import torch
 from onnx import helper
 
 from ..algebra import Cost
@@ -459,7 +459,7 @@ def _merge_run(
             [op.is_conv for op in part_ops],
             state.judge,
             input_shape=_dims(state, part_ops[0].x),
-            dtype=FLOAT_TYPES.get(elem or 0, torch.float32),
+            dtype=FLOAT_TYPES.get(elem or 0, np.dtype(np.float32)),
         )
         for start, stop, decline in plan.kept:
             declines.append(([op.node for op in part_ops[start:stop]], decline))
@@ -598,7 +598,7 @@ def _plan_group(
         ndim,
         state.judge,
         input_shape=_dims(state, source),
-        dtype=FLOAT_TYPES.get(elem or 0, torch.float32),
+        dtype=FLOAT_TYPES.get(elem or 0, np.dtype(np.float32)),
     )
     for j, decline in plan.branch_declines:
         declines.append(([op.node for op in usable[j][1]] + [root], decline))

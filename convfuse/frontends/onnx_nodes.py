@@ -6,8 +6,9 @@ Plumbing only. A reader looks at one node and its constant inputs and returns a
 is not linear at all (Relu, MaxPool, an Add of two activations...). Readers are a table,
 :data:`READERS`, from op type to function; adding an op means adding an entry.
 
-Readers look only at shapes, types and attributes; weights are read (into float64, the
-precision the algebra works in) when :meth:`LinearOp.spec` is called for a run being merged.
+Readers look only at shapes, types and attributes; weights are read when :meth:`LinearOp.spec`
+is called for a run being merged: a numpy view of the initializer's bytes, cast once to float64
+(the precision the algebra works in).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 
 from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
@@ -38,9 +38,9 @@ __all__ = [
 
 #: Element types convfuse merges: float32, float16, float64 (ONNX ``TensorProto`` codes).
 FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT: torch.float32,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT: np.dtype(np.float32),
+    onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+    onnx.TensorProto.DOUBLE: np.dtype(np.float64),
 }
 #: Floating types that are not merged (a typed decline rather than silence).
 _OTHER_FLOAT_TYPES = {
@@ -120,8 +120,15 @@ def _refuse(node: onnx.NodeProto, kind: str, x: str, reason: Reason, message: st
     return LinearOp(node, kind, x, node.output[0], refused=Decline(reason, f"{label(node)}: {message}"))
 
 
-def _f64(tensor: onnx.TensorProto) -> torch.Tensor:
-    return torch.from_numpy(numpy_helper.to_array(tensor).astype(np.float64, copy=True))
+def _values(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values in its own dtype: a read-only view of ``raw_data`` (no copy) where the
+    bytes are little-endian raw data, else what ``numpy_helper`` builds from the typed fields."""
+    dtype = FLOAT_TYPES.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data") and not tensor.external_data:
+        dims = tuple(int(d) for d in tensor.dims)
+        if len(tensor.raw_data) == math.prod(dims) * dtype.itemsize:
+            return np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<")).reshape(dims)
+    return numpy_helper.to_array(tensor)
 
 
 def _type_problem(tensor: onnx.TensorProto, what: str) -> tuple[Reason, str] | None:
@@ -141,12 +148,13 @@ def _constant(env: Env, name: str, what: str) -> onnx.TensorProto | tuple[Reason
     return problem if problem is not None else found
 
 
-def _non_finite(node: onnx.NodeProto, *tensors: tuple[str, str, torch.Tensor | None]) -> Decline | None:
+def _non_finite(node: onnx.NodeProto, *tensors: tuple[str, str, np.ndarray | None]) -> Decline | None:
     """A NON_FINITE decline naming the first of ``(what, name, values)`` holding NaN or Inf."""
     for what, name, values in tensors:
         if values is None:
             continue
-        count = int((~torch.isfinite(values)).sum())
+        finite = np.isfinite(values)
+        count = 0 if finite.all() else int(finite.size - np.count_nonzero(finite))
         if count:
             return Decline(
                 Reason.NON_FINITE,
@@ -251,7 +259,10 @@ def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"group={group} does not divide {dims[0]} outputs")
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
-        weight, bias = _f64(w), None if b is None else _f64(b)
+        # One float64 copy, the precision the algebra folds a run in (a float32 view would be
+        # rounded back to float32 after every step of the fold).
+        weight = _values(w).astype(np.float64)
+        bias = None if b is None else _values(b).astype(np.float64)
         bad = _non_finite(node, ("weight", w_name, weight), ("bias", b_name, bias))
         if bad is not None:
             return bad
@@ -296,14 +307,14 @@ def read_batchnorm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     def resolve(ndim: int, c: int) -> ConvSpec | Decline:
         if c != channels:
             return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} has {channels} channels, its input {c}")
-        gamma, beta, mean, var = (_f64(p) for p in params)
+        gamma, beta, mean, var = (_values(p).astype(np.float64) for p in params)
         bad = _non_finite(
             node, *((what, p.name, t) for what, p, t in zip(("scale", "bias", "mean", "variance"), params, (gamma, beta, mean, var)))
         )
         if bad is not None:
             return bad
         affine = ChannelAffine.from_batchnorm(mean, var, gamma, beta, eps)
-        if not (torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()):
+        if not (np.isfinite(affine.scale).all() and np.isfinite(affine.shift).all()):
             return Decline(Reason.NON_FINITE, f"{label(node)}: variance + epsilon is not positive")
         return affine_conv(affine, ndim)
 
@@ -348,15 +359,16 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
                 return Decline(
                     Reason.CHANNEL_MISMATCH, f"{label(node)}: constant has {padded[1]} channels, tensor has {channels}"
                 )
-            c = _f64(const).reshape(-1).expand(channels).clone()
-            one, zero = torch.ones_like(c), torch.zeros_like(c)
-            scale, shift = {
-                "Mul": (c, zero),
-                "Add": (one, c),
-                "Sub": (-one, c) if const_a else (one, -c),
-                "Div": (1.0 / c, zero),
-            }[op]
-            if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+            c = np.broadcast_to(_values(const).astype(np.float64).reshape(-1), (channels,)).copy()
+            one, zero = np.ones_like(c), np.zeros_like(c)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                scale, shift = {
+                    "Mul": (c, zero),
+                    "Add": (one, c),
+                    "Sub": (-one, c) if const_a else (one, -c),
+                    "Div": (1.0 / c, zero),
+                }[op]
+            if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
                 return Decline(Reason.NON_FINITE, f"{label(node)}: constant is not finite (or divides by zero)")
             return affine_conv(ChannelAffine(scale, shift), ndim)
 
@@ -418,7 +430,7 @@ def read_pad(node: onnx.NodeProto, env: Env) -> LinearOp | None:
             full[axis] = [b, e]
         if any(full[0]) or any(full[1]):
             return Decline(Reason.UNSUPPORTED, f"{label(node)} pads the batch or channel dimension")
-        weight = torch.ones(channels, 1, *([1] * ndim), dtype=torch.float64)
+        weight = np.ones((channels, 1, *([1] * ndim)))
         return ConvSpec(weight=weight, groups=channels, pads=tuple((b, e) for b, e in full[2:]))
 
     return LinearOp(node, "pad", x, node.output[0], ndim=k - 2 if axes is None else None, resolve=resolve)
@@ -457,7 +469,7 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
                 f"{label(node)}: kernel {kernel} on {channels} channels would need {elements:,} weight elements, "
                 f"over the limit of {MAX_MERGED_ELEMENTS:,}",
             )
-        spec = average_pool(channels, kernel, strides, pads, dtype=torch.float64)
+        spec = average_pool(channels, kernel, strides, pads, dtype=np.float64)
         return spec.replace(dilation=tuple(dilations))
 
     return LinearOp(node, "avgpool", x, node.output[0], ndim=n, resolve=resolve)
@@ -534,16 +546,17 @@ def conv_node(
     if spec.padding_mode != "zeros" and spec.is_padded:
         return Decline(Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros")
     dtype = FLOAT_TYPES[elem_type]
-    weight = spec.weight.detach().to(dtype)
-    bias = None if spec.bias is None or not bool(torch.any(spec.bias != 0)) else spec.bias.detach().to(dtype)
-    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+    with np.errstate(over="ignore"):  # float16 overflow is the decline below
+        weight = np.ascontiguousarray(spec.weight, dtype=dtype)
+        bias = None if spec.bias is None or not bool(np.any(spec.bias != 0)) else np.ascontiguousarray(spec.bias, dtype=dtype)
+    if not bool(np.isfinite(weight).all()) or (bias is not None and not bool(np.isfinite(bias).all())):
         return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
     w_name = fresh(f"{name}.weight")
-    initializers = [numpy_helper.from_array(weight.cpu().numpy(), w_name)]
+    initializers = [_initializer(weight, w_name, elem_type)]
     inputs = [x, w_name]
     if bias is not None:
         b_name = fresh(f"{name}.bias")
-        initializers.append(numpy_helper.from_array(bias.cpu().numpy(), b_name))
+        initializers.append(_initializer(bias, b_name, elem_type))
         inputs.append(b_name)
     node = helper.make_node(
         "Conv",
@@ -557,6 +570,13 @@ def conv_node(
         pads=[b for b, _ in spec.pads] + [e for _, e in spec.pads],
     )
     return node, initializers
+
+
+def _initializer(array: np.ndarray, name: str, elem_type: int) -> onnx.TensorProto:
+    """A tensor holding ``array``'s bytes as raw data: one copy into the protobuf, no other."""
+    tensor = onnx.TensorProto(name=name, data_type=elem_type, dims=array.shape)
+    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return tensor
 
 
 def conv_macs(weight_dims: Sequence[int], out_dims: Dims | None) -> int | None:

@@ -593,7 +593,7 @@ def _write_run(
                 merges.append((-1, piece))
                 continue
             merges.append((len(out), piece))
-            out.append((key_of[piece.sources[0]], conv_from_spec(piece.spec)))
+            out.append((key_of[piece.sources[0]], conv_from_spec(piece.spec, piece.dtype, piece.device)))
         else:  # pragma: no cover - a chain has no branches
             raise AssertionError("a Sequential run reduced to branches")
 
@@ -1136,7 +1136,7 @@ class _GraphFuser:
                     self.ctx.report.merged(piece.kind, piece.sources, "(removed)", piece.before, piece.after, piece.note)
                     continue
                 target = self._new_module_name(piece.sources)
-                self.gm.add_submodule(target, conv_from_spec(piece.spec))
+                self.gm.add_submodule(target, conv_from_spec(piece.spec, piece.dtype, piece.device))
                 value = self.graph.call_module(target, (value,))
                 self.ctx.report.merged(
                     piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note, piece.timing

@@ -7,8 +7,9 @@ read the step's input. :func:`reduce_region` folds a region with the rules of
 original op kept as it is, or branches that are still summed. No graph types here; each op
 carries an opaque ``origin`` the front end uses to write it back unchanged.
 
-Arithmetic runs in float64 (ops are built in float64) and merged convs are cast back to the
-model's dtype once, at the end.
+Arithmetic runs in float64 numpy (ops are built in float64; torch constants are converted
+here, at the edge) and merged convs are cast back to the model's dtype and device once, when
+the front end writes them (:attr:`Merged.dtype`, :attr:`Merged.device`).
 
 Under the ``latency`` policy every candidate is timed from its specs (:mod:`convfuse.latency`):
 each unit carries its original layers as a :data:`~convfuse.latency.Block` and the shape it
@@ -21,6 +22,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..algebra import ChannelAffine, Cost, add, affine_conv, average_pool, compose, cost, identity, then_affine
@@ -51,7 +53,7 @@ __all__ = [
     "module_count",
 ]
 
-_F64 = torch.float64
+_F64 = np.float64
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class TensorInfo:
     channels: int
     ndim: int
     dtype: torch.dtype  # the model's dtype; merged convs are cast back to it
-    device: torch.device
+    device: Any  # torch.device of the model's weights
     batch: int | None = None  # known from shape propagation only (latency timing)
     spatial: tuple[int, ...] | None = None
 
@@ -114,6 +116,8 @@ class ConvOp(LinearOp):
     """A convolution layer."""
 
     spec: ConvSpec | None = None
+    dtype: Any = None  # torch dtype of the layer's weights (the spec holds a numpy view)
+    device: Any = None
 
     def fixed_ndim(self) -> int | None:
         return self.spec.ndim
@@ -129,8 +133,9 @@ class ConvOp(LinearOp):
             return Decline(
                 Reason.CHANNEL_MISMATCH, f"{self.name} expects {s.in_channels} channels, gets {info.channels}"
             )
-        if s.dtype != info.dtype:
-            return Decline(Reason.DTYPE, f"{self.name} holds {s.dtype} weights in a {info.dtype} region")
+        dtype = self.dtype if self.dtype is not None else s.dtype
+        if str(dtype).removeprefix("torch.") != str(info.dtype).removeprefix("torch."):
+            return Decline(Reason.DTYPE, f"{self.name} holds {dtype} weights in a {info.dtype} region")
         return s.to(_F64)
 
 
@@ -186,8 +191,7 @@ class PadOp(LinearOp):
         if len(self.pads) > info.ndim:
             return Decline(Reason.UNSUPPORTED, f"{self.name} pads {len(self.pads)} dims of a {info.ndim}D tensor")
         pads = ((0, 0),) * (info.ndim - len(self.pads)) + tuple(self.pads)
-        spec = identity(info.channels, info.ndim, _F64)
-        return spec.replace(weight=spec.weight.to(info.device), pads=pads)
+        return identity(info.channels, info.ndim, _F64).replace(pads=pads)
 
     def cost(self, info: TensorInfo, math_: Math) -> Cost:
         return Cost(0, 0)
@@ -207,8 +211,7 @@ class PoolOp(LinearOp):
     def build(self, info: TensorInfo) -> Math | Decline:
         if len(self.kernel) != info.ndim:
             return Decline(Reason.RANK_MISMATCH, f"{self.name} pools {len(self.kernel)}D on a {info.ndim}D tensor")
-        spec = average_pool(info.channels, self.kernel, self.stride, self.pads, _F64)
-        return spec.replace(weight=spec.weight.to(info.device))
+        return average_pool(info.channels, self.kernel, self.stride, self.pads, _F64)
 
     def cost(self, info: TensorInfo, math_: Math) -> Cost:
         return Cost(info.channels * math.prod(self.kernel), 0)
@@ -237,6 +240,8 @@ class Merged:
     after: Cost
     note: str = ""
     timing: Timing | None = None  # measured under the latency policy
+    dtype: Any = None  # torch dtype and device to write the conv in (the spec is float64 numpy)
+    device: Any = None
 
 
 @dataclass(eq=False)
@@ -294,15 +299,15 @@ def _channel_size(value: torch.Tensor | float | None, vector: bool) -> int | Non
 
 def _per_channel(
     value: torch.Tensor | float | None, info: TensorInfo, vector: bool, name: str, neutral: float
-) -> torch.Tensor | Decline:
-    """A constant as a ``[C]`` float64 vector, or why broadcasting it is not per channel."""
+) -> np.ndarray | Decline:
+    """A constant as a ``[C]`` float64 numpy vector, or why broadcasting it is not per channel."""
     c = info.channels
     if value is None:
-        return torch.full((c,), neutral, dtype=_F64, device=info.device)
+        return np.full(c, neutral, dtype=_F64)
     if not isinstance(value, torch.Tensor):
         if not math.isfinite(float(value)):
             return Decline(Reason.NON_FINITE, f"{name} uses the constant {value}")
-        return torch.full((c,), float(value), dtype=_F64, device=info.device)
+        return np.full(c, float(value), dtype=_F64)
     t = value.detach()
     if t.is_complex() or t.dtype == torch.bool:
         return Decline(Reason.DTYPE, f"{name} multiplies by a {t.dtype} constant")
@@ -311,7 +316,7 @@ def _per_channel(
     if t.is_floating_point() and t.dim() > 0 and t.dtype != info.dtype:
         return Decline(Reason.DTYPE, f"{name} uses a {t.dtype} constant on a {info.dtype} tensor")
     if t.numel() == 1 and (vector or t.dim() <= info.ndim + 2):
-        return torch.full((c,), float(t.reshape(())), dtype=_F64, device=info.device)
+        return np.full(c, float(t.reshape(())), dtype=_F64)
     if vector:
         shape_ok = t.dim() == 1 and t.numel() == c
     else:
@@ -324,14 +329,27 @@ def _per_channel(
             f"{name} uses a constant of shape {tuple(t.shape)}, not one value per channel of a "
             f"[N, {c}, ...] tensor with {info.ndim} spatial dims",
         )
-    return t.reshape(c).to(device=info.device, dtype=_F64)
+    return t.reshape(c).to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a numpy one (a spec built without a layer's own dtype)."""
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | str:
+    """The numpy dtype of a torch one, or its name where numpy has none (bfloat16: no timing model)."""
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return name
 
 
 def _as_spec(m: Math, info: TensorInfo) -> ConvSpec:
     """Any math as a conv: identity is a Dirac kernel, an affine a depthwise 1x1."""
     if m is None:
-        spec = identity(info.channels, info.ndim, _F64)
-        return spec.replace(weight=spec.weight.to(info.device))
+        return identity(info.channels, info.ndim, _F64)
     if isinstance(m, ChannelAffine):
         return affine_conv(m, info.ndim)
     return m
@@ -388,8 +406,8 @@ def region_info(
     ops = list(_walk(steps))
     if not any(isinstance(op, (ConvOp, PoolOp)) for op in ops):
         return None
-    convs = [op.spec for op in ops if isinstance(op, ConvOp)]
-    device = convs[0].weight.device if convs else torch.device("cpu")
+    convs = [op for op in ops if isinstance(op, ConvOp)]
+    device = convs[0].device if convs and convs[0].device is not None else torch.device("cpu")
     if shape is not None:
         if len(shape) < 3:
             return None
@@ -400,7 +418,10 @@ def region_info(
     if channels is None:
         return None
     vectors = [op.scale for op in ops if isinstance(op, AffineOp) and op.vector and isinstance(op.scale, torch.Tensor)]
-    dtype = convs[0].dtype if convs else vectors[0].dtype if vectors else torch.get_default_dtype()
+    if convs:
+        dtype = convs[0].dtype if convs[0].dtype is not None else _torch_dtype(convs[0].spec.dtype)
+    else:
+        dtype = vectors[0].dtype if vectors else torch.get_default_dtype()
     return TensorInfo(channels, ndim, dtype, device)
 
 
@@ -487,7 +508,7 @@ class _Reducer:
         """The judge on replacing ``layers`` (reading ``shape``) by ``merged`` (None: by nothing)."""
         if merged is None:
             return Decision(None)
-        candidate = Candidate(layers, merged, shape, dtype) if self.judge.times else None
+        candidate = Candidate(layers, merged, shape, _numpy_dtype(dtype)) if self.judge.times else None
         return self.judge.decide(before, cost([merged]), candidate)
 
     # ------------------------------------------------------------------ steps
@@ -618,7 +639,7 @@ class _Reducer:
             n_ops = sum(u.n_ops for u in group) + len(group) - 1
             decision = decisions[0]
             piece = Merged(
-                spec.to(info.dtype), sources, "sum", before, cost([spec]), decision.note, decision.timing
+                spec, sources, "sum", before, cost([spec]), decision.note, decision.timing, info.dtype, info.device
             )
             notes = "; ".join(sorted({u.note for u in group if u.note}))
             layers: Block = (Parallel(tuple(u.layers for u in group)),)
@@ -633,7 +654,7 @@ class _Reducer:
                 srcs = tuple(s for u in members for s in u.sources)
                 before = sum((u.before for u in members), Cost(0, 0))
                 merged = Merged(
-                    spec.to(info.dtype), srcs, "sum", before, cost([spec]), decision.note, decision.timing
+                    spec, srcs, "sum", before, cost([spec]), decision.note, decision.timing, info.dtype, info.device
                 )
                 branch_pieces.append([merged])
         for bi in [g[0] for g in groups if len(g) == 1] + loose:
@@ -768,7 +789,9 @@ class _Reducer:
         if decision is not None:
             note = "; ".join(x for x in (note, decision.note) if x)
             timing = decision.timing
-        return Merged(spec.to(info_in.dtype), sources, kind, _chain_cost(seg), cost([spec]), note, timing)
+        return Merged(
+            spec, sources, kind, _chain_cost(seg), cost([spec]), note, timing, info_in.dtype, info_in.device
+        )
 
 
 def reduce_region(
