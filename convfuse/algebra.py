@@ -145,14 +145,12 @@ def _ungroup(w: np.ndarray, groups: int, target: int) -> np.ndarray:
     return out.reshape(co, r * cig, *k)
 
 
-def _largest_groups(w: np.ndarray, groups: int) -> int:
-    """Largest multiple of ``groups`` for which the weight is block diagonal (exact zeros)."""
-    co, cig = w.shape[0], w.shape[1]
+def _largest_groups(mag: np.ndarray, groups: int) -> int:
+    """Largest multiple of ``groups`` for which a weight is block diagonal (exact zeros), from
+    ``mag[Co, Ci/g]``: whether each (output, input) channel pair has a non-zero tap."""
+    co, cig = mag.shape
     per_out = co // groups
     best = 1
-    # Zero pattern per (output, input) channel pair, reduced once over the taps: the loop
-    # below then reads a [Co, Ci/g] map instead of the whole weight for every candidate.
-    mag = (w != 0).reshape(co, cig, -1).any(axis=2)
     if bool(mag.all()):
         return groups  # dense: no block structure to find
     for m in range(2, min(per_out, cig) + 1):
@@ -172,37 +170,48 @@ def simplify(spec: ConvSpec) -> ConvSpec:
     Three exact rewrites: (1) zero-tap borders are trimmed while padding can absorb them (the
     read offset ``-begin + j*d`` of every kept tap is unchanged); (2) taps spaced by a common
     factor ``f`` become a kernel dilated by ``d*f``; (3) a weight that is block diagonal in exact
-    zeros gets the larger group count.
+    zeros gets the larger group count. The zero pattern is read once, as a ``[Co*Ci/g, taps]``
+    mask reduced along each side (no pass over the weight per dimension).
     """
     w = spec.weight
+    if w.size == 0 or np.count_nonzero(w) == w.size:
+        return spec if w.flags.c_contiguous else spec.replace(weight=np.ascontiguousarray(w))  # dense: nothing to trim
+    co, cig = w.shape[0], w.shape[1]
+    nonzero = (w != 0).reshape(co * cig, -1)
+    taps = nonzero.any(axis=0).reshape(w.shape[2:])  # [*k]: taps non-zero in some channel pair
+    mag = nonzero.any(axis=1).reshape(co, cig)  # channel pairs with some non-zero tap
     pads = list(spec.pads)
     dilation = list(spec.dilation)
     for dim in range(spec.ndim):
         axis = dim + 2
-        reduce_dims = tuple(a for a in range(w.ndim) if a != axis)
-        nz = np.flatnonzero((w != 0).any(axis=reduce_dims)).tolist() if w.size else []
+        others = tuple(a for a in range(taps.ndim) if a != dim)
+        nz = np.flatnonzero(taps.any(axis=others) if others else taps).tolist()
         if not nz:
             continue
         d = dilation[dim]
         begin, end = pads[dim]
         lead = min(nz[0], begin // d)
         trail = min(w.shape[axis] - 1 - nz[-1], end // d)
+        step = 1
         if lead or trail:
-            index = [slice(None)] * w.ndim
-            index[axis] = slice(lead, w.shape[axis] - trail)
-            w = w[tuple(index)]
             pads[dim] = (begin - lead * d, end - trail * d)
             nz = [i - lead for i in nz]
-        if nz[0] == 0 and nz[-1] == w.shape[axis] - 1 and len(nz) > 1:
+        size = w.shape[axis] - lead - trail
+        if nz[0] == 0 and nz[-1] == size - 1 and len(nz) > 1:
             f = reduce(math.gcd, nz[1:])
             if f > 1:
-                index = [slice(None)] * w.ndim
-                index[axis] = slice(None, None, f)
-                w = w[tuple(index)]
+                step = f
                 dilation[dim] = d * f
+        if lead or trail or step > 1:
+            index = [slice(None)] * w.ndim
+            index[axis] = slice(lead, w.shape[axis] - trail, step)
+            w = w[tuple(index)]
+            t_index = [slice(None)] * taps.ndim
+            t_index[dim] = slice(lead, taps.shape[dim] - trail, step)
+            taps = taps[tuple(t_index)]
         if w.shape[axis] == 1:
             dilation[dim] = 1
-    groups = _largest_groups(w, spec.groups)
+    groups = _largest_groups(mag, spec.groups)
     if groups != spec.groups:
         r = groups // spec.groups
         cig = w.shape[1] // r

@@ -39,7 +39,7 @@ from ..plan import SumPlan, plan_chain, plan_sum
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
-from .onnx_io import check_model, load_model
+from .onnx_io import LoadedModel, check_model, load_model
 from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, read_linear, unread_nodes
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
@@ -914,7 +914,7 @@ def _summarise(report: Report) -> None:
 
 # --------------------------------------------------------------------------- public API
 def fuse_onnx(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | LoadedModel | str | os.PathLike[str],
     policy: Policy | str = Policy.FLOPS,
     *,
     progress: Progress | None = None,
@@ -925,8 +925,9 @@ def fuse_onnx(
 ) -> tuple[onnx.ModelProto, Report]:
     """Merge every linear run of ``model`` into single convolutions; return a new model and a report.
 
-    ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``) or a path (external data
-    beside it is read). ``policy``: ``"flops"`` merges only what does not increase MACs or
+    ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``), a path (external data
+    beside it is read), or what :func:`~convfuse.frontends.onnx_io.read_model` returned (already
+    checked: the ONNX checker serialises every weight, so it runs once per model). ``policy``: ``"flops"`` merges only what does not increase MACs or
     parameters, ``"always"`` every exact merge, ``"latency"`` the merges ONNX Runtime measures
     faster on ``device`` (``"cpu"`` or ``"cuda"``), timing for at most ``latency_budget`` seconds
     in all (then the flops rule); ``timer`` replaces the ONNX Runtime timer
@@ -940,6 +941,8 @@ def fuse_onnx(
     if isinstance(model, (str, os.PathLike)):
         source = load_model(model)
         inplace = True  # nobody else holds it
+    elif isinstance(model, LoadedModel):
+        source = model.model  # read_model checked it
     elif isinstance(model, onnx.ModelProto):
         check_model(model)
         source = model
