@@ -143,6 +143,7 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     """
     p = Path(path)
     size = check_file(p)
+    checked = _passes_checker(p)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except OSError as exc:
@@ -173,8 +174,10 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
             raise InvalidModelError(
                 f"cannot read external data of {tensor.name!r} from {location!r} ({one_line(exc, 300)})", path=p
             ) from None
-        total += len(tensor.raw_data)
-    if load_external_data or not outside:
+        total += _tensor_bytes(tensor)  # from dims: reading raw_data would copy the bytes
+    if checked:
+        pass  # the checker accepted the file before it was loaded
+    elif load_external_data or not outside:
         check_model(model, p)
     else:
         try:
@@ -182,6 +185,18 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
         except Exception as exc:
             raise InvalidModelError(f"fails the ONNX checker: {one_line(exc, 300)}", path=p) from None
     return LoadedModel(model, p, bool(outside), total, tuple(data_files))
+
+
+def _passes_checker(path: Path) -> bool:
+    """Whether the ONNX checker accepts the file at ``path``, checked before the model is loaded
+    here: the C++ checker reads the file itself, so no serialised copy of the weights is made and
+    its memory is free again before Python's copy exists. On failure :func:`read_model` goes on
+    to load and check the model in Python, for the message that says what is wrong."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception:
+        return False
+    return True
 
 
 def _check_external_range(tensor: onnx.TensorProto, path: Path, location: str) -> int:
