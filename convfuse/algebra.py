@@ -117,16 +117,6 @@ def _f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def _dilate(w: np.ndarray, dilation: Sequence[int]) -> np.ndarray:
-    """Insert ``d - 1`` zero taps between taps on each spatial dimension of ``w[.., .., *k]``."""
-    if all(d == 1 for d in dilation):
-        return w
-    k = w.shape[2:]
-    out = np.zeros((*w.shape[:2], *[d * (n - 1) + 1 for n, d in zip(k, dilation)]), dtype=w.dtype)
-    out[(slice(None), slice(None), *[slice(None, None, d) for d in dilation])] = w
-    return out
-
-
 def _ungroup(w: np.ndarray, groups: int, target: int) -> np.ndarray:
     """Re-express a ``groups``-grouped weight as ``target``-grouped (``target`` divides ``groups``).
 
@@ -313,7 +303,9 @@ def _tap_products(a: ConvSpec, b: ConvSpec, g: int, size: tuple[int, ...]) -> np
     group of ``a`` and one of ``b``; block ``f`` maps the inputs of ``a``'s group ``f // rb`` to
     the outputs of ``b``'s group ``f // ra``. One batched matrix product gives every block's
     ``[Co/gB * KB, Ci/gA * KA]`` products; they are then added into ``C`` one tap of the smaller
-    kernel at a time (a strided window per tap). Returns ``C[Co, Ci/g, *size]``.
+    kernel at a time (a strided window per tap). With one fine block and a pointwise side (conv
+    then 1x1, 1x1 then conv, BN-free chains of equal groups) the product is laid out as ``C``
+    already. Returns ``C[Co, Ci/g, *size]``.
     """
     n = a.ndim
     ra, rb = a.groups // g, b.groups // g
@@ -323,6 +315,22 @@ def _tap_products(a: ConvSpec, b: ConvSpec, g: int, size: tuple[int, ...]) -> np
     cf = a.out_channels // (g * fine)  # middle channels per fine block
     co_b = b.out_channels // b.groups  # outputs per group of b
     ci_a = a.in_channels // a.groups  # inputs per group of a
+    step_a = a.dilation
+    step_b = tuple(d * s for d, s in zip(b.dilation, a.stride))
+    if fine == 1 and (pa == 1 or pb == 1):  # a pointwise side: one matrix product, no tap loop
+        wa1 = _f64(a.weight).reshape(g, cf, ci_a, pa)
+        wb1 = _f64(b.weight).reshape(g, co_b, cf, pb)
+        if pb == 1:  # C[o, i, ta] = B[o, :] @ A[:, i, ta]
+            taps = np.matmul(wb1[..., 0], wa1.reshape(g, cf, ci_a * pa)).reshape(g, co_b, ci_a, *ka)
+            step = step_a
+        else:  # C[o, i, tb] = A[:, i]^T @ B[o, :, tb], batched over o: the result is in place
+            taps = np.matmul(wa1[..., 0].transpose(0, 2, 1)[:, None], wb1).reshape(g, co_b, ci_a, *kb)
+            step = step_b
+        if all(x == 1 for x in step):
+            return taps.reshape(b.out_channels, ci_a, *size)
+        out = np.zeros((g, co_b, ci_a, *size))
+        out[(slice(None),) * 3 + tuple(slice(None, None, x) for x in step)] = taps
+        return out.reshape(b.out_channels, ci_a, *size)
     wa = _f64(a.weight).reshape(g, fine, cf, ci_a * pa)  # rows of fine block f of coarse group q
     wb = _f64(b.weight).reshape(g, rb, co_b, ra, cf, pb)
     # B's block for f: [g, co_b, cf, KB] -> [g, co_b * KB, cf]; batched over (f, g).
@@ -341,8 +349,6 @@ def _tap_products(a: ConvSpec, b: ConvSpec, g: int, size: tuple[int, ...]) -> np
         for f in range(fine):
             q[:, f // ra, :, f // rb] += prods[f].transpose(0, 1, 3, 2, 4)
     q = q.reshape(g, rb * co_b, ra * ci_a, *kb, *ka)
-    step_a = a.dilation
-    step_b = tuple(d * s for d, s in zip(b.dilation, a.stride))
     out = np.zeros((g, rb * co_b, ra * ci_a, *size))
     lead = (slice(None),) * 3
     if pb <= pa:  # one strided window of A's taps per tap of B
@@ -534,16 +540,15 @@ def _union_window(specs: Sequence[ConvSpec], what: str) -> _Window | Decline:
     return _Window(begin, end, size, modes.pop() if modes else "zeros")
 
 
-def _embed(spec: ConvSpec, window: _Window, groups: int) -> np.ndarray:
-    """``spec``'s weight as dense taps in the union window, ``groups``-grouped, float64."""
-    w = _dilate(_ungroup(_f64(spec.weight), spec.groups, groups), spec.dilation)
-    out = np.zeros((*w.shape[:2], *window.size))
+def _embed(out: np.ndarray, spec: ConvSpec, window: _Window, groups: int) -> None:
+    """Add ``spec``'s weight, ``groups``-grouped, into ``out`` (float64, dense taps of the union
+    window): tap ``j`` reads offset ``-b + j*d``, a strided window of ``out`` (no dilated copy)."""
+    w = _ungroup(spec.weight, spec.groups, groups)
     index = [slice(None), slice(None)]
-    for i, (b, _) in enumerate(spec.pads):
+    for i, ((b, _), d) in enumerate(zip(spec.pads, spec.dilation)):
         start = window.begin[i] - b  # offset -b in a window starting at -begin
-        index.append(slice(start, start + w.shape[i + 2]))
-    out[tuple(index)] = w
-    return out
+        index.append(slice(start, start + d * (w.shape[i + 2] - 1) + 1, d))
+    out[tuple(index)] += w
 
 
 def add(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
@@ -567,9 +572,9 @@ def add(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
     too_big = _too_large(specs[0].out_channels * specs[0].in_channels // g * math.prod(window.size), "the sum")
     if too_big:
         return too_big
-    weight = _embed(specs[0], window, g)
-    for s in specs[1:]:
-        weight += _embed(s, window, g)
+    weight = np.zeros((specs[0].out_channels, specs[0].in_channels // g, *window.size))
+    for s in specs:
+        _embed(weight, s, window, g)
     bias = None
     if any(s.bias is not None for s in specs):
         bias = np.sum([_f64(s.bias_or_zeros()) for s in specs], axis=0)
@@ -597,7 +602,11 @@ def concat(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
     too_big = _too_large(co * specs[0].in_channels * math.prod(window.size), "the concatenation")
     if too_big:
         return too_big
-    weight = np.concatenate([_embed(s, window, 1) for s in specs], axis=0)
+    weight = np.zeros((co, specs[0].in_channels, *window.size))
+    row = 0
+    for s in specs:
+        _embed(weight[row : row + s.out_channels], s, window, 1)
+        row += s.out_channels
     bias = None
     if any(s.bias is not None for s in specs):
         bias = np.concatenate([_f64(s.bias_or_zeros()) for s in specs])

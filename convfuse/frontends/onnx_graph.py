@@ -40,7 +40,7 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import LoadedModel, check_model, load_model
-from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, conv_macs, conv_node, label, read_linear, unread_nodes
+from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, NewTensor, conv_macs, conv_node, label, read_linear, unread_nodes
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -475,7 +475,8 @@ def _merge_run(
                 declines.append(([op.node for op in seg_ops], built))
                 continue
             new_node, initializers = built
-            graph.initializer.extend(initializers)
+            for tensor in initializers:
+                tensor.write(graph.initializer)
             state.created.update(t.name for t in initializers)
             rewrite.replace[id(seg_ops[-1].node)] = [new_node]
             rewrite.removed.update(id(op.node) for op in seg_ops)
@@ -666,7 +667,7 @@ def _rewrite_sum(
             ([root], Decline(Reason.UNSUPPORTED, "opset < 7: rebuilding a partial sum needs broadcasting Add"))
         )
         return
-    built: list[tuple[_GroupPlan, onnx.NodeProto, list[onnx.TensorProto]]] = []
+    built: list[tuple[_GroupPlan, onnx.NodeProto, list[NewTensor]]] = []
     for p in plans:
         first_conv = next(op for chain in p.chains for op in chain if op.is_conv)
         assert first_conv.elem_type is not None and p.plan.spec is not None
@@ -697,7 +698,8 @@ def _rewrite_sum(
         new_nodes.append(helper.make_node("Add", [acc, term], [y], name=node_name))
         acc = y
     for p, node, initializers in built:
-        graph.initializer.extend(initializers)
+        for tensor in initializers:
+            tensor.write(graph.initializer)
         state.created.update(t.name for t in initializers)
         chains = p.chains
         forms = ", ".join("+".join(op.kind for op in chain) or "identity" for chain in chains)

@@ -33,6 +33,7 @@ __all__ = [
     "read_linear",
     "label",
     "conv_node",
+    "NewTensor",
     "unread_nodes",
 ]
 
@@ -537,8 +538,9 @@ def conv_node(
     y: str,
     elem_type: int,
     fresh: Callable[[str], str],
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | Decline:
-    """One ``Conv`` node computing ``spec`` from ``x`` into ``y``, with explicit pads.
+) -> tuple[onnx.NodeProto, list[NewTensor]] | Decline:
+    """One ``Conv`` node computing ``spec`` from ``x`` into ``y``, with explicit pads, and the
+    initializers it reads (:class:`NewTensor`: written into the graph by the caller).
 
     Weights are cast to ``elem_type`` once, here; an all-zero bias is left out (adding zero is
     exact). A weight that does not fit the type (float16 overflow) is a decline.
@@ -552,11 +554,11 @@ def conv_node(
     if not bool(np.isfinite(weight).all()) or (bias is not None and not bool(np.isfinite(bias).all())):
         return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
     w_name = fresh(f"{name}.weight")
-    initializers = [_initializer(weight, w_name, elem_type)]
+    initializers = [NewTensor(w_name, weight, elem_type)]
     inputs = [x, w_name]
     if bias is not None:
         b_name = fresh(f"{name}.bias")
-        initializers.append(_initializer(bias, b_name, elem_type))
+        initializers.append(NewTensor(b_name, bias, elem_type))
         inputs.append(b_name)
     node = helper.make_node(
         "Conv",
@@ -572,11 +574,21 @@ def conv_node(
     return node, initializers
 
 
-def _initializer(array: np.ndarray, name: str, elem_type: int) -> onnx.TensorProto:
-    """A tensor holding ``array``'s bytes as raw data: one copy into the protobuf, no other."""
-    tensor = onnx.TensorProto(name=name, data_type=elem_type, dims=array.shape)
-    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-    return tensor
+@dataclass(frozen=True, eq=False)
+class NewTensor:
+    """An initializer a merge writes: its values in the model's dtype, not yet in protobuf."""
+
+    name: str
+    array: np.ndarray
+    elem_type: int
+
+    def write(self, initializers: Any) -> None:
+        """Append to ``graph.initializer``, built in place: protobuf copies a message on append."""
+        tensor = initializers.add()
+        tensor.name = self.name
+        tensor.data_type = self.elem_type
+        tensor.dims.extend(self.array.shape)
+        tensor.raw_data = self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def conv_macs(weight_dims: Sequence[int], out_dims: Dims | None) -> int | None:
