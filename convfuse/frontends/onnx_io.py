@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
@@ -359,7 +359,7 @@ def stage_model(
             else:
                 tmp_data.unlink()
         else:
-            _write_bytes(tmp_model, model.SerializeToString())
+            _write_model(tmp_model, model)
         renames.append((tmp_model, target))
     except BaseException as exc:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -509,8 +509,81 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _split(message: Any, number: int) -> tuple[Any, Any]:
+    """Two messages of ``message``'s type: its fields numbered below ``number``, and above."""
+    head, tail = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        if field.number == number:
+            continue
+        target = head if field.number < number else tail
+        if _repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+    return head, tail
+
+
+#: Field numbers of ``ModelProto.graph`` and ``GraphProto.initializer`` (onnx.proto).
+_GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5
+
+
+def _model_pieces(model: onnx.ModelProto) -> Iterator[bytes] | None:
+    """``model.SerializeToString()`` as a sequence of pieces, one initializer at a time, so that
+    no serialised copy of the whole model is ever held (and upb's encoder does not grow one
+    buffer across all the weights). Fields are written in field-number order, as protobuf does,
+    so the bytes are the same; ``None`` when the model or its graph holds fields this protobuf
+    does not know (they would be lost): the caller serialises in one piece. (``ByteSize`` of a
+    message serialises it in upb, so sizes are taken of the pieces, never of the model.)"""
+    if not model.HasField("graph") or _has_unknown_fields(model) or _has_unknown_fields(model.graph):
+        return None
+    head, tail = _split(model, _GRAPH_FIELD)
+    g_head, g_tail = _split(model.graph, _INITIALIZER_FIELD)
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    g_size = g_head.ByteSize() + g_tail.ByteSize() + sum(1 + len(_varint(n)) + n for n in sizes)
+    tag_graph, tag_init = bytes([_GRAPH_FIELD << 3 | 2]), bytes([_INITIALIZER_FIELD << 3 | 2])
+
+    def pieces() -> Iterator[bytes]:
+        yield head.SerializeToString()
+        yield tag_graph + _varint(g_size)
+        yield g_head.SerializeToString()
+        for tensor, n in zip(model.graph.initializer, sizes):
+            yield tag_init + _varint(n)
+            yield tensor.SerializeToString()
+        yield g_tail.SerializeToString()
+        yield tail.SerializeToString()
+
+    return pieces()
+
+
+def _has_unknown_fields(message: Any) -> bool:
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # an older protobuf: assume there may be some
+        return True
+    return len(UnknownFieldSet(message)) > 0
+
+
+def _write_model(path: Path, model: onnx.ModelProto) -> None:
+    """Write ``model`` serialised to ``path``: streamed where :func:`_model_pieces` can."""
+    pieces = _model_pieces(model)
+    _write_bytes(path, model.SerializeToString() if pieces is None else pieces)
+
+
+def _write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or pieces written in turn) to ``path`` and sync it to disk."""
     with open(path, "wb") as f:
-        f.write(data)
+        for piece in [data] if isinstance(data, bytes) else data:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
