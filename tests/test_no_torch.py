@@ -86,3 +86,16 @@ def test_blocker_is_what_hides_torch() -> None:
     assert seen.stdout.strip() == "True"
     hidden = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(True), timeout=300)
     assert hidden.returncode != 0 and "hidden by tests/no_torch" in hidden.stderr
+
+
+def test_import_convfuse_loads_torch_only_for_a_torch_api() -> None:
+    """With torch installed: ``import convfuse`` and the CLI import no torch; ``convfuse.fuse`` does."""
+    code = (
+        "import sys, convfuse, convfuse_cli.main\n"
+        "before = 'torch' in sys.modules\n"
+        "convfuse.fuse\n"
+        "print(before, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(False), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
