@@ -377,14 +377,18 @@ def _repeated(field: Any) -> bool:
 def _copy_fields(dst: Any, src: Any, skip: frozenset[str]) -> None:
     """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
     for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        if _repeated(field):
-            getattr(dst, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
+        if field.name not in skip:
+            _set_field(dst, field, value)
+
+
+def _set_field(dst: Any, field: Any, value: Any) -> None:
+    """Set ``field`` of message ``dst`` to ``value`` (a copy: protobuf never shares)."""
+    if _repeated(field):
+        getattr(dst, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
 
 
 _DATA_FIELDS = frozenset(
@@ -522,15 +526,8 @@ def _split(message: Any, number: int) -> tuple[Any, Any]:
     """Two messages of ``message``'s type: its fields numbered below ``number``, and above."""
     head, tail = type(message)(), type(message)()
     for field, value in message.ListFields():
-        if field.number == number:
-            continue
-        target = head if field.number < number else tail
-        if _repeated(field):
-            getattr(target, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
+        if field.number != number:
+            _set_field(head if field.number < number else tail, field, value)
     return head, tail
 
 
