@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -18,7 +21,7 @@ from convfuse.report import Report
 
 from .options import EXIT_BAD_INPUT
 
-__all__ = ["fail", "load", "fuse", "emit", "LARGE_BYTES", "LARGE_NODES"]
+__all__ = ["fail", "load", "fuse", "emit", "use_colour", "LARGE_BYTES", "LARGE_NODES"]
 
 #: Models this big get progress messages on stderr.
 LARGE_BYTES = 50 * 2**20
@@ -94,13 +97,34 @@ def fuse(
     return loaded, fused, report, progress
 
 
-def emit(report: Report, as_json: bool, extra: dict[str, Any] | None = None, lines: tuple[str, ...] = ()) -> None:
-    """Print the report: text with ``lines`` after it, or JSON with ``extra`` keys (only JSON)."""
+def use_colour(stream: Any = None) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org)."""
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def _width() -> int:
+    """80 columns, or fewer on a narrower terminal."""
+    return max(40, min(80, shutil.get_terminal_size((80, 24)).columns))
+
+
+def emit(
+    report: Report,
+    as_json: bool,
+    extra: dict[str, Any] | None = None,
+    lines: tuple[str, ...] = (),
+    verbose: bool = False,
+) -> None:
+    """Print the report: the summary (or ``verbose`` listing) with ``lines`` after it, or JSON
+    with ``extra`` keys (only JSON)."""
     if as_json:
         payload = report.to_dict()
         payload.update(extra or {})
         click.echo(json.dumps(payload, indent=2))
         return
-    click.echo(report.to_text())
+    colour = use_colour()
+    text = (report.verbose if verbose else report.summary)(width=_width(), colour=colour)
+    click.echo(text, color=colour)
     for line in lines:
         click.echo(line)

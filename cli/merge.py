@@ -1,29 +1,40 @@
 """``convfuse merge MODEL.onnx [-o OUT.onnx | --in-place]``: fuse, check, write atomically, report.
 
-Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage, 3 internal error.
+Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage, 3 internal error,
+4 not verified because the input cannot be run here (nothing written without --allow-unverified).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from enum import Enum
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import click
 import onnx
 
-from convfuse.errors import ConvfuseError
+from convfuse.errors import ConvfuseError, NotRunnableError
 from convfuse.frontends.onnx_io import check_file, external_data_name, stage_model
-from convfuse.verify import verify_onnx
+from convfuse.report import Report
+from convfuse.report_html import html_page, write_page
+from convfuse.runtime import parse_shape
+from convfuse.verify import VerifyResult, verify_onnx
 
 from . import _run
 from .options import (
+    EXIT_UNVERIFIED,
     EXIT_VERIFY_FAILED,
+    allow_unverified_option,
+    html_option,
     in_place_option,
     json_option,
     model_argument,
     output_option,
     policy_option,
+    shape_option,
+    verbose_option,
     verify_option,
 )
 
@@ -42,13 +53,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _target(model: Path, output: Path | None, in_place: bool, verify: bool) -> Path:
+def _target(model: Path, output: Path | None, in_place: bool, verify: bool, allow_unverified: bool) -> Path:
     """Where to write, or exit 2 with one line: never over the input unless ``--in-place``."""
     if in_place:
         if output is not None and not _same_file(model, output):
             raise click.UsageError("give either -o/--output or --in-place, not both")
         if not verify:
             raise click.UsageError("--in-place replaces the input only after verification; drop --no-verify")
+        if allow_unverified:
+            raise click.UsageError("--in-place replaces the input only after verification; drop --allow-unverified")
         return model
     target = output if output is not None else default_output(model)
     if _same_file(model, target):
@@ -68,8 +81,12 @@ def _target(model: Path, output: Path | None, in_place: bool, verify: bool) -> P
 @output_option
 @policy_option
 @json_option
+@verbose_option
 @verify_option
+@shape_option
+@allow_unverified_option
 @in_place_option
+@html_option("When verification fails, write the failed check as one self-contained HTML page here.")
 def merge(
     model: Path,
     output: Path | None,
@@ -77,21 +94,34 @@ def merge(
     device: str,
     latency_budget: float,
     as_json: bool,
+    verbose: bool,
     verify: bool,
+    shapes: tuple[str, ...],
+    allow_unverified: bool,
     in_place: bool,
+    html_path: Path | None,
 ) -> None:
     """Merge linear runs in MODEL.onnx into single convolutions and write the fused model.
 
     Writes MODEL.fused.onnx beside the input unless -o is given. The input is never modified,
     unless --in-place asks to replace it with the verified result.
+    The fused model is checked against the input with ONNX Runtime before it is written, at the
+    input's declared shape; symbolic dims take batch 2 and two spatial sizes derived from the
+    graph (the smallest every layer accepts, and a larger one of the other parity), or --shape.
+
     Exit codes: 0 done, 1 verification failed (nothing written), 2 bad input or usage,
-    3 internal error (a bug: please report it).
+    3 internal error (a bug: please report it), 4 not verified: the input cannot be run here
+    (custom operators, or no input size it runs at), nothing written unless --allow-unverified.
     """
     try:
         check_file(model)  # the input's own problems first, before the output's
     except ConvfuseError as exc:
         _run.fail(model, exc)
-    target = _target(model, output, in_place, verify)
+    target = _target(model, output, in_place, verify, allow_unverified)
+    try:
+        shape_map = dict(parse_shape(s) for s in shapes)
+    except ConvfuseError as exc:
+        raise click.UsageError(str(exc)) from None
     loaded, fused, report, progress = _run.fuse(model, policy, device, latency_budget, keep_input=verify)
     say = progress or (lambda message: None)
     if not in_place:
@@ -115,19 +145,31 @@ def merge(
     with staged:
         if verify:
             say("verifying")
-            verdict, detail = _verify(reference, candidate)
-            report.notes.append(detail)
+            started = time.monotonic()
+            verdict, detail, result = _verify(reference, candidate, shape_map)
+            report.timings["verify"] = time.monotonic() - started
+            report.verification = detail
             if verdict is _Verdict.FAILED:
-                _run.emit(report, as_json, extra)
+                page = _page(html_path, result, report, extra)
+                _run.emit(report, as_json, extra, lines=page, verbose=verbose)
                 cause = detail.removeprefix("verified: ")
                 _run.fail(model, f"verification failed: {cause}; nothing written", EXIT_VERIFY_FAILED)
             if verdict is _Verdict.NOT_RUN:
-                if in_place:
-                    _run.emit(report, as_json, extra)
-                    _run.fail(model, f"{detail}; --in-place replaces the input only after verification", EXIT_VERIFY_FAILED)
-                click.echo(f"convfuse: warning: {model}: {detail}", err=True)
+                if in_place or not allow_unverified:
+                    _run.emit(report, as_json, extra, verbose=verbose)
+                    why = (
+                        "--in-place replaces the input only after verification"
+                        if in_place
+                        else "nothing written (--allow-unverified writes it anyway)"
+                    )
+                    _run.fail(model, f"{detail}; {why}", EXIT_UNVERIFIED)
+                click.echo(
+                    f"convfuse: warning: {model}: {detail}; written unverified (--allow-unverified): "
+                    "check it with `convfuse verify` where the input runs",
+                    err=True,
+                )
         else:
-            report.notes.append("verification skipped (--no-verify)")
+            report.verification = "verification skipped (--no-verify)"
         try:
             staged.commit()
         except ConvfuseError as exc:
@@ -137,7 +179,8 @@ def merge(
         if stale:
             report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
     extra["output"] = str(target)
-    _run.emit(report, as_json, extra, lines=(f"{'replaced' if in_place else 'wrote'} {target}",))
+    done = f"{'replaced' if in_place else 'wrote'} {target}"
+    _run.emit(report, as_json, extra, lines=(done,), verbose=verbose)
 
 
 class _Verdict(Enum):
@@ -146,25 +189,47 @@ class _Verdict(Enum):
     NOT_RUN = "not-run"  # the input itself cannot be run here (custom operators)
 
 
-def _verify(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path) -> tuple[_Verdict, str]:
-    """Whether ``candidate`` computes what ``reference`` computes (:func:`convfuse.verify.verify_onnx`
-    on CPU, two seeded random samples), and the verdict on one line. Models over 2 GiB are given
-    as file paths (ONNX Runtime loads them with their external data).
+def _page(
+    path: Path | None, result: VerifyResult | None, report: Report, extra: dict[str, object]
+) -> tuple[str, ...]:
+    """Write the failed check's HTML page to ``path`` (when given, and the check ran): the line
+    saying so, or a warning on stderr when it cannot be written (the failure stands)."""
+    if path is None or result is None:
+        return ()
+    try:
+        page = html_page(result, title="convfuse merge: verification", report_text=report.summary())
+        write_page(path, page)
+    except ConvfuseError as exc:
+        click.echo(f"convfuse: warning: {exc}", err=True)
+        return ()
+    extra["html"] = str(path)
+    return (f"error page: {path}",)
 
-    When the check cannot run, the input is tried alone: if it cannot run either (operators ONNX
-    Runtime lacks, shapes it cannot guess) the merge is not verified, which is not a failure of
-    the merge; if it can, the candidate is at fault and that is a failure.
+
+def _verify(
+    reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path, shapes: Mapping[str, Sequence[int]]
+) -> tuple[_Verdict, str, VerifyResult | None]:
+    """Whether ``candidate`` computes what ``reference`` computes (:func:`convfuse.verify.verify_onnx`
+    on CPU, two seeded random samples at each checked size, ``shapes`` for symbolic inputs),
+    the verdict on one line and the result (None when the check could not run). Models over
+    2 GiB are given as file paths (ONNX Runtime loads them with their external data).
+
+    When the input itself cannot run (operators ONNX Runtime lacks, no input size it runs at)
+    the merge is not verified, which is not a failure of the merge. When the check fails
+    otherwise, the input is tried alone: if it runs, the candidate is at fault (a failure).
     """
     try:
-        result = verify_onnx(reference, candidate)
+        result = verify_onnx(reference, candidate, shapes=shapes or None)
+    except NotRunnableError as exc:
+        return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({exc})", None
     except ConvfuseError as exc:
         try:
-            verify_onnx(reference, reference, samples=1, attribution=False)
+            verify_onnx(reference, reference, samples=1, attribution=False, shapes=shapes or None)
         except ConvfuseError as alone:
-            return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({alone}); check the output with `convfuse verify` where it runs"
-        return _Verdict.FAILED, f"verification could not run the fused model ({exc}); use --no-verify to skip"
+            return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({alone})", None
+        return _Verdict.FAILED, f"verification could not run the fused model ({exc}); use --no-verify to skip", None
     detail = result.summary()
     if not result.passed:
         detail += "; " + "; ".join(s.line() for s in result.suspects)
-        return _Verdict.FAILED, detail
-    return _Verdict.PASSED, detail
+        return _Verdict.FAILED, detail, result
+    return _Verdict.PASSED, detail, result

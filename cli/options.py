@@ -15,19 +15,25 @@ __all__ = [
     "EXIT_VERIFY_FAILED",
     "EXIT_BAD_INPUT",
     "EXIT_INTERNAL",
+    "EXIT_UNVERIFIED",
     "EXIT_INTERRUPTED",
     "model_argument",
     "output_option",
     "policy_option",
     "json_option",
+    "verbose_option",
+    "html_option",
     "verify_option",
     "in_place_option",
+    "allow_unverified_option",
+    "shape_option",
 ]
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1  # the fused model does not compute what the input computes; nothing written
 EXIT_BAD_INPUT = 2  # unreadable model, unwritable output, bad usage (click uses 2 for usage too)
 EXIT_INTERNAL = 3  # a bug in convfuse (an exception it did not expect) or out of memory; never bad input
+EXIT_UNVERIFIED = 4  # the input cannot be run here (custom operators, no size it runs at): not verified
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); nothing written
 
 # The library checks the file itself (missing, directory, empty, corrupt) so that every bad
@@ -79,6 +85,21 @@ json_option = click.option(
     help="Print the report as JSON (nothing else on stdout).",
 )
 
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="List every merge and decline, grouped by block in graph order [default: counts per kind and reason].",
+)
+
+
+def html_option(help: str) -> Callable[[_F], _F]:
+    """``--html PATH``: where to write the self-contained page of a verification (``help`` says when)."""
+    return click.option(
+        "--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="PAGE.html", help=help
+    )
+
+
 verify_option = click.option(
     "--verify/--no-verify",
     default=True,
@@ -90,4 +111,20 @@ in_place_option = click.option(
     "--in-place",
     is_flag=True,
     help="Replace MODEL.onnx with the fused model (atomically, after verification; not with -o or --no-verify).",
+)
+
+allow_unverified_option = click.option(
+    "--allow-unverified",
+    is_flag=True,
+    help="Write the fused model even where the input cannot be run here to verify it (custom "
+    "operators, no input size it runs at); otherwise that is exit 4 and nothing is written.",
+)
+
+shape_option = click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=DIMS",
+    help="Shape of an input with symbolic dims, e.g. input=1x3x224x224 (repeatable) "
+    "[default: batch 2, spatial sizes derived from the graph].",
 )

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from convfuse.errors import ConvfuseError
+from convfuse.report_html import html_page, write_page
 from convfuse.runtime import DEVICES, load_inputs, parse_shape
 from convfuse.verify import verify_onnx
+
+from .options import html_option, shape_option
 
 __all__ = ["verify"]
 
@@ -23,8 +27,7 @@ EXIT_ERROR = 2
               help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).")
 @click.option("--inputs", "inputs_file", type=click.Path(), default=None,
               help="Run on these inputs (.npz, one array per input name) instead of random ones.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS",
-              help="Shape of an input with symbolic dims, e.g. input=1x3x224x224 (repeatable).")
+@shape_option
 @click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
               help="Random input sets to run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
@@ -35,6 +38,7 @@ EXIT_ERROR = 2
 @click.option("--attribution/--no-attribution", default=True, show_default=True,
               help="On a mismatch, name the first diverging node(s) by comparing shared tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@html_option("Also write the result as one self-contained HTML page (verdict, errors, attribution, error maps).")
 @click.pass_context
 def verify(
     ctx: click.Context,
@@ -49,6 +53,7 @@ def verify(
     atol: float | None,
     attribution: bool,
     as_json: bool,
+    html_path: Path | None,
 ) -> None:
     """Check that CANDIDATE computes what REFERENCE computes (both ONNX files).
 
@@ -70,9 +75,13 @@ def verify(
             atol=atol,
             attribution=attribution,
         )
+        if html_path is not None:
+            write_page(html_path, html_page(result))
     except ConvfuseError as e:
         message = " ".join(str(e).split())
         click.echo(f"convfuse: error: {message}", err=True)
         ctx.exit(EXIT_ERROR)
     click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False) if as_json else result.to_text())
+    if html_path is not None and not as_json:
+        click.echo(f"wrote {html_path}")
     ctx.exit(result.exit_code)

@@ -12,12 +12,12 @@ near zero would otherwise demand impossible precision. Integer and bool tensors 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["CONTRAST", "DEFAULT_RTOL", "Comparison", "compare", "locate", "tolerance_for"]
+__all__ = ["CONTRAST", "DEFAULT_RTOL", "Comparison", "compare", "error_map", "locate", "tolerance_for"]
 
 #: Default relative tolerance per dtype, as a fraction of the tensor's max |reference|.
 #: Measured (16 RepVGG-style blocks, 3x3 + 1x1 + identity, merged in float64 and cast back, vs
@@ -61,6 +61,9 @@ class Comparison:
     location: str | None = None  # "border", "interior" or "everywhere" for a failing image tensor
     border_width: int | None = None  # ring width when location == "border"
     interior_max_abs_error: float | None = None  # inside that ring when location == "border"
+    #: For a failing image tensor: max |error| per spatial position over samples, batch and
+    #: channels (:func:`error_map`; inf where non-finite values disagree), else None.
+    error_map: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def max_rel_error(self) -> float:
@@ -107,13 +110,20 @@ def compare(
         bad = (diff > tol) | special_differs
         max_abs = math.inf if special_differs.any() else (float(diff.max()) if diff.size else 0.0)
     mismatched = int(np.count_nonzero(bad))
-    location = width = interior = None
-    if mismatched and spatial_from is not None:
+    location = width = interior = worst = None
+    if mismatched and spatial_from is not None and reference.ndim > spatial_from:
         error = np.where(bad & ~(diff > tol), math.inf, diff)  # non-finite disagreements count as inf
+        worst = error_map(error, spatial_from)
         location, width = locate(error, tol, spatial_from)
         if location == "border" and width is not None:
             interior = float(_interior(diff, spatial_from, width).max())
-    return Comparison(max_abs, scale, tol, mismatched, int(bad.size), location, width, interior)
+    return Comparison(max_abs, scale, tol, mismatched, int(bad.size), location, width, interior, worst)
+
+
+def error_map(error: np.ndarray, spatial_from: int) -> np.ndarray:
+    """Max of ``error`` per position of the grid of axes ``spatial_from`` onwards (over all
+    leading axes: samples, batch, channels)."""
+    return error.reshape(-1, *error.shape[spatial_from:]).max(axis=0)
 
 
 #: A border (or interior) error must be this many times the error elsewhere to be named so.
@@ -133,7 +143,7 @@ def locate(error: np.ndarray, tolerance: float, spatial_from: int) -> tuple[str 
     spatial = error.shape[spatial_from:]
     if not spatial or min(spatial) < 3:
         return None, None
-    worst = error.reshape(-1, *spatial).max(axis=0)  # per position, over samples, batch, channels
+    worst = error_map(error, spatial_from)
     failing = worst > tolerance
     if not failing.any():
         return None, None

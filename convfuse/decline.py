@@ -39,6 +39,9 @@ class Reason(str, Enum):
     DTYPE = "dtype"
     UNTRACEABLE = "untraceable"
     NOTHING_TO_MERGE = "nothing-to-merge"  # no linear op next to the layer that convfuse reads
+    # Transposed convolutions (convfuse.transpose).
+    SHIFT_NOT_CONSTANT = "shift-not-constant"  # a shift before a ConvTranspose varies over its output
+    NOT_POINTWISE = "not-pointwise"  # the conv next to a ConvTranspose is not 1x1, stride 1, unpadded
 
 
 @dataclass(frozen=True)

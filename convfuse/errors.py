@@ -21,6 +21,7 @@ __all__ = [
     "OutputError",
     "DeviceUnavailableError",
     "VerificationError",
+    "NotRunnableError",
     "TorchMissingError",
 ]
 
@@ -67,6 +68,11 @@ class DeviceUnavailableError(ConvfuseError):
 
 class VerificationError(ConvfuseError):
     """A fused model does not compute what the reference computes."""
+
+
+class NotRunnableError(InvalidModelError):
+    """The reference model cannot be run here, so nothing can be verified against it: operators
+    ONNX Runtime lacks, or no input size that every layer accepts."""
 
 
 class TorchMissingError(ConvfuseError, ImportError):

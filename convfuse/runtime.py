@@ -31,11 +31,12 @@ __all__ = [
     "bfloat16_bits",
     "bfloat16_values",
     "check_same_names",
+    "checked_dims",
     "cuda_in_ort",
     "dims_text",
+    "fits",
     "generate_inputs",
     "given_feeds",
-    "input_specs",
     "load_inputs",
     "load_for_run",
     "load_model",
@@ -244,55 +245,13 @@ def _merged_dims(ref: Port, cand: Port) -> Dims | None:
     return tuple(a if isinstance(a, int) else b for a, b in zip(ref.dims, cand.dims))
 
 
-def _fits(shape: Sequence[int], declared: Dims | None) -> bool:
+def fits(shape: Sequence[int], declared: Dims | None) -> bool:
     return declared is None or (
         len(shape) == len(declared) and all(not isinstance(d, int) or d == s for d, s in zip(declared, shape))
     )
 
 
-def input_specs(
-    reference: Sequence[Port],
-    candidate: Sequence[Port],
-    shapes: Mapping[str, Sequence[int]] | None,
-    notes: list[str],
-) -> list[InputSpec]:
-    """What to feed: declared dims of both models, ``shapes`` for the rest, else 1 (noted)."""
-    shapes = dict(shapes or {})
-    unknown = sorted(set(shapes) - {p.name for p in reference})
-    if unknown:
-        raise ConvfuseError(
-            f"shape given for {', '.join(unknown)}, which is not a model input "
-            f"(inputs: {', '.join(p.name for p in reference)})"
-        )
-    cand_by_name = {p.name: p for p in candidate}
-    specs = []
-    for port in reference:
-        declared = _checked_port(port, cand_by_name[port.name])
-        if port.name in shapes:
-            given = tuple(int(d) for d in shapes[port.name])
-            if not _fits(given, declared):
-                raise ConvfuseError(
-                    f"shape {dims_text(given)} for input '{port.name}' does not fit its declared shape "
-                    f"{dims_text(declared or ())}"
-                )
-            specs.append(InputSpec(port.name, port.dtype, given))
-            continue
-        if declared is None:
-            raise InvalidModelError(f"input '{port.name}' has no declared shape; give one with --shape")
-        symbolic = [
-            f"{axis} ({d})" if d else str(axis) for axis, d in enumerate(declared) if not isinstance(d, int)
-        ]
-        if symbolic:
-            notes.append(
-                f"input '{port.name}' has symbolic dims at axes {', '.join(symbolic)}: used 1 "
-                f"(choose with --shape {port.name}=DIMS, or shapes= in Python)"
-            )
-        shape = tuple(d if isinstance(d, int) else 1 for d in declared)
-        specs.append(InputSpec(port.name, port.dtype, shape))
-    return specs
-
-
-def _checked_port(ref: Port, cand: Port) -> Dims | None:
+def checked_dims(ref: Port, cand: Port) -> Dims | None:
     """The input's merged dims, after checking both models declare one feedable type for it."""
     if ref.elem_type != cand.elem_type:
         raise InvalidModelError(
@@ -324,7 +283,7 @@ def given_feeds(
             )
         feed = {}
         for port in reference:
-            declared = _checked_port(port, cand_by_name[port.name])
+            declared = checked_dims(port, cand_by_name[port.name])
             array = np.asarray(given[port.name])
             if port.dtype == "bfloat16" and array.dtype.kind == "f":
                 array = bfloat16_bits(array)  # floats given for a bfloat16 input: round them
@@ -333,7 +292,7 @@ def given_feeds(
                 raise ConvfuseError(
                     f"input '{port.name}' is declared {port.dtype} but the array given is {array.dtype}"
                 )
-            if not _fits(array.shape, declared):
+            if not fits(array.shape, declared):
                 raise ConvfuseError(
                     f"input '{port.name}' has shape {dims_text(array.shape)}, which does not fit its "
                     f"declared shape {dims_text(declared or ())}"
@@ -412,7 +371,7 @@ def session(model: onnx.ModelProto, device: str, what: str, path: str | None = N
     rt = ort()
     options = rt.SessionOptions()
     options.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures come back as exceptions, to become one line
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         providers.insert(0, "CUDAExecutionProvider")

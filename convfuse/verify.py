@@ -29,7 +29,8 @@ import onnx
 from . import runtime as rt
 from ._torch import LazyTorch, torch_loaded
 from .compare import Comparison, compare, tolerance_for
-from .errors import ConvfuseError, InvalidModelError
+from .errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, NotRunnableError
+from .input_plan import InputPlan
 from .runtime import InputSpec, dims_text, one_line
 
 __all__ = [
@@ -81,6 +82,17 @@ class OutputCheck:
     def tolerance(self) -> float:
         """Absolute tolerance applied: ``rtol * max|reference| + atol`` (0 when exact)."""
         return 0.0 if self.comparison is None else self.comparison.tolerance
+
+    @property
+    def error_map(self) -> np.ndarray | None:
+        """For a failing image-shaped tensor, max |error| per spatial position (over samples,
+        batch and channels); None otherwise. ``border_width`` says which ring to mark."""
+        return None if self.comparison is None else self.comparison.error_map
+
+    @property
+    def border_width(self) -> int | None:
+        """Ring width when the errors lie on the border only (:func:`convfuse.compare.locate`)."""
+        return None if self.comparison is None else self.comparison.border_width
 
     def verdict(self) -> str:
         """``ok``, or ``FAIL`` with how many elements and where."""
@@ -177,7 +189,7 @@ class VerifyResult:
     devices: tuple[str, ...]
     samples: int
     seed: int
-    inputs: tuple[InputSpec, ...] = ()
+    inputs: tuple[InputSpec, ...] = ()  # every shape run: one spec per input per checked size
     notes: tuple[str, ...] = ()
     suspects: tuple[Suspect, ...] = ()
 
@@ -202,9 +214,20 @@ class VerifyResult:
     def summary(self) -> str:
         """One line, e.g. for a merge report: verdict, worst relative error, devices, samples."""
         verdict = "matches" if self.passed else f"DIFFERS ({len(self.failed)} of {len(self.checks)} checks)"
+        at = f" at {self.inputs_text()}" if self.inputs else ""
         return (
             f"verified: candidate {verdict}; max rel err {_sci(self.max_rel_error)} on "
-            f"{', '.join(self.devices)} over {self.samples} sample{'s' if self.samples != 1 else ''}"
+            f"{', '.join(self.devices)} over {self.samples} sample{'s' if self.samples != 1 else ''}{at}"
+        )
+
+    def inputs_text(self, dtypes: bool = False) -> str:
+        """The input shapes run, each input once: ``x 2x3x4x4 and 2x3x13x13`` (with dtypes: ``x float32 ...``)."""
+        shapes: dict[tuple[str, str], list[str]] = {}
+        for spec in self.inputs:
+            shapes.setdefault((spec.name, spec.dtype), []).append(dims_text(spec.shape))
+        return ", ".join(
+            f"{name}{' ' + dtype if dtypes else ''} {' and '.join(dict.fromkeys(dims))}"
+            for (name, dtype), dims in shapes.items()
         )
 
     def to_text(self) -> str:
@@ -235,8 +258,7 @@ class VerifyResult:
         lines = [head]
         lines += ["  " + "  ".join(f"{v:<{w}}" for v, w in zip(r, widths)) + "  " + r[-1] for r in rows]
         if self.inputs:
-            fed = ", ".join(f"{i.name} {i.dtype} {dims_text(i.shape)}" for i in self.inputs)
-            lines.append(f"inputs: {fed}")
+            lines.append(f"inputs: {self.inputs_text(dtypes=True)}")
         lines += [s.line() for s in self.suspects]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(line.rstrip() for line in lines)
@@ -321,8 +343,12 @@ def verify_onnx(
     """Run two ONNX models (ModelProto or path) on the same inputs with ONNX Runtime; compare outputs.
 
     Inputs: ``inputs`` (one mapping of arrays, or a sequence of them, one per sample) or else
-    ``samples`` random sets from ``seed``, shaped by the declared dims, ``shapes`` for symbolic
-    ones (else 1, noted). On a mismatch with ``attribution`` on, :func:`attribute` names the
+    ``samples`` random sets from ``seed`` at each checked size, shaped by the declared dims,
+    ``shapes`` for symbolic ones, else :class:`~convfuse.input_plan.InputPlan`'s: batch 2, spatial
+    dims at two sizes derived from the graph (the smallest every layer accepts and a larger one of
+    the other parity; one check per output per size), confirmed by running the reference there and
+    searched upward where it does not run (noted). A reference that cannot run at all (or at any
+    size tried) raises :class:`~convfuse.errors.NotRunnableError`. On a mismatch with ``attribution`` on, :func:`attribute` names the
     regions that are wrong on their own (not for files over 2 GiB, which ONNX Runtime runs from the
     file, one model at a time). Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
     and :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
@@ -341,15 +367,15 @@ def verify_onnx(
                 f"output '{port.name}' has type {port.dtype}, which the verifier cannot compare"
             )
     devices, notes = rt.resolve_devices(device, rt.cuda_in_ort, _NO_CUDA_ORT)
+    plan: InputPlan | None = None
     if inputs is not None:
         if shapes:
             raise ConvfuseError("give either inputs or shapes, not both: the inputs fix the shapes")
-        feeds = rt.given_feeds(inputs, ref_in, cand_in)
-        notes.append(f"inputs given by the caller: {len(feeds)} sample(s), none generated")
+        groups: list[list[dict[str, np.ndarray]]] | None = [rt.given_feeds(inputs, ref_in, cand_in)]
+        notes.append(f"inputs given by the caller: {len(groups[0])} sample(s), none generated")
     else:
-        known = len(notes)
-        feeds = rt.generate_inputs(rt.input_specs(ref_in, cand_in, shapes, notes), samples, seed)
-        guessed = len(notes) > known  # symbolic dims set to 1
+        plan = InputPlan(ref_model, ref_in, cand_in, shapes)
+        groups = None  # settled on the first device, where the reference first runs
     ports = {p.name: p for p in ref_in}
     cand_dtypes = {p.name: p.dtype for p in cand_out}
     names = [p.name for p in ref_out]
@@ -361,31 +387,35 @@ def verify_onnx(
             notes.append(f"{path}: over 2 GiB, run by ONNX Runtime from the file")
     for dev in devices:
         # One model at a time: a session holds every weight, and models can be gigabytes.
-        runs = []
-        for what, model, path in (("reference", ref_model, ref_path), ("candidate", cand_model, cand_path)):
-            sess = rt.session(model, dev, what, path)
-            if isinstance(sess, rt.ReferenceSession):
-                notes.append(f"{what}: onnxruntime has no CPU kernel for an op (float64 Conv?); ran the ONNX reference evaluator")
-            try:
-                runs.append([rt.run(sess, f, ports, names, what) for f in feeds])
-            except InvalidModelError as e:
-                if inputs is None and guessed:
-                    hint = "symbolic input dims were set to 1: give sizes with --shape"
-                    raise InvalidModelError(f"{e} ({hint})") from None
-                raise
-            del sess
-        ref_runs, cand_runs = runs
+        try:
+            sess = rt.session(ref_model, dev, "reference", ref_path)
+        except DeviceUnavailableError:
+            raise
+        except InvalidModelError as e:
+            raise NotRunnableError(e.message, path=e.path) from None
+        _note_evaluator(sess, "reference", notes)
+        if groups is None:
+            assert plan is not None
+            groups, ref_runs = _settle_sizes(plan, sess, ports, names, samples, seed, notes)
+        else:
+            ref_runs = [_run_reference(sess, group, ports, names) for group in groups]
+        del sess
+        sess = rt.session(cand_model, dev, "candidate", cand_path)
+        _note_evaluator(sess, "candidate", notes)
+        cand_runs = [[rt.run(sess, f, ports, names, "candidate") for f in group] for group in groups]
+        del sess
         found = [
             _check(
                 p.name,
                 dev,
                 p.dtype,
                 cand_dtypes[p.name],
-                [r[p.name] for r in ref_runs],
-                [c[p.name] for c in cand_runs],
+                [r[p.name] for r in ref_group],
+                [c[p.name] for c in cand_group],
                 rtol,
                 atol,
             )
+            for ref_group, cand_group in zip(ref_runs, cand_runs)
             for p in ref_out
         ]
         checks += found
@@ -395,7 +425,13 @@ def verify_onnx(
                 continue
             try:
                 suspects = attribute(
-                    ref_model, cand_model, feeds=feeds, device=dev, rtol=rtol, atol=atol, notes=notes
+                    ref_model,
+                    cand_model,
+                    feeds=[f for group in groups for f in group],
+                    device=dev,
+                    rtol=rtol,
+                    atol=atol,
+                    notes=notes,
                 )
             except ConvfuseError as e:  # the mismatch stands even when attribution cannot run
                 notes.append(f"attribution failed: {e}")
@@ -405,12 +441,96 @@ def verify_onnx(
         candidate=rt.model_label(candidate),
         checks=tuple(checks),
         devices=tuple(devices),
-        samples=len(feeds),
+        samples=len(groups[0]) if groups else 0,
         seed=seed,
-        inputs=tuple(InputSpec(p.name, p.dtype, tuple(feeds[0][p.name].shape)) for p in ref_in),
+        inputs=tuple(
+            InputSpec(p.name, p.dtype, tuple(group[0][p.name].shape)) for group in groups or () for p in ref_in
+        ),
         notes=tuple(notes),
         suspects=suspects,
     )
+
+
+def _note_evaluator(sess: Any, what: str, notes: list[str]) -> None:
+    if isinstance(sess, rt.ReferenceSession):
+        note = f"{what}: onnxruntime has no CPU kernel for an op (float64 Conv?); ran the ONNX reference evaluator"
+        if note not in notes:
+            notes.append(note)
+
+
+def _run_reference(
+    sess: Any, feeds: Sequence[Mapping[str, np.ndarray]], ports: Mapping[str, rt.Port], names: Sequence[str]
+) -> list[dict[str, np.ndarray]]:
+    """The reference's outputs on ``feeds``; a failure means it cannot be run here (NotRunnableError)."""
+    try:
+        return [rt.run(sess, f, ports, names, "reference") for f in feeds]
+    except InvalidModelError as e:
+        raise NotRunnableError(e.message, path=e.path) from None
+
+
+def _settle_sizes(
+    plan: InputPlan,
+    sess: Any,
+    ports: Mapping[str, rt.Port],
+    names: Sequence[str],
+    samples: int,
+    seed: int,
+    notes: list[str],
+) -> tuple[list[list[dict[str, np.ndarray]]], list[list[dict[str, np.ndarray]]]]:
+    """Input sets per checked size, and the reference's outputs on them: each size is the plan's
+    first attempt the reference runs at with no output empty. Where the first size finds none, the reference cannot be
+    run (NotRunnableError, one line: the sizes tried and why); where only the second finds none,
+    the check runs at one size, noted."""
+    used: list[list[InputSpec]] = []
+    groups, outputs = [], []
+    for index in range(plan.sizes):
+        tried: list[tuple[list[InputSpec], str]] = []
+        chosen = empty_run = None
+        for specs in plan.attempts(index, used[0] if used else None):
+            feeds = rt.generate_inputs(specs, samples, seed)
+            try:
+                run = _run_reference(sess, feeds, ports, names)
+            except NotRunnableError as e:
+                if not plan.derived:
+                    raise
+                tried.append((specs, e.message))
+                continue
+            empty = [n for n in names if run[0][n].size == 0]
+            if empty and plan.derived:  # ONNX Runtime pools too small an input into nothing
+                tried.append((specs, f"output '{empty[0]}' of the reference is empty"))
+                empty_run = empty_run or (specs, feeds, run)
+                continue
+            chosen = (specs, feeds, run)
+            break
+        if chosen is None and empty_run is not None:
+            chosen = empty_run
+            notes.append(f"every size tried leaves an output of the reference empty: {tried[0][1]}, compared as such")
+        if chosen is not None:
+            if tried and chosen is not empty_run:
+                notes.append(
+                    f"the reference does not run at {len(tried)} size(s) the graph allows, from "
+                    f"{_shapes_text(tried[0][0])} ({tried[0][1]}): ran at {_shapes_text(chosen[0])}"
+                )
+            used.append(chosen[0])
+            groups.append(chosen[1])
+            outputs.append(chosen[2])
+            continue
+        if not tried:
+            continue  # no larger size is accepted: one check (the plan's notes say so)
+        sizes = _shapes_text(tried[0][0]) + (f" to {_shapes_text(tried[-1][0])}" if len(tried) > 1 else "")
+        cause = tried[0][1]
+        if index == 0:
+            raise NotRunnableError(
+                f"{cause} (at every input size tried: {len(tried)} from {sizes}, derived from the graph; "
+                "give sizes with --shape)"
+            )
+        notes.append(f"checked at one size only: the reference fails at every larger size tried ({sizes}): {cause}")
+    notes.extend(plan.describe(used))
+    return groups, outputs
+
+
+def _shapes_text(specs: Sequence[InputSpec]) -> str:
+    return ", ".join(f"{s.name} {dims_text(s.shape)}" for s in specs)
 
 
 def attribute(
@@ -444,7 +564,7 @@ def attribute(
     cand_in, _ = rt.signature(cand_model)
     rt.check_same_names("input", ref_in, cand_in)
     if feeds is None:
-        feeds = rt.generate_inputs(rt.input_specs(ref_in, cand_in, shapes, []), samples, seed)
+        feeds = rt.generate_inputs(InputPlan(ref_model, ref_in, cand_in, shapes).first(), samples, seed)
     ref_graph, cand_graph = ref_model.graph, cand_model.graph
     ref_producers, cand_producers = _producers(ref_graph), _producers(cand_graph)
 

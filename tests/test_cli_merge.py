@@ -58,8 +58,9 @@ def test_merge_writes_beside_the_input_and_keeps_the_input(tmp_path: Path) -> No
     assert list(fused.opset_import) == list(original.opset_import)
     assert list(fused.metadata_props) == list(original.metadata_props)
     text = result.stdout
-    for word in ("Conv", "BatchNormalization", "Add", "parameters", "MACs", "merged sum", "wrote"):
+    for word in ("Conv", "BatchNormalization", "Add", "parameters", "MACs", "wrote"):
         assert word in text
+    assert "merged  conv+bn 2, sum of branches 1" in text  # one line per merge kind, with its count
     assert "verified: candidate matches; max rel err" in text
 
 
@@ -97,8 +98,8 @@ def _break_first_conv(fused: onnx.ModelProto) -> None:
     init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
 
 
-def test_failed_verification_exits_1_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    src = _model_file(tmp_path)
+def break_merges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``convfuse merge`` fuse subtly wrongly (:func:`_break_first_conv` on every result)."""
     real_fuse = merge_module._run.fuse_onnx
 
     def wrong_fuse(model, **kwargs):  # type: ignore[no-untyped-def]
@@ -107,6 +108,11 @@ def test_failed_verification_exits_1_and_writes_nothing(tmp_path: Path, monkeypa
         return fused, report
 
     monkeypatch.setattr(merge_module._run, "fuse_onnx", wrong_fuse)
+
+
+def test_failed_verification_exits_1_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _model_file(tmp_path)
+    break_merges(monkeypatch)
     result = _invoke("merge", str(src))
     assert result.exit_code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

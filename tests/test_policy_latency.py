@@ -88,7 +88,7 @@ def test_onnx_chain_merged_when_measured_faster() -> None:
     fused, report = _fuse_onnx(_chain_model(), timer)
     assert ops(fused)["Conv"] == 1 and not report.declines
     assert report.merges[0].latency == (FAST.original, FAST.merged)
-    assert "latency 2 ms -> 1 ms" in report.to_text()
+    assert "latency 2 ms -> 1 ms" in report.merges[0].line()
     assert json.loads(report.to_json())["merges"][0]["latency_ms"] == {"before": 2.0, "after": 1.0}
     # The timer saw the layers as they stand and the model's static input shape.
     assert timer.calls[0].input_shape == (1, 8, 10, 10)

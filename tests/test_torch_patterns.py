@@ -475,7 +475,7 @@ def test_report_contents() -> None:
     assert report.before.macs > report.after.macs > 0
     assert any("relative output error" in n for n in report.notes)
     text = report.to_text()
-    assert "merged sum" in text and "not-profitable" in text and "MACs" in text
+    assert "merged  sum of branches 1" in text and "not-profitable" in text and "MACs" in text
     data = json.loads(report.to_json())
     assert data["merges"][0]["sources"] == ["0.dense.0", "0.dense.1", "0.one.0", "0.one.1", "0.identity"]
     assert data["declines"][0]["reason"] == "not-profitable"

@@ -196,20 +196,33 @@ def test_command_line_merges_the_rest_and_verifies(tmp_path: Path, case: str) ->
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
 
 
-def test_model_onnx_runtime_cannot_run_is_written_with_a_warning(tmp_path: Path) -> None:
-    """A custom-domain operator: the merge cannot be verified here, which is said, not hidden;
+def test_model_onnx_runtime_cannot_run_is_not_written_unless_allowed(tmp_path: Path) -> None:
+    """A custom-domain operator: the merge cannot be verified here, which is said, not hidden:
+    exit 4 with one line and nothing written; --allow-unverified writes it with a warning;
     --in-place refuses to replace the input unverified."""
     src = tmp_path / "custom.onnx"
     onnx.save_model(_unknown_domain(), src)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    result = CliRunner().invoke(main, ["merge", str(src)], catch_exceptions=False)
+    refused = CliRunner().invoke(main, ["merge", str(src)], catch_exceptions=False)
+    assert refused.exit_code == 4, refused.output
+    line = refused.stderr.strip()
+    assert line.startswith(f"convfuse: error: {src}: not verified: the input model cannot be run here")
+    assert "\n" not in line and "FancyOp" in line and line.endswith("nothing written (--allow-unverified writes it anyway)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
+    assert "kept    unsupported 1: " in refused.stdout  # the report still prints (-v gives the reason in full)
+
+    result = CliRunner().invoke(main, ["merge", str(src), "--allow-unverified"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     warning = result.stderr.strip()
     assert warning.startswith(f"convfuse: warning: {src}: not verified: the input model cannot be run here")
-    assert "\n" not in warning and "FancyOp" in warning
+    assert "\n" not in warning and "FancyOp" in warning and "written unverified (--allow-unverified)" in warning
     assert (tmp_path / "custom.fused.onnx").exists()
-    assert "unsupported: 1 FancyOp node(s) of operator domain 'com.example'" in result.stdout
+    assert "kept    unsupported 1: " in result.stdout  # the summary counts it; -v says why
+    listed = CliRunner().invoke(main, ["inspect", "-v", str(src)], catch_exceptions=False)
+    assert "unsupported: 1 FancyOp node(s) of operator domain 'com.example'" in " ".join(listed.stdout.split())
     in_place = CliRunner().invoke(main, ["merge", str(src), "--in-place"], catch_exceptions=False)
-    assert in_place.exit_code == 1
+    assert in_place.exit_code == 4
     assert "--in-place replaces the input only after verification" in in_place.stderr
+    both = CliRunner().invoke(main, ["merge", str(src), "--in-place", "--allow-unverified"], catch_exceptions=False)
+    assert both.exit_code == 2 and "drop --allow-unverified" in both.stderr
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest

@@ -15,7 +15,7 @@ from onnx import TensorProto
 
 from . import verify_models as vm
 from convfuse import runtime, verify
-from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError
+from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, NotRunnableError
 from convfuse.testing import assert_equivalent
 from convfuse.compare import DEFAULT_RTOL, compare, locate, tolerance_for
 from convfuse.runtime import (
@@ -334,26 +334,34 @@ def test_float16_conv_merge_passes_under_the_float16_tolerance() -> None:
     assert result.checks[0].dtype == "float16" and 1e-4 < result.checks[0].max_rel_error < 1e-2
 
 
-def test_symbolic_dims_default_to_one_with_a_note() -> None:
+def test_symbolic_dims_are_derived_from_the_graph_with_a_note() -> None:
+    """Batch 2; two 3x3 pad-1 convs run at 1, and every tap meets data from 3: sizes 1 and 4."""
     ref = vm.padded_chain(dims=["N", 3, "H", "W"])
     result = verify_onnx(ref, ref)
     assert result.passed
-    assert result.inputs == (("x", "float32", (1, 3, 1, 1)),)
+    assert result.inputs == (("x", "float32", (2, 3, 1, 1)), ("x", "float32", (2, 3, 4, 4)))
+    assert [c.shape for c in result.checks] == [(2, 6, 1, 1), (2, 6, 4, 4)]
     (note,) = [n for n in result.notes if "symbolic" in n]
     assert note == (
-        "input 'x' has symbolic dims at axes 0 (N), 2 (H), 3 (W): used 1 "
-        "(choose with --shape x=DIMS, or shapes= in Python)"
+        "input 'x' has symbolic dims at axes 0 (N), 2 (H), 3 (W): ran at 2x3x1x1 and 2x3x4x4 "
+        "(axis 0: 2 (batch); axes 2, 3: derived from the graph, the smallest size every layer accepts "
+        "and a larger one of the other parity; choose with --shape x=DIMS, or shapes= in Python)"
     )
+    assert result.summary().endswith("over 2 samples at x 2x3x1x1 and 2x3x4x4")
+    assert "inputs: x float32 2x3x1x1 and 2x3x4x4" in result.to_text()
 
 
-def test_symbolic_dims_too_small_at_1_are_an_error_with_a_hint() -> None:
+def test_symbolic_dims_too_small_at_1_run_at_the_derived_sizes() -> None:
+    """Twin of the old default (every symbolic dim 1), at which ONNX Runtime cannot run a valid conv."""
     ref = vm.unpadded_chain()
     for v in ref.graph.input[0].type.tensor_type.shape.dim[2:]:
         v.dim_param = "S"
     ref.graph.output[0].type.tensor_type.shape.Clear()
-    with pytest.raises(InvalidModelError, match="failed to run the reference.*give sizes with --shape"):
-        verify_onnx(ref, ref)
-    assert verify_onnx(ref, ref, shapes={"x": (1, 3, 9, 9)}).passed
+    result = verify_onnx(ref, ref)
+    assert result.passed and result.inputs == (("x", "float32", (1, 3, 3, 3)), ("x", "float32", (1, 3, 4, 4)))
+    with pytest.raises(NotRunnableError, match="failed to run the reference"):
+        verify_onnx(ref, ref, shapes={"x": (1, 3, 2, 2)})  # a given size is used as given
+    assert verify_onnx(ref, ref, shapes={"x": (1, 3, 9, 9)}).inputs == (("x", "float32", (1, 3, 9, 9)),)
 
 
 def test_symbolic_dims_take_the_given_shape() -> None:
@@ -510,7 +518,7 @@ def test_result_text_and_dict() -> None:
     assert result.summary().startswith("verified: candidate DIFFERS (1 of 1 checks); max rel err")
     same = verify_onnx(vm.padded_chain(), vm.padded_chain())
     assert same.to_text().startswith("PASS: ")
-    assert same.summary() == "verified: candidate matches; max rel err 0.0e+00 on cpu over 2 samples"
+    assert same.summary() == "verified: candidate matches; max rel err 0.0e+00 on cpu over 2 samples at x 1x3x16x16"
 
 
 def test_verify_rejects_a_mixed_pair() -> None:

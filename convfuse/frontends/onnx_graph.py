@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -40,7 +41,18 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import LoadedModel, check_model, load_model
-from .onnx_nodes import FLOAT_TYPES, Dims, LinearOp, NewTensor, conv_macs, conv_node, label, read_linear, unread_nodes
+from .onnx_nodes import (
+    FLOAT_TYPES,
+    Dims,
+    LinearOp,
+    NewTensor,
+    conv_macs,
+    conv_node,
+    label,
+    mark_merged,
+    read_linear,
+    unread_nodes,
+)
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -475,6 +487,8 @@ def _merge_run(
                 declines.append(([op.node for op in seg_ops], built))
                 continue
             new_node, initializers = built
+            kind = "+".join(op.kind for op in seg_ops)
+            mark_merged(new_node, kind, [op.node for op in seg_ops])
             for tensor in initializers:
                 tensor.write(graph.initializer)
             state.created.update(t.name for t in initializers)
@@ -483,7 +497,7 @@ def _merge_run(
             state.merges += 1
             note = "; ".join(n for n in (_chain_note(seg_ops, specs[seg.start : seg.stop]), seg.note) if n)
             state.report.merged(
-                "+".join(op.kind for op in seg_ops),
+                kind,
                 [label(op.node) for op in seg_ops],
                 name,
                 seg.before,
@@ -704,6 +718,7 @@ def _rewrite_sum(
         chains = p.chains
         forms = ", ".join("+".join(op.kind for op in chain) or "identity" for chain in chains)
         assert p.plan.spec is not None
+        mark_merged(node, "sum", [op.node for chain in chains for op in chain] + tree)
         state.merges += 1
         state.report.merged(
             "sum",
@@ -903,7 +918,16 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
                 walk(sub, dims)
 
     walk(model.graph, {})
-    return ModelStats(dict(counts), totals["params"], None if totals["unknown"] else totals["macs"])
+    macs = None if totals["unknown"] else totals["macs"]
+    return ModelStats(dict(counts), totals["params"], macs, _size(model))
+
+
+def _size(model: onnx.ModelProto) -> int | None:
+    """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB)."""
+    try:
+        return int(model.ByteSize())
+    except Exception:  # protobuf refuses messages over 2 GiB
+        return None
 
 
 def _summarise(report: Report) -> None:
@@ -962,14 +986,17 @@ def fuse_onnx(
     else:
         fused = onnx.ModelProto()
         fused.CopyFrom(source)
+    started = time.monotonic()
     say("inferring shapes")
     shapes, note = infer_shapes(fused)
     report = Report()
     report.before = model_stats(fused, shapes)
+    report.positions = {label(node): i for i, node in enumerate(fused.graph.node)}
     state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")
     report.after = model_stats(fused, infer_shapes(fused)[0])
+    report.timings["fuse"] = time.monotonic() - started
     _summarise(report)
     if note:
         report.notes.append(note)

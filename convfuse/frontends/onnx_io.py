@@ -36,6 +36,7 @@ __all__ = [
     "stage_model",
     "StagedModel",
     "external_data_name",
+    "node_attributes",
 ]
 
 #: Largest serialised protobuf (2 GiB - 1); bigger models keep their tensors in a data file.
@@ -584,3 +585,12 @@ def _write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
             f.write(piece)
         f.flush()
         os.fsync(f.fileno())
+
+
+def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name as Python values (strings decoded)."""
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        out[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return out

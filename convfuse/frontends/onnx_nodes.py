@@ -23,7 +23,9 @@ from onnx import helper, numpy_helper
 
 from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
 from ..decline import Decline, Reason
+from ..provenance import Provenance, describe
 from ..spec import ConvSpec, InvalidSpecError, same_pads
+from .onnx_io import node_attributes as _attrs
 
 __all__ = [
     "FLOAT_TYPES",
@@ -34,6 +36,8 @@ __all__ = [
     "label",
     "conv_node",
     "NewTensor",
+    "mark_merged",
+    "merged_from",
     "unread_nodes",
 ]
 
@@ -107,14 +111,6 @@ class LinearOp:
 def label(node: onnx.NodeProto) -> str:
     """How reports name a node: its name, or its op type and first output when it has none."""
     return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for attr in node.attribute:
-        value = helper.get_attribute_value(attr)
-        out[attr.name] = value.decode() if isinstance(value, bytes) else value
-    return out
 
 
 def _refuse(node: onnx.NodeProto, kind: str, x: str, reason: Reason, message: str) -> LinearOp:
@@ -589,6 +585,29 @@ class NewTensor:
         tensor.data_type = self.elem_type
         tensor.dims.extend(self.array.shape)
         tensor.raw_data = self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def mark_merged(node: onnx.NodeProto, detail: str, sources: Sequence[onnx.NodeProto]) -> None:
+    """Record on the merged ``node`` the merge kind and the original nodes it replaces, in its
+    ``metadata_props`` and ``doc_string`` (:mod:`convfuse.provenance`). A source that is itself
+    a merged node contributes the nodes it replaced."""
+    pairs: list[tuple[str, str]] = []
+    for source in sources:
+        earlier = merged_from(source)
+        pairs += earlier.sources if earlier is not None else [(label(source), source.op_type)]
+    provenance = Provenance(detail, tuple(dict.fromkeys(pairs)))
+    props = provenance.properties()
+    kept = [(e.key, e.value) for e in node.metadata_props if e.key not in props]
+    del node.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        entry = node.metadata_props.add()
+        entry.key, entry.value = key, value
+    node.doc_string = describe(provenance)
+
+
+def merged_from(node: onnx.NodeProto) -> Provenance | None:
+    """What :func:`mark_merged` recorded on ``node``, or ``None`` for a node convfuse did not write."""
+    return Provenance.from_properties({e.key: e.value for e in node.metadata_props})
 
 
 def conv_macs(weight_dims: Sequence[int], out_dims: Dims | None) -> int | None:

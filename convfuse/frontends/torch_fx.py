@@ -51,7 +51,7 @@ from .torch_ir import (
     reduce_region,
     region_info,
 )
-from .torch_layers import conv_from_spec
+from .torch_layers import conv_from_spec, layer_types, mark_provenance
 from .torch_rules import UNKNOWN, Terms, Unary, call_op, has_module_rule, module_op
 
 __all__ = ["fuse", "fuse_with_report"]
@@ -593,7 +593,9 @@ def _write_run(
                 merges.append((-1, piece))
                 continue
             merges.append((len(out), piece))
-            out.append((key_of[piece.sources[0]], conv_from_spec(piece.spec, piece.dtype, piece.device)))
+            types = {op.name: type(op.origin[1]).__name__ for op in steps}
+            merged = mark_provenance(conv_from_spec(piece.spec, piece.dtype, piece.device), piece.sources, piece.kind, types)
+            out.append((key_of[piece.sources[0]], merged))
         else:  # pragma: no cover - a chain has no branches
             raise AssertionError("a Sequential run reduced to branches")
 
@@ -1136,7 +1138,9 @@ class _GraphFuser:
                     self.ctx.report.merged(piece.kind, piece.sources, "(removed)", piece.before, piece.after, piece.note)
                     continue
                 target = self._new_module_name(piece.sources)
-                self.gm.add_submodule(target, conv_from_spec(piece.spec, piece.dtype, piece.device))
+                types = layer_types(self.gm, piece.sources, self.prefix)
+                merged = mark_provenance(conv_from_spec(piece.spec, piece.dtype, piece.device), piece.sources, piece.kind, types)
+                self.gm.add_submodule(target, merged)
                 value = self.graph.call_module(target, (value,))
                 self.ctx.report.merged(
                     piece.kind, piece.sources, self._name(target), piece.before, piece.after, piece.note, piece.timing

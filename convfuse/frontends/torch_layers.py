@@ -7,7 +7,8 @@ This is the torch edge of the numpy algebra: a spec holds numpy views of a layer
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..algebra import ChannelAffine
 from ..decline import Decline, Reason
+from ..provenance import Provenance
 from ..spec import ConvSpec, same_pads
 
 __all__ = [
@@ -25,7 +27,15 @@ __all__ = [
     "affine_from_batchnorm",
     "to_tensor",
     "affine_tensors",
+    "mark_provenance",
+    "layer_types",
+    "PROVENANCE_ATTR",
 ]
+
+#: The attribute of a merged module holding its :class:`~convfuse.provenance.Provenance`.
+PROVENANCE_ATTR = "convfuse_provenance"
+
+_M = TypeVar("_M", bound=nn.Module)
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -121,3 +131,49 @@ def affine_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine 
         None if bn.bias is None else bn.bias.detach(),
         bn.eps,
     )
+
+
+def mark_provenance(
+    module: _M, sources: Sequence[str], kind: str, op_types: Mapping[str, str] | None = None
+) -> _M:
+    """Record on a merged ``module`` the layers it replaces and the merge ``kind``: the
+    :data:`PROVENANCE_ATTR` attribute and a line in ``repr(module)``. ``op_types`` gives the
+    layer types the caller knows (a function call ``path:add_1`` is named ``add``). Returns
+    ``module`` (picklable and deep-copyable as before: plain data, no closures)."""
+    types = dict(op_types or {})
+
+    def op_type(name: str) -> str:
+        if name in types:
+            return types[name]
+        call = name.rpartition(":")[2] if ":" in name else ""
+        return re.sub(r"_\d+$", "", call)
+
+    provenance = Provenance(kind, tuple((name, op_type(name)) for name in sources))
+    setattr(module, PROVENANCE_ATTR, provenance)
+    module.extra_repr = _ReprWithProvenance(module)  # type: ignore[method-assign]
+    return module
+
+
+def layer_types(root: nn.Module, names: Sequence[str], prefix: str = "") -> dict[str, str]:
+    """Class names of the layers ``names`` (paths under ``prefix``) that are submodules of ``root``."""
+    found: dict[str, str] = {}
+    for name in names:
+        rel = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+        try:
+            found[name] = type(root.get_submodule(rel)).__name__
+        except AttributeError:  # a function call, or a layer outside ``root``
+            continue
+    return found
+
+
+class _ReprWithProvenance:
+    """``extra_repr`` of a merged module: its class's own, then where it came from."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> str:
+        own = type(self.module).extra_repr(self.module)
+        p: Provenance = getattr(self.module, PROVENANCE_ATTR)
+        layers = " + ".join(f"{name} ({op})" if op else name for name, op in p.sources)
+        return ", ".join(x for x in (own, f"merged {p.kind.value} from {layers}") if x)

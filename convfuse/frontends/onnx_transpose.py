@@ -1,0 +1,179 @@
+"""ONNX ``ConvTranspose`` attributes to and from :class:`~convfuse.transpose.ConvTransposeSpec`.
+
+numpy and onnx only. Every form of the padding resolves to explicit ``(begin, end)`` crops plus
+``output_padding``, following the operator definition (opset 11+), checked against ONNX Runtime:
+
+- ``NOTSET``: ``pads`` (begins then ends);  ``VALID``: no crop;
+- ``SAME_UPPER`` / ``SAME_LOWER``: output ``n * s``, so the total crop is
+  ``op + d*(k-1) + 1 - s`` (independent of ``n``); the odd element at the end for UPPER, at the
+  beginning for LOWER;
+- ``output_shape`` (``pads`` ignored): total ``s*(n-1) + op + d*(k-1) + 1 - out``, which needs a
+  static input size; split as above, with ``NOTSET`` and ``VALID`` splitting as LOWER.
+
+A negative total (an output larger than the full transposed output) is declined: ONNX Runtime
+and the ONNX reference disagree there (one pads, the other does not).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..decline import Decline, Reason
+from ..spec import InvalidSpecError
+from ..transpose import ConvTransposeSpec
+
+__all__ = ["attributes", "transpose_from_attributes", "transpose_from_node", "transpose_node"]
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes as Python values (strings decoded)."""
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        out[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return out
+
+
+def _split(total: int, extra_at_end: bool) -> tuple[int, int]:
+    small = total // 2
+    return (small, total - small) if extra_at_end else (total - small, small)
+
+
+def transpose_from_attributes(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    attrs: Mapping[str, Any],
+    x_spatial: Sequence[int | None] | None = None,
+) -> ConvTransposeSpec | Decline:
+    """The spec of ``ConvTranspose(X, weight[, bias])`` with ``attrs``, or why it cannot be read.
+
+    ``x_spatial`` is the input's spatial size where static; only ``output_shape`` needs it.
+    """
+
+    def refuse(message: str) -> Decline:
+        return Decline(Reason.UNSUPPORTED, f"ConvTranspose {message}")
+
+    if not 3 <= weight.ndim <= 5:
+        return refuse(f"weight of shape {list(weight.shape)} is not 1D, 2D or 3D")
+    n = weight.ndim - 2
+    kernel = [int(k) for k in weight.shape[2:]]
+    if list(attrs.get("kernel_shape", kernel)) != kernel:
+        return refuse(f"kernel_shape {list(attrs['kernel_shape'])} does not match weight {list(weight.shape)}")
+    strides = [int(s) for s in attrs.get("strides", [1] * n)]
+    dilations = [int(d) for d in attrs.get("dilations", [1] * n)]
+    output_padding = [int(p) for p in attrs.get("output_padding", [0] * n)]
+    if not len(strides) == len(dilations) == len(output_padding) == n:
+        return refuse(f"strides {strides}, dilations {dilations} or output_padding {output_padding} are not {n}D")
+    if min(strides) < 1 or min(dilations) < 1 or min(output_padding) < 0:
+        return refuse(f"has strides {strides}, dilations {dilations}, output_padding {output_padding} out of range")
+    auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        return refuse(f"has unknown auto_pad {auto_pad!r}")
+    extents = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    output_shape = [int(v) for v in attrs.get("output_shape", [])]
+    if output_shape:
+        output_shape = output_shape[-n:]  # exporters write spatial dims, sometimes the full shape
+        if len(output_shape) != n:
+            return refuse(f"output_shape {list(attrs['output_shape'])} is not {n}D")
+        if x_spatial is None or len(x_spatial) != n or any(v is None or v < 1 for v in x_spatial):
+            return refuse(f"output_shape {output_shape} sets its pads from the input size, which is not static here")
+        totals = [
+            s * (size - 1) + op + x - out
+            for s, size, op, x, out in zip(strides, x_spatial, output_padding, extents, output_shape)  # type: ignore[operator]
+        ]
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        totals = [op + x - s for op, x, s in zip(output_padding, extents, strides)]
+    elif auto_pad == "VALID":
+        totals = None
+        pads = ((0, 0),) * n
+    else:
+        totals = None
+        flat = [int(p) for p in attrs.get("pads", [0] * 2 * n)]
+        if len(flat) != 2 * n or min(flat) < 0:
+            return refuse(f"pads {flat} are not {2 * n} non-negative values")
+        pads = tuple((flat[i], flat[i + n]) for i in range(n))
+    if totals is not None:
+        if min(totals) < 0:
+            return refuse(
+                f"asks for an output larger than its full transposed output (total padding {totals}); "
+                "ONNX Runtime and the ONNX reference disagree on that"
+            )
+        pads = tuple(_split(total, auto_pad == "SAME_UPPER") for total in totals)
+    try:
+        return ConvTransposeSpec(
+            weight=weight,
+            bias=bias,
+            stride=tuple(strides),
+            dilation=tuple(dilations),
+            groups=int(attrs.get("group", 1)),
+            pads=pads,
+            output_padding=tuple(output_padding),
+        )
+    except InvalidSpecError as exc:
+        return refuse(str(exc))
+
+
+def transpose_from_node(
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    bias: np.ndarray | None = None,
+    x_spatial: Sequence[int | None] | None = None,
+) -> ConvTransposeSpec | Decline:
+    """:func:`transpose_from_attributes` on a ``ConvTranspose`` node's own attributes."""
+    return transpose_from_attributes(weight, bias, attributes(node), x_spatial)
+
+
+def transpose_node(
+    spec: ConvTransposeSpec,
+    *,
+    name: str,
+    x: str,
+    y: str,
+    elem_type: int,
+    fresh: Callable[[str], str],
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | Decline:
+    """One ``ConvTranspose`` node computing ``spec`` from ``x`` into ``y``, with its initializers in
+    ``elem_type``; an all-zero bias is left out.
+
+    Only ``pe - op`` matters, so the end is written as ``pads`` end ``max(pe - op, 0)`` and
+    ``output_padding`` ``max(op - pe, 0)``. ONNX Runtime (1.32, CPU) refuses ``output_padding >=
+    stride`` even where dilation is larger; a spec that needs that is declined.
+    """
+    ends = [e - op for (_, e), op in zip(spec.pads, spec.output_padding)]
+    output_padding = [max(-e, 0) for e in ends]
+    if any(op >= s for op, s in zip(output_padding, spec.stride)):
+        return Decline(
+            Reason.UNSUPPORTED,
+            f"{spec!r} extends its output by {output_padding}; ONNX Runtime needs output_padding below the "
+            f"stride {spec.stride}",
+        )
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    with np.errstate(over="ignore"):  # overflow is reported below as a decline
+        weight = spec.weight.astype(dtype)
+        bias = None if spec.bias is None or not np.any(spec.bias != 0) else spec.bias.astype(dtype)
+    if not np.isfinite(weight).all() or (bias is not None and not np.isfinite(bias).all()):
+        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    w_name = fresh(f"{name}.weight")
+    initializers = [numpy_helper.from_array(weight, w_name)]
+    inputs = [x, w_name]
+    if bias is not None:
+        b_name = fresh(f"{name}.bias")
+        initializers.append(numpy_helper.from_array(bias, b_name))
+        inputs.append(b_name)
+    node = helper.make_node(
+        "ConvTranspose",
+        inputs,
+        [y],
+        name=name,
+        kernel_shape=list(spec.kernel_size),
+        strides=list(spec.stride),
+        dilations=list(spec.dilation),
+        group=spec.groups,
+        pads=[b for b, _ in spec.pads] + [max(e, 0) for e in ends],
+        output_padding=output_padding,
+    )
+    return node, initializers

@@ -1,0 +1,97 @@
+"""Conversions between ``nn.ConvTranspose1d/2d/3d`` and :class:`~convfuse.transpose.ConvTransposeSpec`.
+
+Plumbing only; the math lives in :mod:`convfuse.transpose`. torch pads transposed convs
+symmetrically (``padding`` crops both ends, ``output_padding`` extends the end, and
+``output_padding < max(stride, dilation)``), so a spec whose crops cannot be written that way
+becomes ``Sequential(ConvTransposeNd(padding=0), Crop)``.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..spec import InvalidSpecError
+from ..transpose import ConvTransposeSpec
+
+__all__ = ["CONV_TRANSPOSE_TYPES", "Crop", "spec_from_conv_transpose", "conv_transpose_from_spec"]
+
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+ConvTransposeNd = Union[nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]
+
+
+def spec_from_conv_transpose(conv: ConvTransposeNd) -> ConvTransposeSpec:
+    """Describe a torch transposed conv (its ``output_padding`` attribute; a forward called with
+    ``output_size=`` chooses its own, which the caller must notice)."""
+    if conv.padding_mode != "zeros":  # torch refuses this itself; say so in convfuse's words
+        raise InvalidSpecError(f"{type(conv).__name__} pads in {conv.padding_mode!r} mode; only zeros exist")
+    return ConvTransposeSpec(
+        weight=conv.weight.detach().cpu().numpy(),
+        bias=None if conv.bias is None else conv.bias.detach().cpu().numpy(),
+        stride=tuple(conv.stride),
+        dilation=tuple(conv.dilation),
+        groups=conv.groups,
+        pads=tuple((int(p), int(p)) for p in conv.padding),
+        output_padding=tuple(conv.output_padding),
+    )
+
+
+class Crop(nn.Module):
+    """Drop ``begin[i]`` leading and ``end[i]`` trailing positions of spatial dim ``i``."""
+
+    def __init__(self, begin: tuple[int, ...], end: tuple[int, ...]) -> None:
+        super().__init__()
+        self.begin = tuple(begin)
+        self.end = tuple(end)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (b, e) in enumerate(zip(self.begin, self.end)):
+            if b or e:
+                axis = 2 + i
+                x = x.narrow(axis, b, x.shape[axis] - b - e)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"begin={self.begin}, end={self.end}"
+
+
+def conv_transpose_from_spec(spec: ConvTransposeSpec, device: torch.device | str | None = None) -> nn.Module:
+    """A torch module computing ``spec``: one ``ConvTransposeNd`` where torch's symmetric
+    ``padding`` and ``output_padding`` can say it, else ``Sequential(ConvTransposeNd, Crop)``.
+    Weights are copied, never shared."""
+    cls = CONV_TRANSPOSE_TYPES[spec.ndim - 1]
+    limit = [max(s, d) for s, d in zip(spec.stride, spec.dilation)]
+    # One module: padding = pb crops both ends by pb, so the end needs op' = pb - (pe - op).
+    one = [b - e + op for (b, e), op in zip(spec.pads, spec.output_padding)]
+    if all(0 <= o < m for o, m in zip(one, limit)):
+        padding, output_padding, crop = [b for b, _ in spec.pads], one, None
+    else:
+        padding = [0] * spec.ndim
+        output_padding = [max(op - e, 0) for (_, e), op in zip(spec.pads, spec.output_padding)]
+        crop = Crop(tuple(b for b, _ in spec.pads), tuple(max(e - op, 0) for (_, e), op in zip(spec.pads, spec.output_padding)))
+        if any(o >= m for o, m in zip(output_padding, limit)):
+            raise InvalidSpecError(
+                f"{spec!r} extends its output by {output_padding}, not below max(stride, dilation) = {limit} as torch needs"
+            )
+    dtype = getattr(torch, np.dtype(spec.dtype).name)
+    conv = cls(
+        spec.in_channels,
+        spec.out_channels,
+        spec.kernel_size,
+        stride=spec.stride,
+        padding=tuple(padding),
+        output_padding=tuple(output_padding),
+        groups=spec.groups,
+        bias=spec.bias is not None,
+        dilation=spec.dilation,
+        device=device,
+        dtype=dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(spec.weight)))
+        if spec.bias is not None:
+            conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(spec.bias)))
+    return conv if crop is None else nn.Sequential(conv, crop)
