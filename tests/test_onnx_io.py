@@ -184,3 +184,13 @@ def test_unknown_fields_are_written_whole_and_kept(tmp_path: Path) -> None:
     save_model(model, out)
     assert out.read_bytes() == model.SerializeToString()
     assert out.read_bytes().endswith(b"\x98\x06\x01")
+
+
+def test_serialized_size_counts_without_serialising() -> None:
+    """The report's model size, counted piece by piece, is the serialised length (unknown fields
+    included, where the whole model is measured)."""
+    model = _rich_model()
+    assert onnx_io.serialized_size(model) == len(model.SerializeToString())
+    odd = onnx.ModelProto()
+    odd.ParseFromString(model.SerializeToString() + b"\x98\x06\x01")
+    assert onnx_io.serialized_size(odd) == len(odd.SerializeToString()) == len(model.SerializeToString()) + 3

@@ -40,7 +40,7 @@ from ..plan import SumPlan, plan_chain, plan_sum
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
-from .onnx_io import LoadedModel, check_model, load_model
+from .onnx_io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size
 from .onnx_nodes import (
     FLOAT_TYPES,
     Dims,
@@ -923,11 +923,13 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
 
 
 def _size(model: onnx.ModelProto) -> int | None:
-    """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB)."""
+    """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB),
+    counted without serialising it (:func:`~convfuse.frontends.onnx_io.serialized_size`)."""
     try:
-        return int(model.ByteSize())
+        size = serialized_size(model)
     except Exception:  # protobuf refuses messages over 2 GiB
         return None
+    return size if size <= MAX_PROTOBUF else None
 
 
 def _summarise(report: Report) -> None:

@@ -536,30 +536,62 @@ def _split(message: Any, number: int) -> tuple[Any, Any]:
 _GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5
 
 
-def _model_pieces(model: onnx.ModelProto) -> Iterator[bytes] | None:
-    """``model.SerializeToString()`` as a sequence of pieces, one initializer at a time, so that
-    no serialised copy of the whole model is ever held (and upb's encoder does not grow one
-    buffer across all the weights). Fields are written in field-number order, as protobuf does,
-    so the bytes are the same; ``None`` when the model or its graph holds fields this protobuf
-    does not know (they would be lost): the caller serialises in one piece. (``ByteSize`` of a
-    message serialises it in upb, so sizes are taken of the pieces, never of the model.)"""
+@dataclass
+class _Layout:
+    """A model cut around its initializers: what :func:`_model_pieces` writes, and its size."""
+
+    head: onnx.ModelProto  # the model's fields numbered below ``graph``
+    tail: onnx.ModelProto  # and above
+    graph_head: onnx.GraphProto  # the graph's fields numbered below ``initializer``
+    graph_tail: onnx.GraphProto
+    sizes: list[int]  # serialised size of each initializer
+    graph_size: int
+
+    @property
+    def total(self) -> int:
+        return self.head.ByteSize() + 1 + len(_varint(self.graph_size)) + self.graph_size + self.tail.ByteSize()
+
+
+def _layout(model: onnx.ModelProto) -> _Layout | None:
+    """The model cut around its initializers, or ``None`` when the model or its graph holds
+    fields this protobuf does not know (cutting would lose them). ``ByteSize`` of a message
+    serialises it in upb, so sizes are taken of the pieces, never of the whole model."""
     if not model.HasField("graph") or _has_unknown_fields(model) or _has_unknown_fields(model.graph):
         return None
     head, tail = _split(model, _GRAPH_FIELD)
     g_head, g_tail = _split(model.graph, _INITIALIZER_FIELD)
     sizes = [t.ByteSize() for t in model.graph.initializer]
     g_size = g_head.ByteSize() + g_tail.ByteSize() + sum(1 + len(_varint(n)) + n for n in sizes)
+    return _Layout(head, tail, g_head, g_tail, sizes, g_size)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """``len(model.SerializeToString())``, counted one initializer at a time (no serialised copy
+    of the whole model; ``model.ByteSize()`` would make one)."""
+    layout = _layout(model)
+    return model.ByteSize() if layout is None else layout.total
+
+
+def _model_pieces(model: onnx.ModelProto) -> Iterator[bytes] | None:
+    """``model.SerializeToString()`` as a sequence of pieces, one initializer at a time, so that
+    no serialised copy of the whole model is ever held (and upb's encoder does not grow one
+    buffer across all the weights). Fields are written in field-number order, as protobuf does,
+    so the bytes are the same; ``None`` where :func:`_layout` cannot cut the model: the caller
+    serialises it in one piece."""
+    layout = _layout(model)
+    if layout is None:
+        return None
     tag_graph, tag_init = bytes([_GRAPH_FIELD << 3 | 2]), bytes([_INITIALIZER_FIELD << 3 | 2])
 
     def pieces() -> Iterator[bytes]:
-        yield head.SerializeToString()
-        yield tag_graph + _varint(g_size)
-        yield g_head.SerializeToString()
-        for tensor, n in zip(model.graph.initializer, sizes):
+        yield layout.head.SerializeToString()
+        yield tag_graph + _varint(layout.graph_size)
+        yield layout.graph_head.SerializeToString()
+        for tensor, n in zip(model.graph.initializer, layout.sizes):
             yield tag_init + _varint(n)
             yield tensor.SerializeToString()
-        yield g_tail.SerializeToString()
-        yield tail.SerializeToString()
+        yield layout.graph_tail.SerializeToString()
+        yield layout.tail.SerializeToString()
 
     return pieces()
 
