@@ -164,8 +164,9 @@ def simplify(spec: ConvSpec) -> ConvSpec:
     mask reduced along each side (no pass over the weight per dimension).
     """
     w = spec.weight
-    if w.size == 0 or np.count_nonzero(w) == w.size:
-        return spec if w.flags.c_contiguous else spec.replace(weight=np.ascontiguousarray(w))  # dense: nothing to trim
+    if w.size == 0 or np.count_nonzero(w) == w.size:  # dense: nothing to trim, no blocks to find
+        dilation = tuple(1 if k == 1 else d for k, d in zip(spec.kernel_size, spec.dilation))
+        return spec.replace(weight=np.ascontiguousarray(w), dilation=dilation)
     co, cig = w.shape[0], w.shape[1]
     nonzero = (w != 0).reshape(co * cig, -1)
     taps = nonzero.any(axis=0).reshape(w.shape[2:])  # [*k]: taps non-zero in some channel pair
