@@ -62,7 +62,7 @@ def main(n: int) -> None:
         affine = ChannelAffine(torch.from_numpy(np_rand(t.out_channels, seed=seed)), torch.from_numpy(np_rand(t.out_channels, seed=seed + 1)))
         x = input_for(t, (extra,), seed=1)
         view = (1, -1) + (1,) * t.ndim
-        ref = run_transpose(t, x) * affine.scale.view(view) + affine.shift.view(view)
+        ref = run_transpose(t, x) * torch.from_numpy(affine.scale).view(view) + torch.from_numpy(affine.shift).view(view)
         record("transpose_then_affine (BN after)", rel_err(ref, run_transpose(transpose_then_affine(t, affine), x)))
 
     @run
@@ -85,7 +85,7 @@ def main(n: int) -> None:
         assert isinstance(merged, ConvTransposeSpec), merged
         x = torch.from_numpy(np_rand(2, t.in_channels, *[m + extra for m in min_input(t)], seed=4))
         view = (1, -1) + (1,) * t.ndim
-        record(rule, rel_err(run_transpose(t, x * bn.scale.view(view) + bn.shift.view(view)), run_transpose(merged, x)))
+        record(rule, rel_err(run_transpose(t, x * torch.from_numpy(bn.scale).view(view) + torch.from_numpy(bn.shift).view(view)), run_transpose(merged, x)))
 
     @run
     @given(t=rim_cropped(), seed=st.integers(0, 2**20), extra=st.integers(0, 4))

@@ -85,7 +85,7 @@ def fuse(
     inplace = not keep_input or is_large(loaded.model)
     try:
         fused, report = fuse_onnx(
-            loaded.model,
+            loaded,  # checked once, by read_model
             policy=policy,
             progress=progress,
             device=device,

@@ -1,6 +1,6 @@
 """The exact rules that turn several linear convolutions into one.
 
-Tensors only: no graph types here. Every rule takes :class:`~convfuse.spec.ConvSpec` values and
+Arrays only (numpy; no torch, no graph types here). Every rule takes :class:`~convfuse.spec.ConvSpec` values and
 returns either a new ``ConvSpec`` that computes exactly the same function (in real arithmetic) or a
 :class:`~convfuse.decline.Decline` saying why it cannot. Arithmetic runs in float64 and the result
 is cast back to the first operand's dtype. See ``DESIGN.md`` section 2 for the derivations; each
@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import reduce
-from typing import Sequence
+from typing import Any, Sequence
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from .decline import Decline, Reason
-from .spec import ConvSpec
+from .spec import ConvSpec, InvalidSpecError, as_array, as_dtype
 
 __all__ = [
     "ChannelAffine",
@@ -39,36 +38,45 @@ __all__ = [
 #: Largest merged weight (elements, float64 during the computation) a rule will build.
 MAX_MERGED_ELEMENTS = 1 << 27
 
-_CONV = (F.conv1d, F.conv2d, F.conv3d)
-
 
 # --------------------------------------------------------------------------- small values
 @dataclass(frozen=True, eq=False)
 class ChannelAffine:
     """``y[c] = scale[c] * x[c] + shift[c]``: inference BatchNorm, or per-channel Mul/Add."""
 
-    scale: torch.Tensor
-    shift: torch.Tensor
+    scale: np.ndarray
+    shift: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "shift"):
+            value = as_array(getattr(self, name))
+            if not isinstance(value, np.ndarray):
+                raise InvalidSpecError(f"per-channel {name} must be an array, got {type(value).__name__}")
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_batchnorm(
         cls,
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        gamma: torch.Tensor | None,
-        beta: torch.Tensor | None,
+        mean: np.ndarray,
+        var: np.ndarray,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
         eps: float,
     ) -> ChannelAffine:
-        """Inference BatchNorm: ``a = gamma / sqrt(var + eps)``, shift ``beta - mean * a``."""
-        mean64, var64 = mean.double(), var.double()
-        gamma64 = torch.ones_like(mean64) if gamma is None else gamma.double()
-        beta64 = torch.zeros_like(mean64) if beta is None else beta.double()
-        a = gamma64 / torch.sqrt(var64 + eps)
-        return cls(scale=a.to(mean.dtype), shift=(beta64 - mean64 * a).to(mean.dtype))
+        """Inference BatchNorm: ``a = gamma / sqrt(var + eps)``, shift ``beta - mean * a``
+        (float64, then cast to the statistics' dtype)."""
+        mean, var = as_array(mean), as_array(var)
+        mean64, var64 = _f64(mean), _f64(var)
+        gamma64 = np.ones_like(mean64) if gamma is None else _f64(as_array(gamma))
+        beta64 = np.zeros_like(mean64) if beta is None else _f64(as_array(beta))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = gamma64 / np.sqrt(var64 + eps)
+            shift = beta64 - mean64 * a
+        return cls(scale=a.astype(mean.dtype, copy=False), shift=shift.astype(mean.dtype, copy=False))
 
     @property
     def channels(self) -> int:
-        return int(self.scale.numel())
+        return int(self.scale.size)
 
 
 @dataclass(frozen=True)
@@ -104,21 +112,12 @@ def cost(specs: Sequence[ConvSpec]) -> Cost:
 
 
 # --------------------------------------------------------------------------- weight helpers
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64)
+def _f64(a: np.ndarray) -> np.ndarray:
+    """``a`` in float64: the array itself when it already is (no copy), else one cast."""
+    return np.asarray(a, dtype=np.float64)
 
 
-def _dilate(w: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
-    """Insert ``d - 1`` zero taps between taps on each spatial dimension of ``w[.., .., *k]``."""
-    if all(d == 1 for d in dilation):
-        return w
-    k = w.shape[2:]
-    out = w.new_zeros(*w.shape[:2], *[d * (n - 1) + 1 for n, d in zip(k, dilation)])
-    out[(slice(None), slice(None), *[slice(None, None, d) for d in dilation])] = w
-    return out
-
-
-def _ungroup(w: torch.Tensor, groups: int, target: int) -> torch.Tensor:
+def _ungroup(w: np.ndarray, groups: int, target: int) -> np.ndarray:
     """Re-express a ``groups``-grouped weight as ``target``-grouped (``target`` divides ``groups``).
 
     ``w[Co, Ci/groups, *k]`` becomes ``[Co, Ci/target, *k]``: each coarse group holds
@@ -130,30 +129,27 @@ def _ungroup(w: torch.Tensor, groups: int, target: int) -> torch.Tensor:
     co, cig = w.shape[0], w.shape[1]
     k = tuple(w.shape[2:])
     fine = w.reshape(target, r, co // groups, cig, *k)
-    out = w.new_zeros(target, r, co // groups, r, cig, *k)
-    idx = torch.arange(r)
-    out[:, idx, :, idx] = fine.transpose(0, 1)
+    out = np.zeros((target, r, co // groups, r, cig, *k), dtype=w.dtype)
+    idx = np.arange(r)
+    out[:, idx, :, idx] = fine.swapaxes(0, 1)
     return out.reshape(co, r * cig, *k)
 
 
-def _largest_groups(w: torch.Tensor, groups: int) -> int:
-    """Largest multiple of ``groups`` for which the weight is block diagonal (exact zeros)."""
-    co, cig = w.shape[0], w.shape[1]
+def _largest_groups(mag: np.ndarray, groups: int) -> int:
+    """Largest multiple of ``groups`` for which a weight is block diagonal (exact zeros), from
+    ``mag[Co, Ci/g]``: whether each (output, input) channel pair has a non-zero tap."""
+    co, cig = mag.shape
     per_out = co // groups
     best = 1
-    # Zero pattern per (output, input) channel pair, reduced once over the taps: the loop
-    # below then reads a [Co, Ci/g] map instead of the whole weight for every candidate.
-    mag = (w != 0).reshape(co, cig, -1).any(dim=2)
-    if bool(torch.all(mag)):
+    if bool(mag.all()):
         return groups  # dense: no block structure to find
     for m in range(2, min(per_out, cig) + 1):
         if per_out % m or cig % m:
             continue
         blocks = mag.reshape(groups, m, per_out // m, m, cig // m)
-        mask = torch.ones(m, m, dtype=torch.bool, device=w.device)
-        mask.fill_diagonal_(False)
-        off = blocks.sum(dim=(0, 2, 4))  # [m, m]
-        if bool(torch.all(off[mask] == 0)):
+        off = blocks.any(axis=(0, 2, 4))  # [m, m]
+        np.fill_diagonal(off, False)
+        if not bool(off.any()):
             best = m
     return groups * best
 
@@ -164,42 +160,58 @@ def simplify(spec: ConvSpec) -> ConvSpec:
     Three exact rewrites: (1) zero-tap borders are trimmed while padding can absorb them (the
     read offset ``-begin + j*d`` of every kept tap is unchanged); (2) taps spaced by a common
     factor ``f`` become a kernel dilated by ``d*f``; (3) a weight that is block diagonal in exact
-    zeros gets the larger group count.
+    zeros gets the larger group count. The zero pattern is read once, as a ``[Co*Ci/g, taps]``
+    mask reduced along each side (no pass over the weight per dimension).
     """
     w = spec.weight
+    if w.size == 0 or np.count_nonzero(w) == w.size:  # dense: nothing to trim, no blocks to find
+        dilation = tuple(1 if k == 1 else d for k, d in zip(spec.kernel_size, spec.dilation))
+        return spec.replace(weight=np.ascontiguousarray(w), dilation=dilation)
+    co, cig = w.shape[0], w.shape[1]
+    nonzero = (w != 0).reshape(co * cig, -1)
+    taps = nonzero.any(axis=0).reshape(w.shape[2:])  # [*k]: taps non-zero in some channel pair
+    mag = nonzero.any(axis=1).reshape(co, cig)  # channel pairs with some non-zero tap
     pads = list(spec.pads)
     dilation = list(spec.dilation)
     for dim in range(spec.ndim):
         axis = dim + 2
-        reduce_dims = [a for a in range(w.dim()) if a != axis]
-        nz = torch.nonzero((w != 0).any(dim=tuple(reduce_dims))).flatten().tolist() if w.numel() else []
+        others = tuple(a for a in range(taps.ndim) if a != dim)
+        nz = np.flatnonzero(taps.any(axis=others) if others else taps).tolist()
         if not nz:
             continue
         d = dilation[dim]
         begin, end = pads[dim]
         lead = min(nz[0], begin // d)
         trail = min(w.shape[axis] - 1 - nz[-1], end // d)
+        step = 1
         if lead or trail:
-            w = w.narrow(axis, lead, w.shape[axis] - lead - trail)
             pads[dim] = (begin - lead * d, end - trail * d)
             nz = [i - lead for i in nz]
-        if nz[0] == 0 and nz[-1] == w.shape[axis] - 1 and len(nz) > 1:
+        size = w.shape[axis] - lead - trail
+        if nz[0] == 0 and nz[-1] == size - 1 and len(nz) > 1:
             f = reduce(math.gcd, nz[1:])
             if f > 1:
-                w = w.index_select(axis, torch.arange(0, w.shape[axis], f, device=w.device))
+                step = f
                 dilation[dim] = d * f
+        if lead or trail or step > 1:
+            index = [slice(None)] * w.ndim
+            index[axis] = slice(lead, w.shape[axis] - trail, step)
+            w = w[tuple(index)]
+            t_index = [slice(None)] * taps.ndim
+            t_index[dim] = slice(lead, taps.shape[dim] - trail, step)
+            taps = taps[tuple(t_index)]
         if w.shape[axis] == 1:
             dilation[dim] = 1
-    groups = _largest_groups(w, spec.groups)
+    groups = _largest_groups(mag, spec.groups)
     if groups != spec.groups:
         r = groups // spec.groups
         cig = w.shape[1] // r
         co_fine = w.shape[0] // groups
         k = tuple(w.shape[2:])
         blocks = w.reshape(spec.groups, r, co_fine, r, cig, *k)
-        idx = torch.arange(r)
-        w = blocks[:, idx, :, idx].transpose(0, 1).reshape(w.shape[0], cig, *k)
-    return spec.replace(weight=w.contiguous(), pads=tuple(pads), dilation=tuple(dilation), groups=groups)
+        idx = np.arange(r)
+        w = blocks[:, idx, :, idx].swapaxes(0, 1).reshape(w.shape[0], cig, *k)
+    return spec.replace(weight=np.ascontiguousarray(w), pads=tuple(pads), dilation=tuple(dilation), groups=groups)
 
 
 def _too_large(elements: int, what: str) -> Decline | None:
@@ -219,7 +231,8 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     ``a``'s output must equal padding ``a``'s input (see :func:`_check_b_padding`: DESIGN.md
     case 1 exact, cases 2 and 3 declined).
     Algebra: stride ``sA*sB``; taps of ``a`` dilated by ``dA``, of ``b`` by ``dB*sA``;
-    ``C[o, i] = sum_c fullconv(A[c, i], B[o, c])`` computed by one grouped conv call; padding
+    ``C[o, i] = sum_c fullconv(A[c, i], B[o, c])`` computed as tap products
+    (:func:`_tap_products`: no multiplication by a zero tap); padding
     ``pA + sA*pB`` per side in ``a``'s mode (``b``'s if only ``b`` pads); bias ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped
     by ``gcd(gA, gB)`` then by whatever further block structure the weight has.
     """
@@ -258,24 +271,19 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     if too_big:
         return too_big
 
-    wa = _dilate(_ungroup(_f64(a.weight), a.groups, g), a.dilation)  # [C1, Ci/g, *KA]
-    wb = _dilate(_ungroup(_f64(b.weight), b.groups, g), [d * s for d, s in zip(b.dilation, sa)])
-    wb_flipped = wb.flip(dims=list(range(2, wb.dim())))  # true convolution of the taps
-    x = wa.transpose(0, 1)  # Ci/g as batch, C1 as channels
-    pad = [e - 1 for e in ext_b]
-    wc = _CONV[a.ndim - 1](x, wb_flipped, None, 1, pad, 1, g).transpose(0, 1)  # [Co, Ci/g, *K]
+    wc = _tap_products(a, b, g, tuple(k_c))  # [Co, Ci/g, *K]
 
     bias = None
     if a.bias is not None or b.bias is not None:
         bias = _f64(b.bias_or_zeros())
         if a.bias is not None:
-            wb_sum = _f64(b.weight).sum(dim=list(range(2, b.weight.dim())))  # [Co, C1/gB]
-            ba = _f64(a.bias).reshape(b.groups, -1)  # [gB, C1/gB]
-            bias = bias + (wb_sum.reshape(b.groups, -1, wb_sum.shape[1]) @ ba.unsqueeze(-1)).flatten()
+            wb_sum = _f64(b.weight).sum(axis=tuple(range(2, b.weight.ndim)))  # [Co, C1/gB]
+            ba = _f64(a.bias).reshape(b.groups, -1, 1)  # [gB, C1/gB, 1]
+            bias = bias + (wb_sum.reshape(b.groups, -1, wb_sum.shape[1]) @ ba).reshape(-1)
 
     dtype = a.dtype
     merged = ConvSpec(
-        weight=wc.contiguous(),
+        weight=wc,
         bias=bias,
         stride=tuple(x * y for x, y in zip(a.stride, b.stride)),
         dilation=(1,) * a.ndim,
@@ -284,6 +292,75 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
         padding_mode=mode,
     )
     return simplify(merged).to(dtype)
+
+
+def _tap_products(a: ConvSpec, b: ConvSpec, g: int, size: tuple[int, ...]) -> np.ndarray:
+    """The weight of ``b`` after ``a`` as a sum over pairs of taps of channel-matrix products.
+
+    ``C[o, i, ta*dA + tb*dB*sA] += B[o, c, tb] @ A[c, i, ta]``, in float64, grouped by
+    ``g = gcd(gA, gB)``: ``Co * C1/gB * Ci/gA * KA * KB`` multiply-adds, all of them by BLAS
+    (no zero-padded convolution, no dilated zero taps). Within a group of ``g`` the middle
+    channels split into ``ra * rb`` fine blocks (``ra = gA/g``, ``rb = gB/g``), each inside one
+    group of ``a`` and one of ``b``; block ``f`` maps the inputs of ``a``'s group ``f // rb`` to
+    the outputs of ``b``'s group ``f // ra``. One batched matrix product gives every block's
+    ``[Co/gB * KB, Ci/gA * KA]`` products; they are then added into ``C`` one tap of the smaller
+    kernel at a time (a strided window per tap). With one fine block and a pointwise side (conv
+    then 1x1, 1x1 then conv, BN-free chains of equal groups) the product is laid out as ``C``
+    already. Returns ``C[Co, Ci/g, *size]``.
+    """
+    n = a.ndim
+    ra, rb = a.groups // g, b.groups // g
+    fine = ra * rb
+    ka, kb = a.kernel_size, b.kernel_size
+    pa, pb = math.prod(ka), math.prod(kb)
+    cf = a.out_channels // (g * fine)  # middle channels per fine block
+    co_b = b.out_channels // b.groups  # outputs per group of b
+    ci_a = a.in_channels // a.groups  # inputs per group of a
+    step_a = a.dilation
+    step_b = tuple(d * s for d, s in zip(b.dilation, a.stride))
+    if fine == 1 and (pa == 1 or pb == 1):  # a pointwise side: one matrix product, no tap loop
+        wa1 = _f64(a.weight).reshape(g, cf, ci_a, pa)
+        wb1 = _f64(b.weight).reshape(g, co_b, cf, pb)
+        if pb == 1:  # C[o, i, ta] = B[o, :] @ A[:, i, ta]
+            taps = np.matmul(wb1[..., 0], wa1.reshape(g, cf, ci_a * pa)).reshape(g, co_b, ci_a, *ka)
+            step = step_a
+        else:  # C[o, i, tb] = A[:, i]^T @ B[o, :, tb], batched over o: the result is in place
+            taps = np.matmul(wa1[..., 0].transpose(0, 2, 1)[:, None], wb1).reshape(g, co_b, ci_a, *kb)
+            step = step_b
+        if all(x == 1 for x in step):
+            return taps.reshape(b.out_channels, ci_a, *size)
+        out = np.zeros((g, co_b, ci_a, *size))
+        out[(slice(None),) * 3 + tuple(slice(None, None, x) for x in step)] = taps
+        return out.reshape(b.out_channels, ci_a, *size)
+    wa = _f64(a.weight).reshape(g, fine, cf, ci_a * pa)  # rows of fine block f of coarse group q
+    wb = _f64(b.weight).reshape(g, rb, co_b, ra, cf, pb)
+    # B's block for f: [g, co_b, cf, KB] -> [g, co_b * KB, cf]; batched over (f, g).
+    f_idx = np.arange(fine)
+    b_blocks = wb[:, f_idx // ra, :, f_idx % ra]  # [fine, g, co_b, cf, KB]
+    b_blocks = b_blocks.transpose(0, 1, 2, 4, 3).reshape(fine, g, co_b * pb, cf)
+    prods = np.matmul(b_blocks, wa.swapaxes(0, 1))  # [fine, g, co_b*KB, ci_a*KA]
+    prods = prods.reshape(fine, g, co_b, pb, ci_a, pa)
+    # Into [g, rb, co_b, ra, ci_a, KB, KA]: fine block f sits at (f // ra, f // rb).
+    if ra == 1:  # every block reads the group's one input block
+        q = prods.transpose(1, 0, 2, 4, 3, 5)[:, :, :, None]
+    elif rb == 1:  # every block writes the group's one output block
+        q = prods.transpose(1, 2, 0, 4, 3, 5)[:, None]
+    else:
+        q = np.zeros((g, rb, co_b, ra, ci_a, pb, pa))
+        for f in range(fine):
+            q[:, f // ra, :, f // rb] += prods[f].transpose(0, 1, 3, 2, 4)
+    q = q.reshape(g, rb * co_b, ra * ci_a, *kb, *ka)
+    out = np.zeros((g, rb * co_b, ra * ci_a, *size))
+    lead = (slice(None),) * 3
+    if pb <= pa:  # one strided window of A's taps per tap of B
+        for tb in np.ndindex(*kb):
+            window = tuple(slice(t * sb, t * sb + sa * (k - 1) + 1, sa) for t, sb, sa, k in zip(tb, step_b, step_a, ka))
+            out[lead + window] += q[lead + tb]
+    else:  # one strided window of B's taps per tap of A
+        for ta in np.ndindex(*ka):
+            window = tuple(slice(t * sa, t * sa + sb * (k - 1) + 1, sb) for t, sa, sb, k in zip(ta, step_a, step_b, kb))
+            out[lead + window] += q[lead + (Ellipsis,) + ta]
+    return out.reshape(b.out_channels, ra * ci_a, *size)
 
 
 def _check_b_padding(a: ConvSpec, b: ConvSpec, padded_dims: list[int]) -> Decline | None:
@@ -342,7 +419,7 @@ def _is_channel_scale(spec: ConvSpec) -> bool:
 
 
 def _scale_of(spec: ConvSpec) -> ChannelAffine:
-    return ChannelAffine(spec.weight.detach().flatten(), spec.bias_or_zeros().detach())
+    return ChannelAffine(spec.weight.reshape(-1), spec.bias_or_zeros())
 
 
 def _scale_inputs(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
@@ -351,11 +428,11 @@ def _scale_inputs(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
     w = _f64(spec.weight)
     cig = w.shape[1]
     co_g = spec.out_channels // spec.groups
-    scale = _f64(affine.scale).reshape(spec.groups, 1, cig).expand(spec.groups, co_g, cig).reshape(-1, cig)
-    shift = _f64(affine.shift).reshape(spec.groups, 1, cig).expand(spec.groups, co_g, cig).reshape(-1, cig)
-    spatial = list(range(2, w.dim()))
+    scale = np.broadcast_to(_f64(affine.scale).reshape(spec.groups, 1, cig), (spec.groups, co_g, cig)).reshape(-1, cig)
+    shift = np.broadcast_to(_f64(affine.shift).reshape(spec.groups, 1, cig), (spec.groups, co_g, cig)).reshape(-1, cig)
+    spatial = tuple(range(2, w.ndim))
     weight = w * scale.reshape(*scale.shape, *([1] * len(spatial)))
-    bias = _f64(spec.bias_or_zeros()) + (w.sum(dim=spatial) * shift).sum(dim=1)
+    bias = _f64(spec.bias_or_zeros()) + (w.sum(axis=spatial) * shift).sum(axis=1)
     return spec.replace(weight=weight, bias=bias)
 
 
@@ -382,22 +459,22 @@ def then_affine(spec: ConvSpec, affine: ChannelAffine) -> ConvSpec | Decline:
             Reason.CHANNEL_MISMATCH,
             f"per-channel constant has {affine.channels} channels, conv has {spec.out_channels}",
         )
-    scale, shift = _f64(affine.scale), _f64(affine.shift)
-    w = _f64(spec.weight) * scale.reshape(-1, *([1] * (spec.weight.dim() - 1)))
+    scale, shift = _f64(affine.scale).reshape(-1), _f64(affine.shift).reshape(-1)
+    w = _f64(spec.weight) * scale.reshape(-1, *([1] * (spec.weight.ndim - 1)))
     b = _f64(spec.bias_or_zeros()) * scale + shift
-    return spec.replace(weight=w.to(spec.dtype), bias=b.to(spec.dtype))
+    return spec.replace(weight=w.astype(spec.dtype, copy=False), bias=b.astype(spec.dtype, copy=False))
 
 
 def affine_conv(affine: ChannelAffine, ndim: int) -> ConvSpec:
     """A per-channel affine as a depthwise pointwise conv (BN alone, BN before a conv)."""
     c = affine.channels
-    weight = affine.scale.detach().reshape(c, 1, *([1] * ndim)).clone()
-    return ConvSpec(weight=weight, bias=affine.shift.detach().clone(), groups=c)
+    weight = affine.scale.reshape(c, 1, *([1] * ndim))  # a view: the spec is never written to
+    return ConvSpec(weight=weight, bias=affine.shift.reshape(c), groups=c)
 
 
-def identity(channels: int, ndim: int, dtype: torch.dtype = torch.float32) -> ConvSpec:
+def identity(channels: int, ndim: int, dtype: Any = np.float32) -> ConvSpec:
     """The identity map as a Dirac kernel: depthwise, kernel 1, weight 1."""
-    return ConvSpec(weight=torch.ones(channels, 1, *([1] * ndim), dtype=dtype), groups=channels)
+    return ConvSpec(weight=np.ones((channels, 1, *([1] * ndim)), dtype=as_dtype(dtype)), groups=channels)
 
 
 def average_pool(
@@ -405,7 +482,7 @@ def average_pool(
     kernel: Sequence[int],
     stride: Sequence[int] | None = None,
     pads: Sequence[tuple[int, int]] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Any = np.float32,
 ) -> ConvSpec:
     """Average pooling whose zero padding counts in the divisor: a uniform depthwise kernel.
 
@@ -413,7 +490,7 @@ def average_pool(
     the front ends check those attributes before calling this.
     """
     n = len(kernel)
-    weight = torch.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=dtype)
+    weight = np.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=as_dtype(dtype))
     return ConvSpec(
         weight=weight,
         stride=tuple(stride) if stride is not None else tuple(kernel),
@@ -464,16 +541,15 @@ def _union_window(specs: Sequence[ConvSpec], what: str) -> _Window | Decline:
     return _Window(begin, end, size, modes.pop() if modes else "zeros")
 
 
-def _embed(spec: ConvSpec, window: _Window, groups: int) -> torch.Tensor:
-    """``spec``'s weight as dense taps in the union window, ``groups``-grouped, float64."""
-    w = _dilate(_ungroup(_f64(spec.weight), spec.groups, groups), spec.dilation)
-    out = w.new_zeros(*w.shape[:2], *window.size)
+def _embed(out: np.ndarray, spec: ConvSpec, window: _Window, groups: int) -> None:
+    """Add ``spec``'s weight, ``groups``-grouped, into ``out`` (float64, dense taps of the union
+    window): tap ``j`` reads offset ``-b + j*d``, a strided window of ``out`` (no dilated copy)."""
+    w = _ungroup(spec.weight, spec.groups, groups)
     index = [slice(None), slice(None)]
-    for i, (b, _) in enumerate(spec.pads):
+    for i, ((b, _), d) in enumerate(zip(spec.pads, spec.dilation)):
         start = window.begin[i] - b  # offset -b in a window starting at -begin
-        index.append(slice(start, start + w.shape[i + 2]))
-    out[tuple(index)] = w
-    return out
+        index.append(slice(start, start + d * (w.shape[i + 2] - 1) + 1, d))
+    out[tuple(index)] += w
 
 
 def add(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
@@ -497,10 +573,12 @@ def add(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
     too_big = _too_large(specs[0].out_channels * specs[0].in_channels // g * math.prod(window.size), "the sum")
     if too_big:
         return too_big
-    weight = sum(_embed(s, window, g) for s in specs)
+    weight = np.zeros((specs[0].out_channels, specs[0].in_channels // g, *window.size))
+    for s in specs:
+        _embed(weight, s, window, g)
     bias = None
     if any(s.bias is not None for s in specs):
-        bias = sum(_f64(s.bias_or_zeros()) for s in specs)
+        bias = np.sum([_f64(s.bias_or_zeros()) for s in specs], axis=0)
     merged = ConvSpec(
         weight=weight,
         bias=bias,
@@ -525,10 +603,14 @@ def concat(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
     too_big = _too_large(co * specs[0].in_channels * math.prod(window.size), "the concatenation")
     if too_big:
         return too_big
-    weight = torch.cat([_embed(s, window, 1) for s in specs], dim=0)
+    weight = np.zeros((co, specs[0].in_channels, *window.size))
+    row = 0
+    for s in specs:
+        _embed(weight[row : row + s.out_channels], s, window, 1)
+        row += s.out_channels
     bias = None
     if any(s.bias is not None for s in specs):
-        bias = torch.cat([_f64(s.bias_or_zeros()) for s in specs])
+        bias = np.concatenate([_f64(s.bias_or_zeros()) for s in specs])
     merged = ConvSpec(
         weight=weight,
         bias=bias,

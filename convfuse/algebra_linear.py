@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .algebra import ChannelAffine, then_affine
 from .decline import Decline
 from .spec import ConvSpec
@@ -52,7 +54,7 @@ def as_matrix(spec: ConvSpec) -> tuple[Any, Any]:
     if spec.groups == 1:
         return w, spec.bias
     co_g, ci_g = spec.out_channels // spec.groups, w.shape[1]
-    dense = w.new_zeros(spec.out_channels, spec.in_channels)
+    dense = np.zeros((spec.out_channels, spec.in_channels), dtype=w.dtype)
     for g in range(spec.groups):
         dense[g * co_g : (g + 1) * co_g, g * ci_g : (g + 1) * ci_g] = w[g * co_g : (g + 1) * co_g]
     return dense, spec.bias

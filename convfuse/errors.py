@@ -25,6 +25,7 @@ __all__ = [
     "InternalError",
     "internal_message",
     "NotRunnableError",
+    "TorchMissingError",
 ]
 
 
@@ -89,6 +90,10 @@ def internal_message(error: BaseException) -> str:
 class NotRunnableError(InvalidModelError):
     """The reference model cannot be run here, so nothing can be verified against it: operators
     ONNX Runtime lacks, or no input size that every layer accepts."""
+
+
+class TorchMissingError(ConvfuseError, ImportError):
+    """A torch API was called where PyTorch is not installed (the ONNX path needs no torch)."""
 
 
 def one_line(error: BaseException | str, limit: int | None = None) -> str:

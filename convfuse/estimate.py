@@ -4,7 +4,7 @@ A front end asks the cost policy whether a merge pays *before* paying for it: th
 weight of a long chain can be large. These functions mirror :func:`convfuse.algebra.compose`
 and :func:`convfuse.algebra.add` followed by :func:`convfuse.algebra.simplify` on tap
 *positions* instead of tap values, and return a :class:`~convfuse.spec.ConvSpec` whose weight
-lives on torch's ``meta`` device (shape only, no data). Its :func:`convfuse.algebra.cost` is an
+is shape-only (:func:`convfuse.spec.shape_only`: no data). Its :func:`convfuse.algebra.cost` is an
 upper bound of the real merge's cost; it is equal unless weights cancel or hide extra block
 structure.
 
@@ -21,9 +21,7 @@ import math
 from functools import reduce
 from typing import Sequence
 
-import torch
-
-from .spec import ConvSpec
+from .spec import ConvSpec, shape_only
 
 __all__ = ["compose_shape", "chain_shape", "add_shape"]
 
@@ -49,8 +47,8 @@ def _shaped(
         f = reduce(math.gcd, pos, 0) or 1
         kernel.append(max(pos) // f + 1)
         dilation.append(f if max(pos) else 1)
-    weight = torch.empty(out_channels, in_channels // groups, *kernel, dtype=torch.float64, device="meta")
-    b = torch.empty(out_channels, dtype=torch.float64, device="meta") if bias else None
+    weight = shape_only((out_channels, in_channels // groups, *kernel))
+    b = shape_only((out_channels,)) if bias else None
     return ConvSpec(weight=weight, bias=b, stride=tuple(stride), dilation=tuple(dilation), groups=groups, pads=tuple(pads))
 
 

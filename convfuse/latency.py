@@ -34,11 +34,10 @@ from typing import Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ConvfuseError, DeviceUnavailableError, one_line
-from .spec import ConvSpec
+from .spec import ConvSpec, is_shape_only
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -76,9 +75,9 @@ DEFAULT_SPATIAL = {1: 3136, 2: 56, 3: 16}
 _OPSET = 17
 _IR_VERSION = 8
 _ELEM = {
-    torch.float32: TensorProto.FLOAT,
-    torch.float16: TensorProto.FLOAT16,
-    torch.float64: TensorProto.DOUBLE,
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.float64): TensorProto.DOUBLE,
 }
 
 Shape = tuple[Union[int, None], ...]
@@ -99,14 +98,15 @@ class Candidate:
     """A merge to time: ``original`` layers on an ``input_shape`` tensor against ``merged``.
 
     ``input_shape`` is ``[N, C, *spatial]``; ``None`` entries are unknown (symbolic) and get
-    the defaults. ``merged`` may be a shape-only spec (weight on the ``meta`` device): timing
-    needs shapes, not values. ``dtype`` is the model's element type.
+    the defaults. ``merged`` may be a shape-only spec (:func:`convfuse.spec.shape_only`): timing
+    needs shapes, not values. ``dtype`` is the model's element type (a numpy dtype, or the name of
+    one numpy lacks, such as ``"bfloat16"``, which has no timing model).
     """
 
     original: Block
     merged: ConvSpec
     input_shape: Shape
-    dtype: torch.dtype = torch.float32
+    dtype: np.dtype | str = np.dtype(np.float32)
 
     def resolved(self) -> tuple[Candidate, tuple[bool, bool]]:
         """This candidate with unknown dims filled in, and whether the batch and whether a
@@ -150,16 +150,12 @@ def _per_channel(spec: ConvSpec) -> bool:
     )
 
 
-def _is_meta(t: torch.Tensor | None) -> bool:
-    return t is not None and t.device.type == "meta"
-
-
 def _affine_parts(spec: ConvSpec) -> tuple[bool, bool]:
     """Whether a per-channel spec needs its ``Mul`` and its ``Add`` (a shape-only one needs both)."""
-    if _is_meta(spec.weight):
+    if is_shape_only(spec.weight):
         return True, spec.bias is not None
-    scale = not bool(torch.all(spec.weight == 1))
-    shift = spec.bias is not None and not _is_meta(spec.bias) and spec.has_nonzero_bias()
+    scale = not bool(np.all(spec.weight == 1))
+    shift = spec.bias is not None and not is_shape_only(spec.bias) and spec.has_nonzero_bias()
     return scale, shift
 
 
@@ -219,13 +215,13 @@ class _Builder:
         self.n += 1
         return f"{prefix}{self.n}"
 
-    def const(self, values: torch.Tensor | None, shape: Sequence[int], prefix: str) -> str:
+    def const(self, values: np.ndarray | None, shape: Sequence[int], prefix: str) -> str:
         """An initializer of ``shape``: ``values`` when they are real, else random (timing only)."""
-        if values is None or _is_meta(values):
+        if values is None or is_shape_only(values):
             fan_in = max(1, math.prod(shape[1:]))
             array = self.rng.standard_normal(tuple(shape)) / math.sqrt(fan_in)
         else:
-            array = values.detach().to(torch.float64).cpu().numpy().reshape(tuple(shape))
+            array = values.reshape(tuple(shape))
         name = self.fresh(prefix)
         self.inits.append(numpy_helper.from_array(np.asarray(array).astype(self.np_type), name))
         return name
@@ -300,7 +296,10 @@ def build_models(candidate: Candidate, seed: int = 0) -> tuple[onnx.ModelProto, 
     shape = tuple(candidate.input_shape)
     if any(d is None for d in shape):
         raise ValueError(f"timing needs a known input shape, got {list(shape)}")
-    elem = _ELEM.get(candidate.dtype)
+    try:
+        elem = _ELEM.get(np.dtype(candidate.dtype))
+    except TypeError:  # a dtype numpy lacks (bfloat16)
+        elem = None
     if elem is None:
         raise TimingError(f"no timing model for element type {candidate.dtype}")
     in_shape = [int(d) for d in shape]  # type: ignore[arg-type]

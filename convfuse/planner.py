@@ -33,6 +33,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Hashable, Iterable, Sequence
 
+import numpy as np
+
 from . import estimate
 from .algebra import Cost, add, compose, concat, identity
 from .algebra_linear import scaled, without_zero_bias
@@ -963,6 +965,4 @@ def _kind(nodes: Sequence[LinearNode]) -> str:
 
 
 def _default_dtype() -> Any:
-    import torch
-
-    return torch.float32
+    return np.dtype(np.float32)

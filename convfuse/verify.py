@@ -25,9 +25,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
-import torch
 
 from . import runtime as rt
+from ._torch import LazyTorch, torch_loaded
 from .compare import Comparison, compare, tolerance_for
 from .errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, NotRunnableError
 from .input_plan import InputPlan
@@ -46,6 +46,8 @@ __all__ = [
 
 _NO_CUDA_ORT = "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a GPU machine)"
 _NO_CUDA_TORCH = "torch.cuda.is_available() is False"
+
+torch = LazyTorch("verifying torch modules")  # imported on the first torch API call, never for ONNX
 
 
 # =========================================================================== results
@@ -757,21 +759,9 @@ def _with_outputs(model: onnx.ModelProto, extra: Mapping[str, int]) -> onnx.Mode
 
 
 # =========================================================================== torch modules
-_TORCH_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "float64",
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.int8: "int8",
-    torch.int16: "int16",
-    torch.int32: "int32",
-    torch.int64: "int64",
-    torch.uint8: "uint8",
-    torch.bool: "bool",
-}
-
-#: Layers that compute differently in training mode (batch statistics, random dropout).
-_MODE_DEPENDENT = (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)
+def _mode_dependent() -> tuple[type, ...]:
+    """Layers that compute differently in training mode (batch statistics, random dropout)."""
+    return (torch.nn.modules.batchnorm._NormBase, torch.nn.modules.dropout._DropoutNd)
 
 
 def verify_modules(
@@ -868,12 +858,12 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def _torch_dtype(t: torch.Tensor) -> str:
-    return _TORCH_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+    return str(t.dtype).removeprefix("torch.")  # torch.float32 -> "float32", as numpy names it
 
 
 def _eval_copy(module: torch.nn.Module, device: str, what: str, notes: list[str]) -> torch.nn.Module:
     """A deep copy in eval mode on ``device``: the caller's module is never changed."""
-    if any(m.training and isinstance(m, _MODE_DEPENDENT) for m in module.modules()):
+    if any(m.training and isinstance(m, _mode_dependent()) for m in module.modules()):
         notes.append(f"{what} was in training mode: compared a copy in eval mode")
     try:
         return copy.deepcopy(module).eval().to(device)
@@ -925,7 +915,8 @@ def verify(reference: Any, candidate: Any, **options: Any) -> VerifyResult:
     ONNX models go to :func:`verify_onnx`, ``nn.Module`` pairs to :func:`verify_modules` (which
     need ``example_inputs`` or ``input_shapes``); see those for the options.
     """
-    if isinstance(reference, torch.nn.Module) and isinstance(candidate, torch.nn.Module):
+    loaded = torch_loaded()  # a module exists only if torch was imported: never import it here
+    if loaded is not None and isinstance(reference, loaded.nn.Module) and isinstance(candidate, loaded.nn.Module):
         return verify_modules(reference, candidate, **options)
     onnx_like = (onnx.ModelProto, str, os.PathLike)
     if isinstance(reference, onnx_like) and isinstance(candidate, onnx_like):

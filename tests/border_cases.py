@@ -60,7 +60,7 @@ def oracle_ring(a: ConvSpec, b: ConvSpec, merge: BorderMerge, spatial: tuple[int
     """The ring as torch computes it: ``Bnb(pad(bA * ones(nA))) - Kint``."""
     assert a.bias is not None
     ones = torch.ones(1, a.out_channels, *a.output_size(spatial), dtype=torch.float64)
-    k = b.replace(bias=None).apply(ones * a.bias.reshape(1, -1, *([1] * a.ndim)))[0]
+    k = b.replace(bias=None).apply(ones * torch.from_numpy(a.bias).reshape(1, -1, *([1] * a.ndim)))[0]
     return k - torch.from_numpy(merge.interior).reshape(-1, *([1] * a.ndim))
 
 

@@ -127,10 +127,10 @@ def test_expansion_block_with_default_biases() -> None:
     merge = _merge(a, b)
     merged = compose(merge.spec, p)  # the 1x1 after: the ring goes through it as a 1x1 too
     assert isinstance(merged, ConvSpec) and merged.weight.shape == (c, c, 3, 3)
-    assert merged.dtype == torch.float32
+    assert merged.dtype == np.float32
     x = rand(2, c, 8, 8, seed=7)
     ring = torch.from_numpy(border_ring(merge, (8, 8)))
-    ring_after = torch.einsum("oc,chw->ohw", p.weight.double()[:, :, 0, 0], ring)
+    ring_after = torch.einsum("oc,chw->ohw", torch.from_numpy(p.weight).double()[:, :, 0, 0], ring)
     ref = p.apply(b.apply(a.apply(x)))
     assert rel_err(ref, merged.apply(x) + ring_after) <= 1e-6  # float32 weights, float64 oracle
     assert ring_widths(merge, (8, 8)) == ((1, 1), (1, 1))
@@ -180,8 +180,8 @@ def _naive(a: ConvSpec, b: ConvSpec, spatial: tuple[int, ...], x: torch.Tensor) 
     merged = merged.replace(pads=pads, padding_mode="zeros")
     zero_padded = b.replace(padding_mode="zeros")
     ones = torch.ones(1, a.out_channels, *a.output_size(spatial), dtype=torch.float64)
-    k = zero_padded.replace(bias=None).apply(ones * a.bias.reshape(1, -1, *([1] * a.ndim)))
-    k_int = zero_padded.replace(bias=None, pads=((0, 0),) * b.ndim).apply(ones * a.bias.reshape(1, -1, *([1] * a.ndim)))
+    k = zero_padded.replace(bias=None).apply(ones * torch.from_numpy(a.bias).reshape(1, -1, *([1] * a.ndim)))
+    k_int = zero_padded.replace(bias=None, pads=((0, 0),) * b.ndim).apply(ones * torch.from_numpy(a.bias).reshape(1, -1, *([1] * a.ndim)))
     interior = k_int.flatten(2)[..., :1].reshape(1, -1, *([1] * a.ndim))
     return merged.apply(x) + (k - interior)
 

@@ -91,6 +91,7 @@ def test_failure_mid_write_leaves_no_partial_and_no_changed_file(
     real_write = onnx_io._write_bytes
 
     def broken(path: Path, data: bytes) -> None:
+        data = data if isinstance(data, bytes) else b"".join(data)  # a model is written in pieces
         real_write(path, data[: len(data) // 2])  # half written, then the disk fills / Ctrl-C
         raise failure
 
@@ -171,6 +172,7 @@ def test_command_line_disk_full_is_one_line_and_keeps_the_old_output(tmp_path: P
     before = _digests(tmp_path)
 
     def full(path: Path, data: bytes) -> None:
+        data = data if isinstance(data, bytes) else b"".join(data)  # a model is written in pieces
         Path(path).write_bytes(data[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
 

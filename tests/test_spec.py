@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def test_asymmetric_reflect_spec_uses_a_reflection_pad() -> None:
 def test_dtype_is_kept_by_conversions() -> None:
     conv = nn.Conv2d(2, 3, 3).half()
     spec = spec_from_conv(conv)
-    assert spec.dtype == torch.float16 and conv_from_spec(spec).weight.dtype == torch.float16
+    assert spec.dtype == np.float16 and conv_from_spec(spec).weight.dtype == torch.float16
 
 
 @pytest.mark.parametrize(
@@ -160,3 +161,28 @@ def test_depthwise_pointwise_merge_does_not_pay() -> None:
     assert judge("always", cost([dw, pw]), cost([merged])) is None
     with pytest.raises(ValueError, match="unknown policy"):
         judge("fastest", cost([dw, pw]), cost([merged]))
+
+
+# ----------------------------------------------------------------------------- numpy arrays
+def test_spec_holds_numpy_views_of_torch_weights() -> None:
+    """A torch weight handed in is viewed, not copied; the spec holds numpy arrays."""
+    conv = nn.Conv2d(3, 4, 3)
+    spec = spec_from_conv(conv)
+    assert isinstance(spec.weight, np.ndarray) and isinstance(spec.bias, np.ndarray)
+    assert np.shares_memory(spec.weight, conv.weight.detach().numpy())
+
+
+def test_spec_rejects_what_is_not_an_array() -> None:
+    with pytest.raises(InvalidSpecError, match="must be"):
+        ConvSpec(weight=[[[1.0]]])  # type: ignore[arg-type]
+    with pytest.raises(InvalidSpecError, match="bias must be an array"):
+        ConvSpec(weight=np.ones((2, 1, 1)), bias=[1.0, 2.0])  # type: ignore[arg-type]
+
+
+def test_shape_only_arrays_hold_no_data() -> None:
+    from convfuse.spec import is_shape_only, shape_only
+
+    w = shape_only((256, 256, 3, 3))
+    assert w.shape == (256, 256, 3, 3) and w.nbytes > 2**20 and is_shape_only(w)
+    assert not w.flags.writeable
+    assert not is_shape_only(np.zeros((2, 2, 1)))  # negative twin: a real array

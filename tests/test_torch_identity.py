@@ -335,8 +335,8 @@ def _perturb_merges(monkeypatch, factor: float, kernel: int | None = None) -> No
     those with a ``kernel``-wide kernel when given)."""
     real = torch_fx.conv_from_spec
 
-    def wrong(spec):
-        conv = real(spec)
+    def wrong(spec, *args):
+        conv = real(spec, *args)
         if isinstance(conv, nn.Conv2d) and kernel in (None, conv.weight.shape[-1]):
             with torch.no_grad():
                 conv.weight.mul_(factor)

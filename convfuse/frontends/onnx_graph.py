@@ -38,11 +38,12 @@ from ..planner import Merge, Resum, plan
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
-from .onnx_io import check_model, load_model
+from .onnx_io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size
 from .onnx_nodes import (
     FLOAT_TYPES,
     Dims,
     LinearOp,
+    NewTensor,
     conv_macs,
     conv_node,
     label,
@@ -495,7 +496,7 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
     result = plan(ir, state.judge, FLOAT_TYPES.get(elem or 0, None))
     declines.extend(result.declines)
     position = {id(n): k for k, n in enumerate(index.nodes)}
-    built: dict[int, tuple[list[onnx.NodeProto], list[onnx.TensorProto]]] = {}
+    built: dict[int, tuple[list[onnx.NodeProto], list[NewTensor]]] = {}
     failed: set[str] = set()
     for merge in result.merges:
         first = next(n for n in merge.nodes if n.kind.is_anchor)
@@ -531,7 +532,8 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
         new_nodes, initializers = built[id(merge)]
         node = new_nodes[0]
         last = max((n.origin[0] for n in merge.nodes), key=lambda n: position[id(n)])
-        graph.initializer.extend(initializers)
+        for tensor in initializers:
+            tensor.write(graph.initializer)
         state.created.update(t.name for t in initializers)
         mark_merged(node, merge.kind, [n.origin[0] for n in merge.nodes])
         rewrite.replace.setdefault(id(last), []).extend(new_nodes)
@@ -765,11 +767,13 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
 
 
 def _size(model: onnx.ModelProto) -> int | None:
-    """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB)."""
+    """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB),
+    counted without serialising it (:func:`~convfuse.frontends.onnx_io.serialized_size`)."""
     try:
-        return int(model.ByteSize())
+        size = serialized_size(model)
     except Exception:  # protobuf refuses messages over 2 GiB
         return None
+    return size if size <= MAX_PROTOBUF else None
 
 
 def _summarise(report: Report) -> None:
@@ -782,7 +786,7 @@ def _summarise(report: Report) -> None:
 
 # --------------------------------------------------------------------------- public API
 def fuse_onnx(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | LoadedModel | str | os.PathLike[str],
     policy: Policy | str = Policy.FLOPS,
     *,
     progress: Progress | None = None,
@@ -793,8 +797,9 @@ def fuse_onnx(
 ) -> tuple[onnx.ModelProto, Report]:
     """Merge every linear run of ``model`` into single convolutions; return a new model and a report.
 
-    ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``) or a path (external data
-    beside it is read). ``policy``: ``"flops"`` merges only what does not increase MACs or
+    ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``), a path (external data
+    beside it is read), or what :func:`~convfuse.frontends.onnx_io.read_model` returned (already
+    checked: the ONNX checker serialises every weight, so it runs once per model). ``policy``: ``"flops"`` merges only what does not increase MACs or
     parameters, ``"always"`` every exact merge, ``"latency"`` the merges ONNX Runtime measures
     faster on ``device`` (``"cpu"`` or ``"cuda"``), timing for at most ``latency_budget`` seconds
     in all (then the flops rule); ``timer`` replaces the ONNX Runtime timer
@@ -808,6 +813,8 @@ def fuse_onnx(
     if isinstance(model, (str, os.PathLike)):
         source = load_model(model)
         inplace = True  # nobody else holds it
+    elif isinstance(model, LoadedModel):
+        source = model.model  # read_model checked it
     elif isinstance(model, onnx.ModelProto):
         check_model(model)
         source = model

@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
@@ -144,6 +144,7 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     """
     p = Path(path)
     size = check_file(p)
+    checked = _passes_checker(p)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except OSError as exc:
@@ -174,8 +175,10 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
             raise InvalidModelError(
                 f"cannot read external data of {tensor.name!r} from {location!r} ({one_line(exc, 300)})", path=p
             ) from None
-        total += len(tensor.raw_data)
-    if load_external_data or not outside:
+        total += _tensor_bytes(tensor)  # from dims: reading raw_data would copy the bytes
+    if checked:
+        pass  # the checker accepted the file before it was loaded
+    elif load_external_data or not outside:
         check_model(model, p)
     else:
         try:
@@ -183,6 +186,18 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
         except Exception as exc:
             raise InvalidModelError(f"fails the ONNX checker: {one_line(exc, 300)}", path=p) from None
     return LoadedModel(model, p, bool(outside), total, tuple(data_files))
+
+
+def _passes_checker(path: Path) -> bool:
+    """Whether the ONNX checker accepts the file at ``path``, checked before the model is loaded
+    here: the C++ checker reads the file itself, so no serialised copy of the weights is made and
+    its memory is free again before Python's copy exists. On failure :func:`read_model` goes on
+    to load and check the model in Python, for the message that says what is wrong."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception:
+        return False
+    return True
 
 
 def _check_external_range(tensor: onnx.TensorProto, path: Path, location: str) -> int:
@@ -345,7 +360,7 @@ def stage_model(
             else:
                 tmp_data.unlink()
         else:
-            _write_bytes(tmp_model, model.SerializeToString())
+            _write_model(tmp_model, model)
         renames.append((tmp_model, target))
     except BaseException as exc:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -363,14 +378,18 @@ def _repeated(field: Any) -> bool:
 def _copy_fields(dst: Any, src: Any, skip: frozenset[str]) -> None:
     """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
     for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        if _repeated(field):
-            getattr(dst, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
+        if field.name not in skip:
+            _set_field(dst, field, value)
+
+
+def _set_field(dst: Any, field: Any, value: Any) -> None:
+    """Set ``field`` of message ``dst`` to ``value`` (a copy: protobuf never shares)."""
+    if _repeated(field):
+        getattr(dst, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
 
 
 _DATA_FIELDS = frozenset(
@@ -495,9 +514,107 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _split(message: Any, number: int) -> tuple[Any, Any]:
+    """Two messages of ``message``'s type: its fields numbered below ``number``, and above."""
+    head, tail = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        if field.number != number:
+            _set_field(head if field.number < number else tail, field, value)
+    return head, tail
+
+
+#: Field numbers of ``ModelProto.graph`` and ``GraphProto.initializer`` (onnx.proto).
+_GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5
+
+
+@dataclass
+class _Layout:
+    """A model cut around its initializers: what :func:`_model_pieces` writes, and its size."""
+
+    head: onnx.ModelProto  # the model's fields numbered below ``graph``
+    tail: onnx.ModelProto  # and above
+    graph_head: onnx.GraphProto  # the graph's fields numbered below ``initializer``
+    graph_tail: onnx.GraphProto
+    sizes: list[int]  # serialised size of each initializer
+    graph_size: int
+
+    @property
+    def total(self) -> int:
+        return self.head.ByteSize() + 1 + len(_varint(self.graph_size)) + self.graph_size + self.tail.ByteSize()
+
+
+def _layout(model: onnx.ModelProto) -> _Layout | None:
+    """The model cut around its initializers, or ``None`` when the model or its graph holds
+    fields this protobuf does not know (cutting would lose them). ``ByteSize`` of a message
+    serialises it in upb, so sizes are taken of the pieces, never of the whole model."""
+    if not model.HasField("graph") or _has_unknown_fields(model) or _has_unknown_fields(model.graph):
+        return None
+    head, tail = _split(model, _GRAPH_FIELD)
+    g_head, g_tail = _split(model.graph, _INITIALIZER_FIELD)
+    sizes = [t.ByteSize() for t in model.graph.initializer]
+    g_size = g_head.ByteSize() + g_tail.ByteSize() + sum(1 + len(_varint(n)) + n for n in sizes)
+    return _Layout(head, tail, g_head, g_tail, sizes, g_size)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """``len(model.SerializeToString())``, counted one initializer at a time (no serialised copy
+    of the whole model; ``model.ByteSize()`` would make one)."""
+    layout = _layout(model)
+    return model.ByteSize() if layout is None else layout.total
+
+
+def _model_pieces(model: onnx.ModelProto) -> Iterator[bytes] | None:
+    """``model.SerializeToString()`` as a sequence of pieces, one initializer at a time, so that
+    no serialised copy of the whole model is ever held (and upb's encoder does not grow one
+    buffer across all the weights). Fields are written in field-number order, as protobuf does,
+    so the bytes are the same; ``None`` where :func:`_layout` cannot cut the model: the caller
+    serialises it in one piece."""
+    layout = _layout(model)
+    if layout is None:
+        return None
+    tag_graph, tag_init = bytes([_GRAPH_FIELD << 3 | 2]), bytes([_INITIALIZER_FIELD << 3 | 2])
+
+    def pieces() -> Iterator[bytes]:
+        yield layout.head.SerializeToString()
+        yield tag_graph + _varint(layout.graph_size)
+        yield layout.graph_head.SerializeToString()
+        for tensor, n in zip(model.graph.initializer, layout.sizes):
+            yield tag_init + _varint(n)
+            yield tensor.SerializeToString()
+        yield layout.graph_tail.SerializeToString()
+        yield layout.tail.SerializeToString()
+
+    return pieces()
+
+
+def _has_unknown_fields(message: Any) -> bool:
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # an older protobuf: assume there may be some
+        return True
+    return len(UnknownFieldSet(message)) > 0
+
+
+def _write_model(path: Path, model: onnx.ModelProto) -> None:
+    """Write ``model`` serialised to ``path``: streamed where :func:`_model_pieces` can."""
+    pieces = _model_pieces(model)
+    _write_bytes(path, model.SerializeToString() if pieces is None else pieces)
+
+
+def _write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or pieces written in turn) to ``path`` and sync it to disk."""
     with open(path, "wb") as f:
-        f.write(data)
+        for piece in [data] if isinstance(data, bytes) else data:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
 

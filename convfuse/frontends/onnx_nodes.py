@@ -6,8 +6,9 @@ Plumbing only. A reader looks at one node and its constant inputs and returns a
 is not linear at all (Relu, MaxPool, an Add of two activations...). Readers are a table,
 :data:`READERS`, from op type to function; adding an op means adding an entry.
 
-Readers look only at shapes, types and attributes; weights are read (into float64, the
-precision the algebra works in) when :meth:`LinearOp.spec` is called for a run being merged.
+Readers look only at shapes, types and attributes; weights are read when :meth:`LinearOp.spec`
+is called for a run being merged: a numpy view of the initializer's bytes, cast once to float64
+(the precision the algebra works in).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 
 from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
@@ -37,6 +37,7 @@ __all__ = [
     "label",
     "conv_node",
     "linear_nodes",
+    "NewTensor",
     "mark_merged",
     "merged_from",
     "unread_nodes",
@@ -44,9 +45,9 @@ __all__ = [
 
 #: Element types convfuse merges: float32, float16, float64 (ONNX ``TensorProto`` codes).
 FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT: torch.float32,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT: np.dtype(np.float32),
+    onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+    onnx.TensorProto.DOUBLE: np.dtype(np.float64),
 }
 #: Floating types that are not merged (a typed decline rather than silence).
 _OTHER_FLOAT_TYPES = {
@@ -118,8 +119,15 @@ def _refuse(node: onnx.NodeProto, kind: str, x: str, reason: Reason, message: st
     return LinearOp(node, kind, x, node.output[0], refused=Decline(reason, f"{label(node)}: {message}"))
 
 
-def _f64(tensor: onnx.TensorProto) -> torch.Tensor:
-    return torch.from_numpy(numpy_helper.to_array(tensor).astype(np.float64, copy=True))
+def _values(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values in its own dtype: a read-only view of ``raw_data`` (no copy) where the
+    bytes are little-endian raw data, else what ``numpy_helper`` builds from the typed fields."""
+    dtype = FLOAT_TYPES.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data") and not tensor.external_data:
+        dims = tuple(int(d) for d in tensor.dims)
+        if len(tensor.raw_data) == math.prod(dims) * dtype.itemsize:
+            return np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<")).reshape(dims)
+    return numpy_helper.to_array(tensor)
 
 
 def _type_problem(tensor: onnx.TensorProto, what: str) -> tuple[Reason, str] | None:
@@ -139,12 +147,15 @@ def _constant(env: Env, name: str, what: str) -> onnx.TensorProto | tuple[Reason
     return problem if problem is not None else found
 
 
-def _non_finite(node: onnx.NodeProto, *tensors: tuple[str, str, torch.Tensor | None]) -> Decline | None:
+def _non_finite(node: onnx.NodeProto, *tensors: tuple[str, str, np.ndarray | None]) -> Decline | None:
     """A NON_FINITE decline naming the first of ``(what, name, values)`` holding NaN or Inf."""
     for what, name, values in tensors:
         if values is None:
             continue
-        count = int((~torch.isfinite(values)).sum())
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(values.sum(dtype=np.float64)):  # NaN and Inf reach the sum; one pass
+                continue
+        count = int(values.size - np.count_nonzero(np.isfinite(values)))  # the sum may just overflow
         if count:
             return Decline(
                 Reason.NON_FINITE,
@@ -249,7 +260,10 @@ def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"group={group} does not divide {dims[0]} outputs")
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
-        weight, bias = _f64(w), None if b is None else _f64(b)
+        # One float64 copy, the precision the algebra folds a run in (a float32 view would be
+        # rounded back to float32 after every step of the fold).
+        weight = _values(w).astype(np.float64)
+        bias = None if b is None else _values(b).astype(np.float64)
         bad = _non_finite(node, ("weight", w_name, weight), ("bias", b_name, bias))
         if bad is not None:
             return bad
@@ -294,14 +308,14 @@ def read_batchnorm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     def resolve(ndim: int, c: int) -> ConvSpec | Decline:
         if c != channels:
             return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} has {channels} channels, its input {c}")
-        gamma, beta, mean, var = (_f64(p) for p in params)
+        gamma, beta, mean, var = (_values(p).astype(np.float64) for p in params)
         bad = _non_finite(
             node, *((what, p.name, t) for what, p, t in zip(("scale", "bias", "mean", "variance"), params, (gamma, beta, mean, var)))
         )
         if bad is not None:
             return bad
         affine = ChannelAffine.from_batchnorm(mean, var, gamma, beta, eps)
-        if not (torch.isfinite(affine.scale).all() and torch.isfinite(affine.shift).all()):
+        if not (np.isfinite(affine.scale).all() and np.isfinite(affine.shift).all()):
             return Decline(Reason.NON_FINITE, f"{label(node)}: variance + epsilon is not positive")
         return affine_conv(affine, ndim)
 
@@ -346,15 +360,16 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
                 return Decline(
                     Reason.CHANNEL_MISMATCH, f"{label(node)}: constant has {padded[1]} channels, tensor has {channels}"
                 )
-            c = _f64(const).reshape(-1).expand(channels).clone()
-            one, zero = torch.ones_like(c), torch.zeros_like(c)
-            scale, shift = {
-                "Mul": (c, zero),
-                "Add": (one, c),
-                "Sub": (-one, c) if const_a else (one, -c),
-                "Div": (1.0 / c, zero),
-            }[op]
-            if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+            c = np.broadcast_to(_values(const).astype(np.float64).reshape(-1), (channels,)).copy()
+            one, zero = np.ones_like(c), np.zeros_like(c)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                scale, shift = {
+                    "Mul": (c, zero),
+                    "Add": (one, c),
+                    "Sub": (-one, c) if const_a else (one, -c),
+                    "Div": (1.0 / c, zero),
+                }[op]
+            if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
                 return Decline(Reason.NON_FINITE, f"{label(node)}: constant is not finite (or divides by zero)")
             return affine_conv(ChannelAffine(scale, shift), ndim)
 
@@ -369,7 +384,7 @@ def read_neg(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         return None
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
-        ones = torch.ones(channels, dtype=torch.float64)
+        ones = np.ones(channels, dtype=np.float64)
         return affine_conv(ChannelAffine(-ones, ones * 0), ndim)
 
     return LinearOp(node, "neg", node.input[0], node.output[0], resolve=resolve)
@@ -406,11 +421,11 @@ def read_gemm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
         if channels != k:
             return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} reads {k} features, its input has {channels}")
-        weight = _f64(b)
+        weight = _values(b).astype(np.float64)
         weight = alpha * (weight if trans_b else weight.T)
-        bias = None if c is None else beta * _f64(c).reshape(-1).expand(n).clone()
+        bias = None if c is None else beta * np.broadcast_to(_values(c).astype(np.float64).reshape(-1), (n,))
         bad = _non_finite(node, ("weight", b_name, weight), ("bias", c_name, bias))
-        return bad if bad is not None else linear_spec(weight.contiguous(), bias)
+        return bad if bad is not None else linear_spec(np.ascontiguousarray(weight), bias)
 
     return LinearOp(node, "linear", x, node.output[0], None, k, n, b.data_type, resolve)
 
@@ -468,7 +483,7 @@ def read_pad(node: onnx.NodeProto, env: Env) -> LinearOp | None:
             full[axis] = [b, e]
         if any(full[0]) or any(full[1]):
             return Decline(Reason.UNSUPPORTED, f"{label(node)} pads the batch or channel dimension")
-        weight = torch.ones(channels, 1, *([1] * ndim), dtype=torch.float64)
+        weight = np.ones((channels, 1, *([1] * ndim)))
         return ConvSpec(weight=weight, groups=channels, pads=tuple((b, e) for b, e in full[2:]))
 
     return LinearOp(node, "pad", x, node.output[0], ndim=k - 2 if axes is None else None, resolve=resolve)
@@ -507,7 +522,7 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
                 f"{label(node)}: kernel {kernel} on {channels} channels would need {elements:,} weight elements, "
                 f"over the limit of {MAX_MERGED_ELEMENTS:,}",
             )
-        spec = average_pool(channels, kernel, strides, pads, dtype=torch.float64)
+        spec = average_pool(channels, kernel, strides, pads, dtype=np.float64)
         return spec.replace(dilation=tuple(dilations))
 
     return LinearOp(node, "avgpool", x, node.output[0], ndim=n, resolve=resolve)
@@ -570,13 +585,14 @@ def unread_nodes(nodes: Sequence[onnx.NodeProto]) -> list[tuple[list[onnx.NodePr
 
 
 # --------------------------------------------------------------------------- writer
-def _cast(weight: torch.Tensor, bias: torch.Tensor | None, elem_type: int) -> tuple[torch.Tensor, torch.Tensor | None] | Decline:
+def _cast(weight: np.ndarray, bias: np.ndarray | None, elem_type: int) -> tuple[np.ndarray, np.ndarray | None] | Decline:
     """Merged weights in the model's type, once; an all-zero bias left out (adding zero is
     exact); a value the type cannot hold (float16 overflow) is a decline."""
     dtype = FLOAT_TYPES[elem_type]
-    weight = weight.detach().to(dtype)
-    bias = None if bias is None or not bool(torch.any(bias != 0)) else bias.detach().to(dtype)
-    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+    with np.errstate(over="ignore"):  # float16 overflow is the decline below
+        weight = np.ascontiguousarray(weight, dtype=dtype)
+        bias = None if bias is None or not bool(np.any(bias != 0)) else np.ascontiguousarray(bias, dtype=dtype)
+    if not bool(np.isfinite(weight).all()) or (bias is not None and not bool(np.isfinite(bias).all())):
         return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
     return weight, bias
 
@@ -589,8 +605,9 @@ def conv_node(
     y: str,
     elem_type: int,
     fresh: Callable[[str], str],
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | Decline:
-    """One ``Conv`` node computing ``spec`` from ``x`` into ``y``, with explicit pads.
+) -> tuple[onnx.NodeProto, list[NewTensor]] | Decline:
+    """One ``Conv`` node computing ``spec`` from ``x`` into ``y``, with explicit pads, and the
+    initializers it reads (:class:`NewTensor`: written into the graph by the caller).
 
     Weights are cast to ``elem_type`` once, here; an all-zero bias is left out (adding zero is
     exact). A weight that does not fit the type (float16 overflow) is a decline.
@@ -602,11 +619,11 @@ def conv_node(
         return cast
     weight, bias = cast
     w_name = fresh(f"{name}.weight")
-    initializers = [numpy_helper.from_array(weight.cpu().numpy(), w_name)]
+    initializers = [NewTensor(w_name, weight, elem_type)]
     inputs = [x, w_name]
     if bias is not None:
         b_name = fresh(f"{name}.bias")
-        initializers.append(numpy_helper.from_array(bias.cpu().numpy(), b_name))
+        initializers.append(NewTensor(b_name, bias, elem_type))
         inputs.append(b_name)
     node = helper.make_node(
         "Conv",
@@ -622,6 +639,24 @@ def conv_node(
     return node, initializers
 
 
+@dataclass(frozen=True, eq=False)
+class NewTensor:
+    """An initializer a merge writes: its values in the model's dtype, not yet in protobuf."""
+
+    name: str
+    array: np.ndarray
+    elem_type: int
+
+    def write(self, initializers: Any) -> None:
+        """Append to ``graph.initializer``, built in place: protobuf copies a message on append."""
+        tensor = initializers.add()
+        tensor.name = self.name
+        tensor.data_type = self.elem_type
+        tensor.dims.extend(self.array.shape)
+        tensor.raw_data = self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+
 def linear_nodes(
     spec: ConvSpec,
     *,
@@ -631,7 +666,7 @@ def linear_nodes(
     elem_type: int,
     fresh: Callable[[str], str],
     rank2: bool,
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | Decline:
+) -> tuple[list[onnx.NodeProto], list[NewTensor]] | Decline:
     """A Linear layer on the last dim of ``x``: ``Gemm`` (transB=1) on a ``[N, C]`` tensor,
     ``MatMul`` then ``Add`` on any other rank."""
     cast = _cast(*as_matrix(spec), elem_type)
@@ -641,16 +676,16 @@ def linear_nodes(
     w_name = fresh(f"{name}.weight")
     b_name = fresh(f"{name}.bias") if bias is not None else ""
     if rank2:
-        inits = [numpy_helper.from_array(weight.cpu().numpy(), w_name)]
+        inits = [NewTensor(w_name, weight, elem_type)]
         inputs = [x, w_name]
         if bias is not None:
-            inits.append(numpy_helper.from_array(bias.cpu().numpy(), b_name))
+            inits.append(NewTensor(b_name, bias, elem_type))
             inputs.append(b_name)
         return [helper.make_node("Gemm", inputs, [y], name=name, transB=1)], inits
-    inits = [numpy_helper.from_array(weight.T.contiguous().cpu().numpy(), w_name)]
+    inits = [NewTensor(w_name, np.ascontiguousarray(weight.T), elem_type)]
     if bias is None:
         return [helper.make_node("MatMul", [x, w_name], [y], name=name)], inits
-    inits.append(numpy_helper.from_array(bias.cpu().numpy(), b_name))
+    inits.append(NewTensor(b_name, bias, elem_type))
     mid = fresh(f"{y}/matmul")
     nodes = [
         helper.make_node("MatMul", [x, w_name], [mid], name=name),

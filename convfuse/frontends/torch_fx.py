@@ -31,7 +31,7 @@ import operator
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +53,10 @@ from ..errors import (
 from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
-from ..algebra_linear import linear_spec
 from ..ir import LinearGraph, LinearNode, OpKind
 from ..planner import Merge, Plan, Resum, plan
 from .torch_import import op_node, parameter_sizes
-from .torch_ir import ConvOp, DenseOp, IdentityOp, LinearOp
+from .torch_ir import ConvOp, IdentityOp, LinearOp, numpy_dtype, weight_dtype_device
 from .torch_layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
 from .torch_rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
 from .torch_check import (
@@ -958,11 +957,11 @@ def _unique_keys(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modul
     return out
 
 
-def layer_from_merge(merge: Merge, dtype: torch.dtype, types: dict[str, str]) -> nn.Module:
-    """The module a merge writes: a conv, or a Linear for a region of Linear layers, marked
-    with the layers it replaces (``types``: their class names)."""
-    spec = merge.spec.to(dtype)
-    layer = linear_from_spec(spec) if merge.linear else conv_from_spec(spec)
+def layer_from_merge(merge: Merge, dtype: torch.dtype, device: Any, types: dict[str, str]) -> nn.Module:
+    """The module a merge writes in the model's ``dtype`` on ``device``: a conv, or a Linear for
+    a region of Linear layers, marked with the layers it replaces (``types``: their class names)."""
+    make = linear_from_spec if merge.linear else conv_from_spec
+    layer = make(merge.spec, dtype, device)
     return mark_provenance(layer, merge.sources, merge.kind, types)
 
 
@@ -975,20 +974,19 @@ def _write_run(
     """Append the layers a run plans to (or the run unchanged) to ``out``."""
     unchanged = [(k, m) for k, m, _ in run]
     ops = [op for _, _, run_ops in run for op in run_ops]
-    convs = [op.spec for op in ops if isinstance(op, ConvOp)] + [
-        linear_spec(op.weight) for op in ops if isinstance(op, DenseOp)
-    ]
-    if not convs:
+    weights = [found for found in map(weight_dtype_device, ops) if found is not None]
+    if not weights:
         out += unchanged
         return
+    dtype, device = weights[0]
     args = ctx.shapes.get(ops[0].name)
     shapes = {"t0": args[0][0]} if args else {}
     nodes = [
-        op_node(op, f"t{k}", f"t{k + 1}", convs[0].dtype, convs[0].weight.device, parameter_sizes(op.origin[1]), op)
+        op_node(op, f"t{k}", f"t{k + 1}", dtype, device, parameter_sizes(op.origin[1]), op)
         for k, op in enumerate(ops)
     ]
     graph = LinearGraph(nodes, {f"t{len(ops)}"}, {f"t{len(ops)}"}, shapes, pad_layer=True)
-    result = plan(graph, ctx.judge, convs[0].dtype)
+    result = plan(graph, ctx.judge, numpy_dtype(dtype))
     for sources, decline in result.declines:
         ctx.report.declined(sources, decline)
     if not result.merges:
@@ -1002,7 +1000,7 @@ def _write_run(
             m = first[id(node)]
             merges.append((len(out), m))
             types = {o.name: type(o.origin[1]).__name__ for o in ops}
-            merged_layer = layer_from_merge(m, convs[0].dtype, types)
+            merged_layer = layer_from_merge(m, dtype, device, types)
             carry_attributes(op.origin[1], merged_layer)
             out.append((op.origin[0], merged_layer))
         elif id(node) not in merged:
@@ -1378,7 +1376,7 @@ class _GraphFuser:
         self._build()
         graph = self._linear_graph()
         if any(n.kind.is_anchor for n in graph.nodes):
-            result = plan(graph, self.ctx.judge, self._dtype)
+            result = plan(graph, self.ctx.judge, numpy_dtype(self._dtype))
             for sources, decline in result.declines:
                 self.ctx.report.declined(sources, decline)
             self._write(result)
@@ -1388,20 +1386,22 @@ class _GraphFuser:
             self._clean()
         return self.changed
 
+    def _written_as(self) -> tuple[torch.dtype, Any]:
+        """The dtype and device of the graph's first conv or Linear (what merges are written in)."""
+        for entry in self.entries.values():
+            found = weight_dtype_device(entry.op) if isinstance(entry, Unary) else None
+            if found is not None:
+                return found
+        return torch.get_default_dtype(), torch.device("cpu")
+
     @property
     def _dtype(self) -> torch.dtype:
-        for entry in self.entries.values():
-            if isinstance(entry, Unary) and isinstance(entry.op, ConvOp):
-                return entry.op.spec.dtype
-            if isinstance(entry, Unary) and isinstance(entry.op, DenseOp):
-                return entry.op.weight.dtype
-        return torch.get_default_dtype()
+        return self._written_as()[0]
 
     def _linear_graph(self) -> LinearGraph:
         """The graph's linear nodes as the planner's IR (the torch.fx importer)."""
         default = self._dtype
-        convs = [e.op.spec for e in self.entries.values() if isinstance(e, Unary) and isinstance(e.op, ConvOp)]
-        device = convs[0].weight.device if convs else torch.device("cpu")
+        device = self._written_as()[1]
         nodes: list[LinearNode] = []
         for node in self.nodes:
             entry = self.entries.get(node)
@@ -1559,7 +1559,7 @@ class _GraphFuser:
                 last = max((n.origin for n in merge.nodes), key=self.order.__getitem__)
                 target = self.target_of[merge.sources[0]] if straight else self._new_module_name(merge.sources)
                 types = layer_types(self.gm, merge.sources, self.prefix)
-                self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge), types))
+                self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge), self._written_as()[1], types))
                 with self.graph.inserting_before(last):
                     new = self.graph.call_module(target, (value[merge.x],))
                 value[merge.y] = new
@@ -1584,10 +1584,9 @@ class _GraphFuser:
     def _dtype_of(self, merge: Merge) -> torch.dtype:
         for node in merge.nodes:
             op = self.entries[node.origin].op if isinstance(self.entries.get(node.origin), Unary) else None
-            if isinstance(op, ConvOp):
-                return op.spec.dtype
-            if isinstance(op, DenseOp):
-                return op.weight.dtype
+            found = weight_dtype_device(op) if op is not None else None
+            if found is not None:
+                return found[0]
         meta = self.nodes[self.order[merge.nodes[0].origin]].meta.get("tensor_meta")
         return meta.dtype if isinstance(meta, TensorMetadata) else self._dtype
 

@@ -6,6 +6,9 @@ math (float64) for an input described by :class:`TensorInfo`, and :func:`as_spec
 a ConvSpec. :mod:`.torch_import` wraps each op as a :class:`~convfuse.ir.LinearNode` for
 :mod:`convfuse.planner`. No graph types here; each op carries an opaque ``origin`` the front
 end uses to write it back unchanged.
+
+Arithmetic runs in float64 numpy (torch constants are converted here, at the edge); merged
+layers are cast back to the model's dtype and device when the front end writes them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import numpy as np
 import torch
 
 from ..algebra import ChannelAffine, affine_conv, average_pool, identity
@@ -32,9 +36,12 @@ __all__ = [
     "PoolOp",
     "DenseOp",
     "as_spec",
+    "numpy_dtype",
+    "torch_dtype",
+    "weight_dtype_device",
 ]
 
-_F64 = torch.float64
+_F64 = np.float64
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class TensorInfo:
     channels: int
     ndim: int
     dtype: torch.dtype  # the model's dtype; merged convs are cast back to it
-    device: torch.device
+    device: Any  # torch.device of the model's weights
     batch: int | None = None  # known from shape propagation only (latency timing)
     spatial: tuple[int, ...] | None = None
 
@@ -79,6 +86,8 @@ class ConvOp(LinearOp):
     """A convolution layer."""
 
     spec: ConvSpec | None = None
+    dtype: Any = None  # torch dtype of the layer's weights (the spec holds a numpy view)
+    device: Any = None
 
     def fixed_ndim(self) -> int | None:
         return self.spec.ndim
@@ -94,8 +103,9 @@ class ConvOp(LinearOp):
             return Decline(
                 Reason.CHANNEL_MISMATCH, f"{self.name} expects {s.in_channels} channels, gets {info.channels}"
             )
-        if s.dtype != info.dtype:
-            return Decline(Reason.DTYPE, f"{self.name} holds {s.dtype} weights in a {info.dtype} region")
+        dtype = self.dtype if self.dtype is not None else s.dtype
+        if str(dtype).removeprefix("torch.") != str(info.dtype).removeprefix("torch."):
+            return Decline(Reason.DTYPE, f"{self.name} holds {dtype} weights in a {info.dtype} region")
         return s.to(_F64)
 
 
@@ -151,8 +161,7 @@ class PadOp(LinearOp):
         if len(self.pads) > info.ndim:
             return Decline(Reason.UNSUPPORTED, f"{self.name} pads {len(self.pads)} dims of a {info.ndim}D tensor")
         pads = ((0, 0),) * (info.ndim - len(self.pads)) + tuple(self.pads)
-        spec = identity(info.channels, info.ndim, _F64)
-        return spec.replace(weight=spec.weight.to(info.device), pads=pads)
+        return identity(info.channels, info.ndim, _F64).replace(pads=pads)
 
 
 @dataclass(eq=False)
@@ -169,8 +178,7 @@ class PoolOp(LinearOp):
     def build(self, info: TensorInfo) -> Math | Decline:
         if len(self.kernel) != info.ndim:
             return Decline(Reason.RANK_MISMATCH, f"{self.name} pools {len(self.kernel)}D on a {info.ndim}D tensor")
-        spec = average_pool(info.channels, self.kernel, self.stride, self.pads, _F64)
-        return spec.replace(weight=spec.weight.to(info.device))
+        return average_pool(info.channels, self.kernel, self.stride, self.pads, _F64)
 
 
 @dataclass(eq=False)
@@ -190,8 +198,8 @@ class DenseOp(LinearOp):
             )
         if self.weight.dtype != info.dtype:
             return Decline(Reason.DTYPE, f"{self.name} holds {self.weight.dtype} weights in a {info.dtype} region")
-        bias = None if self.bias is None else self.bias.detach().to(_F64)
-        return linear_spec(self.weight.detach().to(_F64), bias)
+        bias = None if self.bias is None else self.bias.detach().to("cpu", torch.float64).numpy()
+        return linear_spec(self.weight.detach().to("cpu", torch.float64).numpy(), bias)
 
 
 # --------------------------------------------------------------------------- helpers: constants
@@ -207,15 +215,15 @@ def _channel_size(value: torch.Tensor | float | None, vector: bool) -> int | Non
 
 def _per_channel(
     value: torch.Tensor | float | None, info: TensorInfo, vector: bool, name: str, neutral: float
-) -> torch.Tensor | Decline:
-    """A constant as a ``[C]`` float64 vector, or why broadcasting it is not per channel."""
+) -> np.ndarray | Decline:
+    """A constant as a ``[C]`` float64 numpy vector, or why broadcasting it is not per channel."""
     c = info.channels
     if value is None:
-        return torch.full((c,), neutral, dtype=_F64, device=info.device)
+        return np.full(c, neutral, dtype=_F64)
     if not isinstance(value, torch.Tensor):
         if not math.isfinite(float(value)):
             return Decline(Reason.NON_FINITE, f"{name} uses the constant {value}")
-        return torch.full((c,), float(value), dtype=_F64, device=info.device)
+        return np.full(c, float(value), dtype=_F64)
     t = value.detach()
     if t.is_complex() or t.dtype == torch.bool:
         return Decline(Reason.DTYPE, f"{name} multiplies by a {t.dtype} constant")
@@ -224,7 +232,7 @@ def _per_channel(
     if t.is_floating_point() and t.dim() > 0 and t.dtype != info.dtype:
         return Decline(Reason.DTYPE, f"{name} uses a {t.dtype} constant on a {info.dtype} tensor")
     if t.numel() == 1 and (vector or t.dim() <= info.ndim + 2):
-        return torch.full((c,), float(t.reshape(())), dtype=_F64, device=info.device)
+        return np.full(c, float(t.reshape(())), dtype=_F64)
     if vector:
         shape_ok = t.dim() == 1 and t.numel() == c
     else:
@@ -237,14 +245,37 @@ def _per_channel(
             f"{name} uses a constant of shape {tuple(t.shape)}, not one value per channel of a "
             f"[N, {c}, ...] tensor with {info.ndim} spatial dims",
         )
-    return t.reshape(c).to(device=info.device, dtype=_F64)
+    return t.reshape(c).to(device="cpu", dtype=torch.float64).numpy()
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a numpy one (a spec built without a layer's own dtype)."""
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype | str:
+    """The numpy dtype of a torch one, or its name where numpy has none (bfloat16: no timing model)."""
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return name
+
+
+def weight_dtype_device(op: LinearOp) -> tuple[torch.dtype, Any] | None:
+    """The torch dtype and device of a conv's or Linear's weights (what a merge is written in)."""
+    if isinstance(op, ConvOp):
+        dtype = op.dtype if op.dtype is not None else torch_dtype(op.spec.dtype)
+        return dtype, op.device if op.device is not None else torch.device("cpu")
+    if isinstance(op, DenseOp):
+        return op.weight.dtype, op.weight.device
+    return None
 
 
 def as_spec(m: Math, info: TensorInfo) -> ConvSpec:
     """Any math as a conv: identity is a Dirac kernel, an affine a depthwise 1x1."""
     if m is None:
-        spec = identity(info.channels, info.ndim, _F64)
-        return spec.replace(weight=spec.weight.to(info.device))
+        return identity(info.channels, info.ndim, _F64)
     if isinstance(m, ChannelAffine):
         return affine_conv(m, info.ndim)
     return m

@@ -1,13 +1,16 @@
 """Conversions between torch layers and the shared descriptions (ConvSpec, ChannelAffine).
 
 Plumbing only: reading attributes and writing modules. The math lives in ``convfuse.algebra``.
+This is the torch edge of the numpy algebra: a spec holds numpy views of a layer's CPU weights
+(no copy), and a written module gets the model's dtype and device.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +27,8 @@ __all__ = [
     "conv_from_spec",
     "linear_from_spec",
     "affine_from_batchnorm",
+    "to_tensor",
+    "affine_tensors",
     "mark_provenance",
     "layer_types",
     "PROVENANCE_ATTR",
@@ -64,9 +69,23 @@ def spec_from_conv(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> ConvSpec:
     )
 
 
-def conv_from_spec(spec: ConvSpec) -> nn.Module:
+def to_tensor(array: np.ndarray, dtype: torch.dtype | None = None, device: Any = None) -> torch.Tensor:
+    """A numpy array as a torch tensor: a view when dtype and device already match, else one copy."""
+    if not array.flags.writeable:  # torch refuses to view read-only memory
+        array = array.copy()
+    return torch.from_numpy(array).to(device=device, dtype=dtype)
+
+
+def affine_tensors(affine: ChannelAffine, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-channel affine's scale and shift as tensors of ``like``'s dtype and device."""
+    return (to_tensor(affine.scale, like.dtype, like.device), to_tensor(affine.shift, like.dtype, like.device))
+
+
+def conv_from_spec(spec: ConvSpec, dtype: torch.dtype | None = None, device: Any = None) -> nn.Module:
     """A torch module computing ``spec``: a ConvNd, or ``Sequential(pad, ConvNd)`` when the
-    padding is asymmetric (torch convs pad symmetrically). Weights are copied, never shared."""
+    padding is asymmetric (torch convs pad symmetrically). Weights are copied, never shared.
+    ``dtype`` and ``device`` are the model's (default: the spec's own dtype, on the CPU)."""
+    weight = to_tensor(spec.weight, dtype, device)
     cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spec.ndim - 1]
     symmetric = all(b == e for b, e in spec.pads)
     conv = cls(
@@ -79,13 +98,13 @@ def conv_from_spec(spec: ConvSpec) -> nn.Module:
         groups=spec.groups,
         bias=spec.bias is not None,
         padding_mode=spec.padding_mode if symmetric else "zeros",
-        device=spec.weight.device,
-        dtype=spec.weight.dtype,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     with torch.no_grad():
-        conv.weight.copy_(spec.weight)
+        conv.weight.copy_(weight)
         if spec.bias is not None:
-            conv.bias.copy_(spec.bias)
+            conv.bias.copy_(to_tensor(spec.bias, weight.dtype, weight.device))
     if symmetric:
         return conv
     flat = tuple(p for b, e in reversed(spec.pads) for p in (b, e))
@@ -94,14 +113,16 @@ def conv_from_spec(spec: ConvSpec) -> nn.Module:
     return nn.Sequential(pad, conv)
 
 
-def linear_from_spec(spec: ConvSpec) -> nn.Linear:
-    """An ``nn.Linear`` computing a 1D pointwise spec on the last dim (weights copied)."""
-    weight, bias = as_matrix(spec)
-    layer = nn.Linear(spec.in_channels, spec.out_channels, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+def linear_from_spec(spec: ConvSpec, dtype: torch.dtype | None = None, device: Any = None) -> nn.Linear:
+    """An ``nn.Linear`` computing a 1D pointwise spec on the last dim (weights copied), in the
+    model's ``dtype`` and ``device`` (default: the spec's own dtype, on the CPU)."""
+    matrix, vector = as_matrix(spec)
+    weight = to_tensor(matrix, dtype, device)
+    layer = nn.Linear(spec.in_channels, spec.out_channels, bias=vector is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
+        if vector is not None:
+            layer.bias.copy_(to_tensor(vector, weight.dtype, weight.device))
     return layer
 
 

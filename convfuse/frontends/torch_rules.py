@@ -22,7 +22,7 @@ from ..algebra import ChannelAffine
 from ..decline import Decline, Reason
 from ..spec import ConvSpec, same_pads
 from .torch_ir import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp
-from .torch_layers import affine_from_batchnorm, spec_from_conv
+from .torch_layers import affine_from_batchnorm, affine_tensors, spec_from_conv
 
 __all__ = [
     "UNKNOWN",
@@ -74,7 +74,7 @@ CallRule = Callable[[fx.Node, Resolve], CallResult]
 def _conv_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
     if isinstance(m.weight, nn.parameter.UninitializedParameter):
         return Decline(Reason.UNSUPPORTED, f"{name} is a lazy conv that has not seen an input yet")
-    return ConvOp(name, spec=spec_from_conv(m))
+    return ConvOp(name, spec=spec_from_conv(m), dtype=m.weight.dtype, device=m.weight.device)
 
 
 def _linear_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
@@ -88,7 +88,8 @@ def _batchnorm_module(ndim: int | None) -> ModuleRule:
         affine = affine_from_batchnorm(m)
         if isinstance(affine, Decline):
             return Decline(affine.reason, f"{name}: {affine.message}")
-        return AffineOp(name, scale=affine.scale, shift=affine.shift, vector=True, ndim=ndim)
+        scale, shift = affine_tensors(affine, m.running_mean)
+        return AffineOp(name, scale=scale, shift=shift, vector=True, ndim=ndim)
 
     return rule
 
@@ -388,7 +389,7 @@ def _conv_rule(n: int) -> CallRule:
             groups=int(bound["groups"]),
             pads=pads,
         )
-        return Unary(ConvOp(node.name, spec=spec), x)
+        return Unary(ConvOp(node.name, spec=spec, dtype=w.dtype, device=w.device), x)
 
     return rule
 
@@ -454,7 +455,8 @@ def _batchnorm_call(node: fx.Node, resolve: Resolve, bound: dict[str, Any] | Non
     affine = ChannelAffine.from_batchnorm(
         values["running_mean"], values["running_var"], values["weight"], values["bias"], float(eps)
     )
-    return Unary(AffineOp(node.name, scale=affine.scale, shift=affine.shift, vector=True), x)
+    scale, shift = affine_tensors(affine, values["running_mean"])
+    return Unary(AffineOp(node.name, scale=scale, shift=shift, vector=True), x)
 
 
 _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
