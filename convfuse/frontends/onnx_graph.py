@@ -41,6 +41,7 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import check_model, load_model
+from .onnx_prepass import prepare
 from .onnx_nodes import (
     FLOAT_TYPES,
     Dims,
@@ -986,6 +987,8 @@ def fuse_onnx(
     report = Report()
     report.before = model_stats(fused, shapes)
     report.positions = {label(node): i for i, node in enumerate(fused.graph.node)}
+    if prepare(fused, report):  # fold constants, read bias-filled borders (onnx_prepass)
+        shapes, note = infer_shapes(fused)
     state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")
