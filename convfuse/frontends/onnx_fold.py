@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -34,6 +34,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ..decline import Decline, Reason
+from .onnx_io import subgraphs
 
 __all__ = ["MAX_FOLDED_ELEMENTS", "Folded", "FoldResult", "fold_constants", "graph_reads", "prune", "static_shapes"]
 
@@ -77,20 +78,13 @@ class FoldResult:
 
 
 # --------------------------------------------------------------------------- graph reading
-def _bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.HasField("g"):
-            yield attr.g
-        yield from attr.graphs
-
-
 def _free_names(graph: onnx.GraphProto) -> set[str]:
     """Names a body reads from enclosing scopes."""
     bound = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     free: set[str] = set()
     for node in graph.node:
         free.update(n for n in node.input if n and n not in bound)
-        for body in _bodies(node):
+        for body in subgraphs(node):
             free.update(_free_names(body) - bound)
         bound.update(node.output)
     free.update(o.name for o in graph.output if o.name not in bound)
@@ -100,7 +94,7 @@ def _free_names(graph: onnx.GraphProto) -> set[str]:
 def graph_reads(node: onnx.NodeProto) -> list[str]:
     """Every name ``node`` reads: its inputs and the outer names its bodies read."""
     names = [n for n in node.input if n]
-    for body in _bodies(node):
+    for body in subgraphs(node):
         names.extend(sorted(_free_names(body)))
     return names
 
