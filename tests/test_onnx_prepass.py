@@ -79,17 +79,26 @@ def test_ring_with_one_side_left_zero_is_kept() -> None:
 
 def test_border_of_a_conv_read_elsewhere_is_kept() -> None:
     class Shared(torch.nn.Module):
+        """The 1x1's output is also read unpadded: moving the pad before it would change that."""
+
         def __init__(self) -> None:
             super().__init__()
-            self.seq = sr.SeqConv("conv", 4)
+            self.k0, self.k1 = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 3)
 
         def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-            y = self.seq.k0(x)
-            return self.seq(x) + torch.nn.functional.pad(y, (1, 1, 1, 1)).mean()
+            y = self.k0(x)
+            p = torch.nn.functional.pad(y, (1, 1, 1, 1))
+            b = self.k0.bias.view(1, -1, 1, 1)
+            p[:, :, 0:1, :] = b
+            p[:, :, -1:, :] = b
+            p[:, :, :, 0:1] = b
+            p[:, :, :, -1:] = b
+            return self.k1(p) + y
 
     model = _export(Shared())
     fused, report = fuse_checked(model, tol=1e-5)
-    assert MergeKind.BORDER not in report.merge_counts()
+    assert any(d.reason is Reason.SHARED_TENSOR and "other readers" in d.decline.message for d in report.declines)
+    assert MergeKind.BORDER not in report.merge_counts() and ops(fused)["ScatterND"] == 4
 
 
 # --------------------------------------------------------------------------- folding
