@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import convfuse
+from convfuse.frontends.onnx_fold import fold_constants
 from convfuse.frontends.onnx_graph import model_stats
 
 from .region_blocks import BLOCKS, CASES, TWINS, Built
@@ -41,8 +42,13 @@ def export(module: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
 
 
 def counts(model: onnx.ModelProto) -> dict[str, int | None]:
-    """The table's op groups, parameters and Conv MACs of ``model``."""
-    ops: Counter[str] = Counter(n.op_type for n in model.graph.node)
+    """The table's op groups, parameters and Conv MACs of ``model``, counted on a copy whose
+    constant shape arithmetic is folded (an exported ``F.pad`` computes its pads with Adds that
+    are not part of the network)."""
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    fold_constants(folded)
+    ops: Counter[str] = Counter(n.op_type for n in folded.graph.node)
     stats = model_stats(model)
     out: dict[str, int | None] = {k: sum(ops[o] for o in group) for k, group in _GROUPS.items()}
     out["params"], out["MACs"] = stats.params, stats.macs

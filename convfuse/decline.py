@@ -43,6 +43,11 @@ class Reason(str, Enum):
     # Transposed convolutions (convfuse.transpose).
     SHIFT_NOT_CONSTANT = "shift-not-constant"  # a shift before a ConvTranspose varies over its output
     NOT_POINTWISE = "not-pointwise"  # the conv next to a ConvTranspose is not 1x1, stride 1, unpadded
+    # Pre-passes (ONNX constant folding, bias-filled borders).
+    QUANTIZED = "quantized"  # a QuantizeLinear/DequantizeLinear: the runtime's contract, never folded
+    NONDETERMINISTIC = "nondeterministic"  # a random op: not the same value on every run
+    BORDER_INCOMPLETE = "border-incomplete"  # a padded ring not entirely written (or writes inside it)
+    BORDER_VALUE = "border-value"  # ring values differ from what the layer before maps zero to
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class MergeKind(str, Enum):
     SUM = "sum of branches"  # parallel branches of one input, summed, as one conv
     CONCAT = "concat of branches"  # parallel branches of one input, concatenated, as one conv
     IDENTITY = "identity removed"  # a node that computes nothing, dropped
+    FOLD = "constant folded"  # nodes computed from constants only, stored as initializers
+    BORDER = "border fill as pad"  # a border written with a layer's zero response, as a zero pad
     OTHER = "other"  # a kind this table does not know yet
 
     __str__ = str.__str__  # the value, in reports and f-strings
@@ -42,6 +44,10 @@ class MergeKind(str, Enum):
         """The summary kind of a front end's detailed ``kind``."""
         if kind == "identity":
             return cls.IDENTITY
+        if kind == "fold":
+            return cls.FOLD
+        if kind == "border":
+            return cls.BORDER
         if kind == "sum" or kind.startswith("sum+"):
             return cls.SUM
         if kind == "concat" or kind.startswith("concat+"):

@@ -27,7 +27,7 @@ DEPLOY = {
 KEPT = {
     "mixer with a ReLU between branches": (1, 1, 2, 0),  # conv+BN fold; the sub and add stay
     "mixer whose subtracted norm(x) is returned": (1, 1, 2, 0),  # conv+BN fold; norm(x) stays computed
-    "padded branch with pad value 1": (2, 0, 2, 0),  # the chain after the pad merges; the sum stays
+    "padded branch with pad value 1": (2, 0, 1, 0),  # the chain after the pad merges; the sum (one Add) stays
     "head with a ReLU before the average": (0, 0, 1, 2),  # each BN folds into its Linear
 }
 

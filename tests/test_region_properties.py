@@ -66,8 +66,10 @@ def _adds_up(report: convfuse.report.Report) -> None:
 
 
 def _plan(report: convfuse.report.Report) -> list[tuple[str, int, int]]:
-    """A report's merges as the front ends share them: kind and cost after (names differ)."""
-    return sorted((m.group.value, m.after.macs, m.after.params) for m in report.merges)
+    """A report's merges as the front ends share them: kind and cost after (names differ).
+    Constant folding of the export's shape arithmetic (ONNX pre-pass) is not part of the plan."""
+    fold = convfuse.report.MergeKind.FOLD
+    return sorted((m.group.value, m.after.macs, m.after.params) for m in report.merges if m.group is not fold)
 
 
 def _check(module: nn.Module, x: torch.Tensor, layers: int, shapes: bool = False, export_fused: bool = False) -> None:

@@ -39,6 +39,7 @@ from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
 from .onnx_io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size
+from .onnx_prepass import prepare
 from .onnx_nodes import (
     FLOAT_TYPES,
     Dims,
@@ -838,6 +839,8 @@ def fuse_onnx(
     report = Report()
     report.before = model_stats(fused, shapes)
     report.positions = {label(node): i for i, node in enumerate(fused.graph.node)}
+    if prepare(fused, report):  # fold constants, read bias-filled borders (onnx_prepass)
+        shapes, note = infer_shapes(fused)
     state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")

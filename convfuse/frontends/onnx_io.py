@@ -37,6 +37,7 @@ __all__ = [
     "StagedModel",
     "external_data_name",
     "node_attributes",
+    "subgraphs",
 ]
 
 #: Largest serialised protobuf (2 GiB - 1); bigger models keep their tensors in a data file.
@@ -626,3 +627,11 @@ def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
         value = helper.get_attribute_value(attr)
         out[attr.name] = value.decode() if isinstance(value, bytes) else value
     return out
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held in ``node``'s attributes (If branches, Loop and Scan bodies)."""
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
