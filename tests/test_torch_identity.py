@@ -19,7 +19,12 @@ import convfuse
 from convfuse import Reason
 from convfuse.errors import ConvfuseError, InternalError, TorchFxError
 from convfuse.frontends import torch_fx, torch_surgery
-from convfuse.frontends.torch_check import candidate_inputs, example_spatial_size, infer_example_input
+from convfuse.frontends.torch_check import (
+    candidate_inputs,
+    derived_spatial_sizes,
+    example_spatial_size,
+    infer_example_input,
+)
 from convfuse.frontends.torch_surgery import FoldedBatchNorm, generated_code, original_class
 
 from ._torch_models import RepVGGBlock, conv_bn, rand_bn, randomize_bn
@@ -385,8 +390,31 @@ def test_example_spatial_size_allows_every_stride() -> None:
     x = infer_example_input(_detector())
     assert x is not None and x[0].shape == (2, 3, 32, 32)
     sizes = [c[0].shape[-1] for c in candidate_inputs(_detector())]
-    assert sizes == [8, 16, 32, 64, 128]  # cheapest first: the self-check uses the first that runs
+    derived = [s[-1] for s in derived_spatial_sizes(_detector(), 2)]
+    assert derived and sizes == derived + [8, 16, 32, 64, 128]  # the self-check uses the first that runs
     assert infer_example_input(nn.Sequential(nn.Linear(3, 4), nn.Conv2d(4, 4, 1))) is None  # twin
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.MaxPool2d(3, 2), nn.Conv2d(8, 8, 3, dilation=2)),
+        nn.Sequential(nn.Conv1d(3, 4, 5, 2), nn.AvgPool1d(4, 4, ceil_mode=True)),
+        nn.Sequential(nn.Conv3d(2, 2, 3, padding="same"), nn.MaxPool3d(2)),
+    ],
+)
+def test_derived_sizes_are_the_verifiers_and_run(model: nn.Module) -> None:
+    """The self-check's first candidates come from convfuse.sizes (the ONNX verifier's size
+    derivation): two sizes of different parity, the smallest the model runs at, and each runs."""
+    ndim = model[0].weight.dim() - 2
+    second, first = derived_spatial_sizes(model, ndim)
+    assert (second[0] - first[0]) % 2 == 1
+    for size in (second, first):
+        model(torch.randn(1, model[0].in_channels, *size))
+    smaller = tuple(n - 1 for n in first)
+    with pytest.raises(RuntimeError):  # twin: one below the smallest size does not run
+        model(torch.randn(1, model[0].in_channels, *smaller))
+    assert [tuple(c[0].shape[2:]) for c in candidate_inputs(model)][:2] == [second, first]
 
 
 # --------------------------------------------------------------------------- one error family

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..compare import compare, tolerance_for
 from ..errors import one_line
+from ..sizes import Geometry, NoSizeError, choose_sizes
 from .torch_surgery import HOOK_TABLES
 
 __all__ = [
@@ -119,15 +120,63 @@ def infer_example_input(
     return (x.to(device=first.weight.device, dtype=first.weight.dtype),)
 
 
+def _geometry(m: nn.Module, ndim: int) -> Geometry | None:
+    """A conv or pooling layer as :mod:`convfuse.sizes` sees it on an ``ndim``-D input (None:
+    some other layer, or a conv of another rank)."""
+    pair = lambda v, n: tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n  # noqa: E731
+    if isinstance(m, _CONV):
+        n = m.weight.dim() - 2
+        if n != ndim:
+            return None
+        if isinstance(m.padding, str):
+            same, pads = m.padding == "same", ()
+        else:
+            same, pads = False, tuple((int(p), int(p)) for p in m.padding)
+        return Geometry(
+            kernel=tuple(m.kernel_size), stride=pair(m.stride, n), dilation=pair(m.dilation, n), pads=pads,
+            same=same, transposed=bool(m.transposed),
+            output_padding=tuple(m.output_padding) if m.transposed else (),
+        )  # fmt: skip
+    if isinstance(m, _POOLS):
+        n = ndim
+        kernel = pair(m.kernel_size, n)
+        stride = m.stride if m.stride not in (None, (), []) else kernel
+        padding = pair(getattr(m, "padding", 0), n)
+        return Geometry(
+            kernel=tuple(kernel), stride=pair(stride, n), dilation=pair(getattr(m, "dilation", 1), n),
+            pads=tuple((int(p), int(p)) for p in padding), ceil_mode=bool(getattr(m, "ceil_mode", False)),
+        )  # fmt: skip
+    return None
+
+
+def derived_spatial_sizes(module: nn.Module, ndim: int) -> list[tuple[int, ...]]:
+    """The sizes :func:`convfuse.sizes.choose_sizes` (the ONNX verifier's derivation) gives for
+    ``module``'s convs and pools read as one chain in registration order: the second size (every
+    kernel tap reads real input) first, then the smallest. Parallel branches read as a chain
+    over-constrain, so a size may still fail; the caller tries the next. [] when none is found."""
+    layers = []
+    for m in module.modules():
+        geometry = _geometry(m, ndim)
+        if geometry is not None and len(geometry.kernel) == ndim:
+            layers.append(geometry)
+    try:
+        choice = choose_sizes(layers, ndim)
+    except NoSizeError:
+        return []
+    return list(dict.fromkeys([tuple(choice.second), tuple(choice.first)]))
+
+
 def candidate_inputs(module: nn.Module, small: int = 8) -> list[tuple[torch.Tensor]]:
-    """Inputs to try, cheapest first, for a model that starts with a conv (else none): sizes
-    ``small * 2**j`` below the :func:`example_spatial_size` one (which over-counts the strides
-    of parallel branches), then that size and twice and four times it."""
+    """Inputs to try, in order, for a model that starts with a conv (else none): the sizes
+    :func:`derived_spatial_sizes` gives, then sizes ``small * 2**j`` below the
+    :func:`example_spatial_size` one (which over-counts the strides of parallel branches), then
+    that size and twice and four times it."""
     base = infer_example_input(module)
     if base is None:
         return []
     size = tuple(base[0].shape[2:])
-    out, n = [], small
+    out = [infer_example_input(module, spatial=derived) for derived in derived_spatial_sizes(module, len(size))]
+    n = small
     while n < max(size):
         out.append(infer_example_input(module, spatial=(n,) * len(size)))
         n *= 2
