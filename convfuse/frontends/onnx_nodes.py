@@ -38,6 +38,7 @@ __all__ = [
     "conv_node",
     "linear_nodes",
     "NewTensor",
+    "cast_weights",
     "mark_merged",
     "merged_from",
     "unread_nodes",
@@ -585,10 +586,15 @@ def unread_nodes(nodes: Sequence[onnx.NodeProto]) -> list[tuple[list[onnx.NodePr
 
 
 # --------------------------------------------------------------------------- writer
-def _cast(weight: np.ndarray, bias: np.ndarray | None, elem_type: int) -> tuple[np.ndarray, np.ndarray | None] | Decline:
+def cast_weights(
+    weight: np.ndarray, bias: np.ndarray | None, elem_type: int
+) -> tuple[np.ndarray, np.ndarray | None] | Decline:
     """Merged weights in the model's type, once; an all-zero bias left out (adding zero is
-    exact); a value the type cannot hold (float16 overflow) is a decline."""
-    dtype = FLOAT_TYPES[elem_type]
+    exact); a type convfuse does not merge in, or a value the type cannot hold (float16
+    overflow), is a decline."""
+    dtype = FLOAT_TYPES.get(elem_type)
+    if dtype is None:
+        return Decline(Reason.DTYPE, f"merged weights cannot be written as {onnx.TensorProto.DataType.Name(elem_type)}")
     with np.errstate(over="ignore"):  # float16 overflow is the decline below
         weight = np.ascontiguousarray(weight, dtype=dtype)
         bias = None if bias is None or not bool(np.any(bias != 0)) else np.ascontiguousarray(bias, dtype=dtype)
@@ -614,7 +620,7 @@ def conv_node(
     """
     if spec.padding_mode != "zeros" and spec.is_padded:
         return Decline(Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros")
-    cast = _cast(spec.weight, spec.bias, elem_type)
+    cast = cast_weights(spec.weight, spec.bias, elem_type)
     if isinstance(cast, Decline):
         return cast
     weight, bias = cast
@@ -669,7 +675,7 @@ def linear_nodes(
 ) -> tuple[list[onnx.NodeProto], list[NewTensor]] | Decline:
     """A Linear layer on the last dim of ``x``: ``Gemm`` (transB=1) on a ``[N, C]`` tensor,
     ``MatMul`` then ``Add`` on any other rank."""
-    cast = _cast(*as_matrix(spec), elem_type)
+    cast = cast_weights(*as_matrix(spec), elem_type)
     if isinstance(cast, Decline):
         return cast
     weight, bias = cast

@@ -25,17 +25,10 @@ from onnx import helper, numpy_helper
 from ..decline import Decline, Reason
 from ..spec import InvalidSpecError
 from ..transpose import ConvTransposeSpec
+from .onnx_io import node_attributes
+from .onnx_nodes import cast_weights
 
-__all__ = ["attributes", "transpose_from_attributes", "transpose_from_node", "transpose_node"]
-
-
-def attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    """A node's attributes as Python values (strings decoded)."""
-    out: dict[str, Any] = {}
-    for attr in node.attribute:
-        value = helper.get_attribute_value(attr)
-        out[attr.name] = value.decode() if isinstance(value, bytes) else value
-    return out
+__all__ = ["transpose_from_attributes", "transpose_from_node", "transpose_node"]
 
 
 def _split(total: int, extra_at_end: bool) -> tuple[int, int]:
@@ -124,7 +117,7 @@ def transpose_from_node(
     x_spatial: Sequence[int | None] | None = None,
 ) -> ConvTransposeSpec | Decline:
     """:func:`transpose_from_attributes` on a ``ConvTranspose`` node's own attributes."""
-    return transpose_from_attributes(weight, bias, attributes(node), x_spatial)
+    return transpose_from_attributes(weight, bias, node_attributes(node), x_spatial)
 
 
 def transpose_node(
@@ -151,12 +144,10 @@ def transpose_node(
             f"{spec!r} extends its output by {output_padding}; ONNX Runtime needs output_padding below the "
             f"stride {spec.stride}",
         )
-    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
-    with np.errstate(over="ignore"):  # overflow is reported below as a decline
-        weight = spec.weight.astype(dtype)
-        bias = None if spec.bias is None or not np.any(spec.bias != 0) else spec.bias.astype(dtype)
-    if not np.isfinite(weight).all() or (bias is not None and not np.isfinite(bias).all()):
-        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+    cast = cast_weights(spec.weight, spec.bias, elem_type)
+    if isinstance(cast, Decline):
+        return cast
+    weight, bias = cast
     w_name = fresh(f"{name}.weight")
     initializers = [numpy_helper.from_array(weight, w_name)]
     inputs = [x, w_name]
