@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Callable, Hashable, Sequence
 
 import onnx
 from onnx import helper, numpy_helper
@@ -38,7 +38,7 @@ from ..planner import Merge, Resum, plan
 from ..policy import Judge, Policy
 from ..report import ModelStats, Report
 from ..spec import ConvSpec
-from .onnx_io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size
+from .onnx_io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size, subgraphs
 from .onnx_prepass import prepare
 from .onnx_nodes import (
     FLOAT_TYPES,
@@ -78,13 +78,6 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 # --------------------------------------------------------------------------- graph helpers
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.HasField("g"):
-            yield attr.g
-        yield from attr.graphs
-
-
 def _outer_refs(graph: onnx.GraphProto) -> list[str]:
     """Names ``graph`` (a subgraph) reads from enclosing scopes, in order of first use."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -94,7 +87,7 @@ def _outer_refs(graph: onnx.GraphProto) -> list[str]:
         for name in node.input:
             if name and name not in defined:
                 refs[name] = None
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             for name in _outer_refs(sub):
                 if name not in defined:
                     refs[name] = None
@@ -108,7 +101,7 @@ def _outer_refs(graph: onnx.GraphProto) -> list[str]:
 def _uses(node: onnx.NodeProto) -> list[str]:
     """Every name ``node`` reads: its inputs (once per slot) and its subgraphs' outer names."""
     names = [n for n in node.input if n]
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         names.extend(_outer_refs(sub))
     return names
 
@@ -168,7 +161,7 @@ class _Names:
             self.taken.add(node.name)
             self.taken.update(node.input)
             self.taken.update(node.output)
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 self._add_graph(sub)
 
     def fresh(self, base: str) -> str:
@@ -339,7 +332,7 @@ def _rename_in_subgraph(graph: onnx.GraphProto, rename: Callable[[str], str]) ->
         for k, name in enumerate(node.input):
             if name:
                 node.input[k] = rename(name)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _rename_in_subgraph(sub, rename)
     for out in graph.output:
         out.name = rename(out.name)
@@ -397,7 +390,7 @@ def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declin
                 node.input[k] = resolve(name)
         for k, name in enumerate(node.output):
             node.output[k] = out_rename.get(id(node), {}).get(name, name)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _rename_in_subgraph(sub, resolve)
         kept.append(node)
     return kept
@@ -594,7 +587,7 @@ def _fuse_graph(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], stat
     defined_before = _defined(graph, nodes)
     visible = _visible_constants(graph, nodes, outer, state)
     for node in nodes:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             state.subgraphs += 1
             _fuse_graph(sub, visible, state, f"subgraph {sub.name or '?'} of {label(node)}")
     declines: _Declines = []
@@ -639,7 +632,7 @@ def _cleanup(
             if not (
                 n.op_type in _FOLDABLE
                 and _is_default(n)
-                and not any(True for _ in _subgraphs(n))
+                and not any(True for _ in subgraphs(n))
                 and all(o not in referenced and o in referenced_before for o in n.output)
             )
         ]
@@ -672,7 +665,7 @@ def _collect_shapes(graph: onnx.GraphProto, shapes: Shapes) -> None:
             dims = tuple(int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim)
         shapes[vi.name] = (int(tt.elem_type), dims)
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _collect_shapes(sub, shapes)
 
 
@@ -680,7 +673,7 @@ def _collect_initializers(graph: onnx.GraphProto, shapes: Shapes) -> None:
     for init in graph.initializer:
         shapes[init.name] = (int(init.data_type), tuple(int(d) for d in init.dims))
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _collect_initializers(sub, shapes)
 
 
@@ -759,7 +752,7 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
                     totals["unknown"] += 1
                 else:
                     totals["macs"] += macs
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 walk(sub, dims)
 
     walk(model.graph, {})
