@@ -17,13 +17,24 @@ from tests.border_cases import case2_pair, input_sizes, merge_error, oracle_ring
 
 
 def main(n: int) -> None:
-    worst = {"merge: C'(x) + ring vs A then B": 0.0, "static ring vs torch Bnb(pad0(bA*1)) - Kint": 0.0,
-             "ones-map ring (A's grid) vs static": 0.0, "ones-map ring (x's grid) vs static": 0.0}
+    worst = {
+        "merge: C'(x) + ring vs A then B": 0.0,
+        "static ring vs torch Bnb(pad0(bA*1)) - Kint": 0.0,
+        "ones-map ring (A's grid) vs static": 0.0,
+        "ones-map ring (x's grid) vs static": 0.0,
+    }
     count = {"cases": 0, "sizes": 0, "1D": 0, "2D": 0, "3D": 0}
 
-    @settings(max_examples=n, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(pair=case2_pair(), extras=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4)), min_size=1, max_size=3))
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        pair=case2_pair(),
+        extras=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4)), min_size=1, max_size=3),
+    )
     def run(pair, extras):
         a, b = pair
         merge = compose_across_border(a, b)
@@ -44,8 +55,10 @@ def main(n: int) -> None:
                 worst[key] = max(worst[key], err)
 
     run()
-    print(f"{count['cases']} case-2 pairs ({count['1D']} 1D, {count['2D']} 2D, {count['3D']} 3D), "
-          f"{count['sizes']} input sizes; worst float64 relative error:")
+    print(
+        f"{count['cases']} case-2 pairs ({count['1D']} 1D, {count['2D']} 2D, {count['3D']} 3D), "
+        f"{count['sizes']} input sizes; worst float64 relative error:"
+    )
     for key, err in worst.items():
         print(f"  {key:<46} {err:.2e}")
 

@@ -33,9 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -47,7 +47,9 @@ C = 256  # channels of every conv in the big model
 SPATIAL = 8
 
 _LOAD_SAVE = "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
-_ONNXSIM = "import onnx, onnxsim, sys; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); onnx.save(m, sys.argv[2])"
+_ONNXSIM = (
+    "import onnx, onnxsim, sys; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); onnx.save(m, sys.argv[2])"
+)
 _ONNXSLIM = "import onnxslim, sys; onnxslim.slim(sys.argv[1], sys.argv[2])"
 
 
@@ -175,7 +177,9 @@ def _tools(src: Path, out: Path, tiny: bool) -> dict[str, list[str]]:
     py = sys.executable
     tools = {
         "onnx load + save": [py, "-c", _LOAD_SAVE, str(src), str(out / "loadsave.onnx")],
-        "convfuse merge --no-verify": _convfuse("merge", str(src), "-o", str(out / "fused.onnx"), "--no-verify"),
+        "convfuse merge --no-verify": _convfuse(
+            "merge", str(src), "-o", str(out / "fused.onnx"), "--no-verify"
+        ),
     }
     if tiny:
         tools["convfuse merge (verified)"] = _convfuse("merge", str(src), "-o", str(out / "fused-v.onnx"))
@@ -201,7 +205,10 @@ def measure(src: Path, out: Path, reps: int, tiny: bool) -> dict[str, list[Run]]
 
 
 def _table(title: str, runs: dict[str, list[Run]]) -> dict[str, tuple[float, float]]:
-    medians = {name: (statistics.median(r.wall for r in rs), statistics.median(r.peak for r in rs)) for name, rs in runs.items()}
+    medians = {
+        name: (statistics.median(r.wall for r in rs), statistics.median(r.peak for r in rs))
+        for name, rs in runs.items()
+    }
     base_wall, base_peak = medians["onnx load + save"]
     print(f"\n### {title}\n")
     print("| tool | wall s | peak MiB | wall / load+save | peak / load+save | runs ok |")
@@ -239,13 +246,17 @@ def _verdict(what: str, met: bool, detail: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions per tool (median reported)")
-    parser.add_argument("--dir", type=Path, default=None, help="where to build the models (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to build the models (default: a temp dir)"
+    )
     parser.add_argument("--profile", action="store_true", help="also profile one merge of the big model")
     parser.add_argument("--tiny-only", action="store_true", help="skip the big model (smoke run)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="convfuse-io-floor-", dir=args.dir))
     try:
-        print(f"python {sys.version.split()[0]}, onnx {onnx.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs")
+        print(
+            f"python {sys.version.split()[0]}, onnx {onnx.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs"
+        )
         results: dict[str, dict[str, tuple[float, float]]] = {}
         models = [("tiny", build_tiny)] if args.tiny_only else [("big", build_big), ("tiny", build_tiny)]
         for name, build in models:
@@ -261,11 +272,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             big = results["big"]
             base_wall, base_peak = big["onnx load + save"]
             wall, peak = big["convfuse merge --no-verify"]
-            _verdict("big: merge --no-verify wall <= 2x load+save", wall <= 2 * base_wall, f"{wall / base_wall:.2f}x")
-            _verdict("big: merge --no-verify peak <= 1.5x load+save", peak <= 1.5 * base_peak, f"{peak / base_peak:.2f}x")
+            _verdict(
+                "big: merge --no-verify wall <= 2x load+save",
+                wall <= 2 * base_wall,
+                f"{wall / base_wall:.2f}x",
+            )
+            _verdict(
+                "big: merge --no-verify peak <= 1.5x load+save",
+                peak <= 1.5 * base_peak,
+                f"{peak / base_peak:.2f}x",
+            )
             if "onnxslim" in big:
                 slim = big["onnxslim"][0]
-                _verdict("big: merge --no-verify faster than onnxslim", wall < slim, f"{wall:.2f} s vs {slim:.2f} s")
+                _verdict(
+                    "big: merge --no-verify faster than onnxslim",
+                    wall < slim,
+                    f"{wall:.2f} s vs {slim:.2f} s",
+                )
         tiny = results["tiny"]
         verified = tiny["convfuse merge (verified)"][0]
         _verdict("tiny: merged and verified in under 1 s", verified < 1.0, f"{verified:.2f} s")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["build_large_model", "measure", "main"]
@@ -62,7 +60,11 @@ def build_large_model(path: Path, gib: float = 2.3, seed: int = 0) -> int:
             w.tofile(data)
             del w
             inits.append(_external(f"big{k}.weight", [C, C, 1, 1], location, offset, per_conv))
-            nodes.append(helper.make_node("Conv", [y, f"big{k}.weight"], [f"big{k}"], name=f"big{k}", kernel_shape=[1, 1]))
+            nodes.append(
+                helper.make_node(
+                    "Conv", [y, f"big{k}.weight"], [f"big{k}"], name=f"big{k}", kernel_shape=[1, 1]
+                )
+            )
             nodes.append(helper.make_node("Relu", [f"big{k}"], [f"relu{k}"], name=f"relu{k}"))
             y = f"relu{k}"
     small = 64
@@ -82,7 +84,9 @@ def build_large_model(path: Path, gib: float = 2.3, seed: int = 0) -> int:
         return name
 
     w = const("head.weight", rng.standard_normal((small, C, 1, 1)) / np.sqrt(C))
-    nodes.append(helper.make_node("Conv", [y, w, const("head.b", rng.standard_normal(small))], ["head"], name="head"))
+    nodes.append(
+        helper.make_node("Conv", [y, w, const("head.b", rng.standard_normal(small))], ["head"], name="head")
+    )
     y = bn("head", "head_bn")
     nodes.append(helper.make_node("Relu", [y], ["head_relu"], name="head_relu"))
     w = const("tail.weight", rng.standard_normal((small, small, 3, 3)) / np.sqrt(9 * small))
@@ -139,7 +143,9 @@ def measure(code: str, *args: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=2.3, help="size of the model's weights")
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a temporary directory)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the files")
     parser.add_argument("--no-verify-run", action="store_true", help="skip the merge run that verifies")
     args = parser.parse_args(argv)
@@ -152,13 +158,23 @@ def main(argv: list[str] | None = None) -> None:
         src = folder / "large.onnx"
         start = time.perf_counter()
         total = build_large_model(src, args.gib)
-        print(f"built {src} ({total / 2**30:.2f} GiB with external data) in {time.perf_counter() - start:.1f} s")
+        print(
+            f"built {src} ({total / 2**30:.2f} GiB with external data) in {time.perf_counter() - start:.1f} s"
+        )
         rows = [
             ("onnx.load + onnx.save", measure(_BASELINE, str(src), str(folder / "copy.onnx"))),
-            ("convfuse merge --no-verify", measure(_MERGE, "merge", str(src), "-o", str(folder / "a.onnx"), "--no-verify")),
+            (
+                "convfuse merge --no-verify",
+                measure(_MERGE, "merge", str(src), "-o", str(folder / "a.onnx"), "--no-verify"),
+            ),
         ]
         if not args.no_verify_run:
-            rows.append(("convfuse merge (verifies)", measure(_MERGE, "merge", str(src), "-o", str(folder / "b.onnx"))))
+            rows.append(
+                (
+                    "convfuse merge (verifies)",
+                    measure(_MERGE, "merge", str(src), "-o", str(folder / "b.onnx")),
+                )
+            )
         print(f"{'':28}  {'wall s':>7}  {'peak RSS GiB':>12}  {'RSS / model':>11}")
         for name, m in rows:
             gib = m["peak_rss_bytes"] / 2**30

@@ -21,14 +21,19 @@ import torch
 from torch import nn
 
 import convfuse
-from convfuse.frontends.onnx_fold import fold_constants
-from convfuse.frontends.onnx_graph import model_stats
+from convfuse.frontends.onnx.fold import fold_constants
+from convfuse.frontends.onnx.graph import model_stats
 
 from .region_blocks import BLOCKS, CASES, TWINS, Built
 
 __all__ = ["export", "counts", "main"]
 
-_GROUPS = {"Conv": ("Conv",), "BN": ("BatchNormalization",), "Add": ("Add", "Sub", "Sum"), "Gemm": ("Gemm", "MatMul")}
+_GROUPS = {
+    "Conv": ("Conv",),
+    "BN": ("BatchNormalization",),
+    "Add": ("Add", "Sub", "Sum"),
+    "Gemm": ("Gemm", "MatMul"),
+}
 
 
 def export(module: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
@@ -99,7 +104,10 @@ def rows(name: str, built: Built, policy: str) -> list[str]:
         return f"{a:,} -> {b:,}" if a is not None and b is not None else "?"
 
     out = []
-    for front, after, secs, err in (("torch", after_torch, t_torch, torch_err), ("onnx", after_onnx, t_onnx, onnx_err)):
+    for front, after, secs, err in (
+        ("torch", after_torch, t_torch, torch_err),
+        ("onnx", after_onnx, t_onnx, onnx_err),
+    ):
         cells = [cell(k, after) for k in ("Conv", "BN", "Add", "Gemm", "params", "MACs")]
         out.append(f"| {name} | {front} | " + " | ".join(cells) + f" | {secs:.2f} | {err:.1e} |")
     return out

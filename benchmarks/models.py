@@ -12,8 +12,8 @@ see the same graph the ONNX exporter writes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -150,7 +150,9 @@ class RepVGGBlock(nn.Module):
         return self.act(y)
 
 
-def repvgg(widths: Sequence[int], depths: Sequence[int], in_channels: int = 3, classes: int = 10) -> nn.Module:
+def repvgg(
+    widths: Sequence[int], depths: Sequence[int], in_channels: int = 3, classes: int = 10
+) -> nn.Module:
     """RepVGG-style classifier: each stage starts with a stride-2 block, then stride-1 blocks."""
     layers: list[nn.Module] = []
     cin = in_channels
@@ -215,7 +217,9 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-def resnet(widths: Sequence[int], depths: Sequence[int], in_channels: int = 3, classes: int = 10) -> nn.Module:
+def resnet(
+    widths: Sequence[int], depths: Sequence[int], in_channels: int = 3, classes: int = 10
+) -> nn.Module:
     """ResNet-style classifier with basic blocks; convfuse can only fold BN here (a control case)."""
     layers: list[nn.Module] = [_stem(in_channels, widths[0])]
     cin = widths[0]
@@ -277,7 +281,12 @@ class BenchModel:
 
 
 def _m(
-    name: str, family: str, shape: tuple[int, ...], make: Callable[[], nn.Module], desc: str, latency: bool = True
+    name: str,
+    family: str,
+    shape: tuple[int, ...],
+    make: Callable[[], nn.Module],
+    desc: str,
+    latency: bool = True,
 ) -> BenchModel:
     return BenchModel(name, family, shape, make, desc, latency)
 
@@ -286,22 +295,63 @@ def _m(
 MODELS: dict[str, BenchModel] = {
     m.name: m
     for m in [
-        _m("expandnet-s", "expandnet", (1, 3, 32, 32), lambda: expandnet(8, 2),
-           "ExpandNet chains C=8 (x4 expansion, 3x3), 2 blocks, 32x32"),
-        _m("expandnet-m", "expandnet", (1, 3, 64, 64), lambda: expandnet(16, 3),
-           "ExpandNet chains C=16 (x4 expansion, 3x3), 3 blocks, 64x64"),
-        _m("expandnet-l", "expandnet", (1, 3, 32, 32), lambda: expandnet(64, 3),
-           "ExpandNet chains C=64 (x4 expansion, 3x3), 3 blocks, 32x32"),
-        _m("sesr", "sesr", (1, 1, 48, 48), lambda: sesr(16, 128, 5, 2),
-           "SESR-style, 16 channels expanded to 128, 5 residual blocks, x2, 48x48"),
-        _m("repvgg", "repvgg", (1, 3, 64, 64), lambda: repvgg((16, 32, 64, 128), (1, 2, 2, 1)),
-           "RepVGG-style train form, widths 16-128, depths 1-2-2-1, 64x64"),
-        _m("mobileone", "mobileone", (1, 3, 64, 64), lambda: mobileone((32, 64, 128), (1, 2, 2), k=4),
-           "MobileOne-style train form, k=4 branches, widths 32-128, 64x64"),
-        _m("resnet", "resnet", (1, 3, 64, 64), lambda: resnet((16, 32, 64), (2, 2, 2)),
-           "ResNet-style basic blocks (conv+BN only), widths 16-64, 64x64"),
-        _m("repvgg-wide", "repvgg", (1, 3, 32, 32), lambda: repvgg((64, 256, 512, 1024), (1, 2, 4, 3)),
-           "wide RepVGG train form (~150 MB of fp32 weights), pass time/memory only", latency=False),
+        _m(
+            "expandnet-s",
+            "expandnet",
+            (1, 3, 32, 32),
+            lambda: expandnet(8, 2),
+            "ExpandNet chains C=8 (x4 expansion, 3x3), 2 blocks, 32x32",
+        ),
+        _m(
+            "expandnet-m",
+            "expandnet",
+            (1, 3, 64, 64),
+            lambda: expandnet(16, 3),
+            "ExpandNet chains C=16 (x4 expansion, 3x3), 3 blocks, 64x64",
+        ),
+        _m(
+            "expandnet-l",
+            "expandnet",
+            (1, 3, 32, 32),
+            lambda: expandnet(64, 3),
+            "ExpandNet chains C=64 (x4 expansion, 3x3), 3 blocks, 32x32",
+        ),
+        _m(
+            "sesr",
+            "sesr",
+            (1, 1, 48, 48),
+            lambda: sesr(16, 128, 5, 2),
+            "SESR-style, 16 channels expanded to 128, 5 residual blocks, x2, 48x48",
+        ),
+        _m(
+            "repvgg",
+            "repvgg",
+            (1, 3, 64, 64),
+            lambda: repvgg((16, 32, 64, 128), (1, 2, 2, 1)),
+            "RepVGG-style train form, widths 16-128, depths 1-2-2-1, 64x64",
+        ),
+        _m(
+            "mobileone",
+            "mobileone",
+            (1, 3, 64, 64),
+            lambda: mobileone((32, 64, 128), (1, 2, 2), k=4),
+            "MobileOne-style train form, k=4 branches, widths 32-128, 64x64",
+        ),
+        _m(
+            "resnet",
+            "resnet",
+            (1, 3, 64, 64),
+            lambda: resnet((16, 32, 64), (2, 2, 2)),
+            "ResNet-style basic blocks (conv+BN only), widths 16-64, 64x64",
+        ),
+        _m(
+            "repvgg-wide",
+            "repvgg",
+            (1, 3, 32, 32),
+            lambda: repvgg((64, 256, 512, 1024), (1, 2, 4, 3)),
+            "wide RepVGG train form (~150 MB of fp32 weights), pass time/memory only",
+            latency=False,
+        ),
     ]
 }
 

@@ -17,9 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import onnx
 
@@ -70,15 +70,15 @@ def _transform(tool: str) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
         adapters._entry("fuse_onnx", "ONNX front end")  # fail before measuring; imports the front end
         return lambda m: adapters.fuse_onnx(m)[0]
     if tool == "onnxsim":
-        from benchmarks.onnx_tools import run_onnxsim
-
         import onnxsim  # noqa: F401
+
+        from benchmarks.onnx_tools import run_onnxsim
 
         return run_onnxsim
     if tool == "onnxoptimizer":
-        from benchmarks.onnx_tools import run_onnxoptimizer
-
         import onnxoptimizer  # noqa: F401
+
+        from benchmarks.onnx_tools import run_onnxoptimizer
 
         return run_onnxoptimizer
     raise ValueError(f"unknown tool {tool!r}; choose from {', '.join(PASS_TOOLS)}")
@@ -100,7 +100,10 @@ def measure(tools: Sequence[str], src: Path, workdir: Path, reps: int) -> dict[s
     """Run each tool ``reps`` times on ``src``, round-robin, each run in a fresh interpreter."""
     runs: dict[str, list[dict[str, object]]] = {t: [] for t in tools}
     errors: dict[str, str] = {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     for _ in range(reps):
         for tool in tools:
             if tool in errors:
@@ -108,7 +111,10 @@ def measure(tools: Sequence[str], src: Path, workdir: Path, reps: int) -> dict[s
             dst = workdir / f"{src.stem}.{tool}.onnx"
             proc = subprocess.run(
                 [sys.executable, "-m", "benchmarks.passcost", tool, str(src), str(dst)],
-                capture_output=True, text=True, env=env, cwd=_ROOT,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=_ROOT,
             )
             if proc.returncode != 0:
                 lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()

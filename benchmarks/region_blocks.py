@@ -8,7 +8,7 @@ pad value, a subtracted tensor that is used elsewhere) and must not merge there.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,10 @@ class MixerStage(nn.Module):
     def __init__(self, dim: int, depth: int = 2) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(RepMixer(dim) for _ in range(depth))
-        self.mlps = nn.ModuleList(nn.Sequential(ConvBN(dim, dim * 2, 1), nn.ReLU(), nn.Conv2d(dim * 2, dim, 1)) for _ in range(depth))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(ConvBN(dim, dim * 2, 1), nn.ReLU(), nn.Conv2d(dim * 2, dim, 1))
+            for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for mixer, mlp in zip(self.blocks, self.mlps):
@@ -151,7 +154,7 @@ def _pool_chain() -> Built:
 
 def _long_chain(n: int = 60) -> Built:
     layers: list[nn.Module] = []
-    for k in range(n // 2):
+    for _ in range(n // 2):
         layers += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)]
     return randomize(nn.Sequential(*layers), 5), torch.randn(1, 8, 8, 8)
 
@@ -180,14 +183,18 @@ def _seeded(build: Callable[[], nn.Module], shape: tuple[int, ...], seed: int) -
 #: The table's blocks: name -> builder.
 BLOCKS: dict[str, Callable[[], Built]] = {
     "token mixer x + s*(mixer(x) - bn(x))": _seeded(lambda: MixerStage(16), (1, 16, 14, 14), 1),
-    "padded branch conv_chain(F.pad(x)) + skip(x)": _seeded(lambda: nn.Sequential(PaddedSRBlock(8), nn.ReLU(), PaddedSRBlock(8)), (1, 8, 16, 16), 2),
+    "padded branch conv_chain(F.pad(x)) + skip(x)": _seeded(
+        lambda: nn.Sequential(PaddedSRBlock(8), nn.ReLU(), PaddedSRBlock(8)), (1, 8, 16, 16), 2
+    ),
     "distilled head (head(x) + head_dist(x)) / 2": _seeded(lambda: DistilledHead(32, 10), (4, 32), 3),
 }
 
 #: Negative twins: name -> builder (each must keep what its positive block merges).
 TWINS: dict[str, Callable[[], Built]] = {
     "mixer with a ReLU between branches": _seeded(lambda: RepMixer(8, relu=True), (1, 8, 10, 10), 4),
-    "mixer whose subtracted norm(x) is returned": _seeded(lambda: RepMixerNormUsedElsewhere(8), (1, 8, 10, 10), 5),
+    "mixer whose subtracted norm(x) is returned": _seeded(
+        lambda: RepMixerNormUsedElsewhere(8), (1, 8, 10, 10), 5
+    ),
     "padded branch with pad value 1": _seeded(lambda: PaddedSRBlock(8, value=1.0), (1, 8, 12, 12), 6),
     "head with a ReLU before the average": _seeded(lambda: DistilledHead(16, 6, relu=True), (4, 16), 7),
 }

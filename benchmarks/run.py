@@ -20,8 +20,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -103,7 +104,10 @@ def _variants(proto: onnx.ModelProto, opts: Options, result: ModelResult) -> dic
     models: dict[str, onnx.ModelProto] = {"original": proto, "ort": proto}
     makers: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {}
     if opts.peers:
-        for peer, fn in (("onnxsim", onnx_tools.run_onnxsim), ("onnxoptimizer", onnx_tools.run_onnxoptimizer)):
+        for peer, fn in (
+            ("onnxsim", onnx_tools.run_onnxsim),
+            ("onnxoptimizer", onnx_tools.run_onnxoptimizer),
+        ):
             if onnx_tools.peer_available(peer):
                 makers[peer] = fn
 
@@ -139,7 +143,9 @@ def _measure_graphs(models: dict[str, onnx.ModelProto], result: ModelResult) -> 
             result.errors[key] = _short(exc)
 
 
-def _measure_ort(models: dict[str, onnx.ModelProto], x: np.ndarray, opts: Options, result: ModelResult) -> None:
+def _measure_ort(
+    models: dict[str, onnx.ModelProto], x: np.ndarray, opts: Options, result: ModelResult
+) -> None:
     """Numeric agreement with the original, then interleaved latency per thread count."""
     blobs = {k: m.SerializeToString() for k, m in models.items()}
     for threads in opts.threads:
@@ -235,7 +241,9 @@ def measure_large(bench: BenchModel, opts: Options, workdir: Path) -> ModelResul
     t0 = time.perf_counter()
     path = workdir / f"{bench.name}.onnx"
     proto = onnx_tools.export_train_form(bench.build(), bench.input_shape, path)
-    result = ModelResult(bench.name, bench.family, bench.description, path.stat().st_size, pass_in_process=False)
+    result = ModelResult(
+        bench.name, bench.family, bench.description, path.stat().st_size, pass_in_process=False
+    )
     result.counts["original"] = dict(onnx_tools.count_ops(proto))
     del proto
     tools = ["roundtrip", "convfuse"] + [p for p in PEERS if opts.peers and onnx_tools.peer_available(p)]
@@ -253,14 +261,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     latency_models = [n for n, m in MODELS.items() if m.latency]
     large_models = [n for n, m in MODELS.items() if not m.latency]
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: expandnet-s and repvgg, 1 thread, 3 reps, no large model")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: expandnet-s and repvgg, 1 thread, 3 reps, no large model",
+    )
     p.add_argument("--models", help=f"comma-separated subset of: {', '.join(latency_models)}")
     p.add_argument("--threads", help="comma-separated intra-op thread counts (default 1,2; quick 1)")
     p.add_argument("--reps", type=int, help="latency repetitions per variant (default 21; quick 3)")
     p.add_argument("--pass-reps", type=int, help="pass-cost repetitions (default 5; quick 1)")
-    p.add_argument("--large", help="large models for pass time and memory only, comma-separated, or 'none' "
-                   f"(default {','.join(large_models)}; quick none)")
+    p.add_argument(
+        "--large",
+        help="large models for pass time and memory only, comma-separated, or 'none' "
+        f"(default {','.join(large_models)}; quick none)",
+    )
     p.add_argument("--no-peers", action="store_true", help="skip onnxsim and onnxoptimizer")
     p.add_argument("--no-torch", action="store_true", help="skip torch eager timing")
     p.add_argument("--workdir", type=Path, help="keep exported models here (default: a temporary directory)")

@@ -47,21 +47,33 @@ def main(argv: list[str] | None = None) -> None:
     fused, report = convfuse.fuse_onnx(model)
     fuse_s = time.perf_counter() - t0
     x = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
-    sessions = {"original": _session(model.SerializeToString()), "convfuse": _session(fused.SerializeToString())}
+    sessions = {
+        "original": _session(model.SerializeToString()),
+        "convfuse": _session(fused.SerializeToString()),
+    }
     outs = {k: s.run(None, {"x": x})[0] for k, s in sessions.items()}
     rel = float(np.abs(outs["original"] - outs["convfuse"]).max() / np.abs(outs["original"]).max())
     times = interleaved({k: (lambda s=s: s.run(None, {"x": x})) for k, s in sessions.items()}, args.reps)
-    print(f"SR net: {args.blocks} blocks, {args.channels} channels, input 1x3x{args.size}x{args.size}, "
-          f"ORT {ort.__version__} CPU, 1 thread")
-    counts = {"original": Counter(n.op_type for n in model.graph.node),
-              "convfuse": Counter(n.op_type for n in fused.graph.node)}
+    print(
+        f"SR net: {args.blocks} blocks, {args.channels} channels, input 1x3x{args.size}x{args.size}, "
+        f"ORT {ort.__version__} CPU, 1 thread"
+    )
+    counts = {
+        "original": Counter(n.op_type for n in model.graph.node),
+        "convfuse": Counter(n.op_type for n in fused.graph.node),
+    }
     print(f"{'':10}{'nodes':>7}" + "".join(f"{op:>10}" for op in _SHOWN) + f"{'ORT ms':>10}{'IQR':>7}")
     for k in ("original", "convfuse"):
         c, t = counts[k], times[k]
-        print(f"{k:10}{sum(c.values()):>7}" + "".join(f"{c[op]:>10}" for op in _SHOWN)
-              + f"{t.median * 1e3:>10.3f}{t.spread:>7.0%}")
-    print(f"speed-up {times['original'].median / times['convfuse'].median:.2f}x; "
-          f"max rel. error {rel:.2e}; fuse_onnx {fuse_s:.2f} s")
+        print(
+            f"{k:10}{sum(c.values()):>7}"
+            + "".join(f"{c[op]:>10}" for op in _SHOWN)
+            + f"{t.median * 1e3:>10.3f}{t.spread:>7.0%}"
+        )
+    print(
+        f"speed-up {times['original'].median / times['convfuse'].median:.2f}x; "
+        f"max rel. error {rel:.2e}; fuse_onnx {fuse_s:.2f} s"
+    )
     print("merges: " + ", ".join(f"{k.value} {n}" for k, n in report.merge_counts().items()))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import adapters, onnx_tools
 from .results import (
@@ -77,8 +77,14 @@ def _latency_table(results: Sequence[ModelResult], threads: int) -> str:
 
 def _graph_table(results: Sequence[ModelResult]) -> str:
     header = ["model"] + [f"{VARIANTS[k][0]} Conv/BN/Add (all)" for k in VARIANTS]
-    header += ["MACs original", "MACs onnxsim", "MACs onnxoptimizer", "MACs convfuse", "MAC ratio",
-               "convfuse merged / declined"]
+    header += [
+        "MACs original",
+        "MACs onnxsim",
+        "MACs onnxoptimizer",
+        "MACs convfuse",
+        "MAC ratio",
+        "convfuse merged / declined",
+    ]
     rows = []
     for r in results:
         if not r.ort:
@@ -86,7 +92,9 @@ def _graph_table(results: Sequence[ModelResult]) -> str:
         cells = [r.name]
         for key in VARIANTS:
             c = r.counts.get(key)
-            cells.append("n/a" if c is None else f"{c['Conv']}/{c['BatchNormalization']}/{c['Add']} ({c['all']})")
+            cells.append(
+                "n/a" if c is None else f"{c['Conv']}/{c['BatchNormalization']}/{c['Add']} ({c['all']})"
+            )
         for key in ("original", "onnxsim", "onnxoptimizer", "convfuse"):
             m = r.macs.get(key)
             cells.append("n/a" if m is None else f"{m / 1e6:.1f} M")
@@ -122,15 +130,29 @@ def _eager_table(results: Sequence[ModelResult], threads: Sequence[int]) -> str:
         for n in threads:
             t = r.eager.get(n, {})
             base = _med(t, "original")
-            cells += [_ms(t.get("original")), _ms(t.get("convfuse")), _x(base, _med(t, "convfuse")),
-                      _x(base, _med(t, AA))]
+            cells += [
+                _ms(t.get("original")),
+                _ms(t.get("convfuse")),
+                _x(base, _med(t, "convfuse")),
+                _x(base, _med(t, AA)),
+            ]
         rows.append(cells)
     return _table(header, rows)
 
 
 def _pass_table(results: Sequence[ModelResult]) -> str:
-    header = ["model", "file", "load+save s", "convfuse s", "onnxsim s", "onnxoptimizer s",
-              "peak mem load+save", "peak mem convfuse", "peak mem onnxsim", "how"]
+    header = [
+        "model",
+        "file",
+        "load+save s",
+        "convfuse s",
+        "onnxsim s",
+        "onnxoptimizer s",
+        "peak mem load+save",
+        "peak mem convfuse",
+        "peak mem onnxsim",
+        "how",
+    ]
     rows = []
     for r in results:
         p = r.passes
@@ -138,14 +160,14 @@ def _pass_table(results: Sequence[ModelResult]) -> str:
             continue
         rt = p.get("roundtrip")
 
-        def secs(tool: str) -> str:
+        def secs(tool: str, p=p, rt=rt) -> str:
             c = p.get(tool)
             if c is None or not c.runs:
                 return "n/a"
             ratio = "" if tool == "roundtrip" else f" ({_x(c.seconds, rt.seconds if rt else None)})"
             return f"{c.seconds:.3g}{ratio}"
 
-        def mem(tool: str) -> str:
+        def mem(tool: str, p=p, r=r) -> str:
             c = p.get(tool)
             if r.pass_in_process or c is None or not c.runs:
                 return "—"
@@ -153,8 +175,20 @@ def _pass_table(results: Sequence[ModelResult]) -> str:
 
         runs = max(c.runs for c in p.values())
         how = "in-process, warm" if r.pass_in_process else f"fresh subprocess each, {runs} runs"
-        rows.append([r.name, _mb(r.file_bytes), secs("roundtrip"), secs("convfuse"), secs("onnxsim"),
-                     secs("onnxoptimizer"), mem("roundtrip"), mem("convfuse"), mem("onnxsim"), how])
+        rows.append(
+            [
+                r.name,
+                _mb(r.file_bytes),
+                secs("roundtrip"),
+                secs("convfuse"),
+                secs("onnxsim"),
+                secs("onnxoptimizer"),
+                mem("roundtrip"),
+                mem("convfuse"),
+                mem("onnxsim"),
+                how,
+            ]
+        )
     return _table(header, rows)
 
 
@@ -207,8 +241,11 @@ def _slower_targets(results: Sequence[ModelResult], threads: Sequence[int], core
     for r in results:
         for n in threads:
             t, e = r.ort.get(n, {}), r.eager.get(n, {})
-            pairs = (("ORT off", t, "convfuse", "original"), ("ORT-opt", t, "convfuse+ort", "ort"),
-                     ("torch eager", e, "convfuse", "original"))
+            pairs = (
+                ("ORT off", t, "convfuse", "original"),
+                ("ORT-opt", t, "convfuse+ort", "ort"),
+                ("torch eager", e, "convfuse", "original"),
+            )
             for label, timings, new, ref in pairs:
                 if new in timings and ref in timings:
                     aa = timings["original"].median / timings[AA].median if AA in timings else 1.0
@@ -229,8 +266,14 @@ def _slower_targets(results: Sequence[ModelResult], threads: Sequence[int], core
         contended = [f"{w} {s:.2f}×" for s, _, w, c in found if c]
         if contended:
             measured += f"; contended, not judged: {', '.join(contended)}"
-        rows.append([goal, f"{len(clean)} of {len(found)} model/thread cases uncontended", measured,
-                     _verdict(not slower)])
+        rows.append(
+            [
+                goal,
+                f"{len(clean)} of {len(found)} model/thread cases uncontended",
+                measured,
+                _verdict(not slower),
+            ]
+        )
     return rows
 
 
@@ -243,18 +286,30 @@ def _pass_targets(results: Sequence[ModelResult]) -> list[list[str]]:
         rt, cf = r.passes.get("roundtrip"), r.passes.get("convfuse")
         case = f"{r.name} ({_mb(r.file_bytes)})"
         if not (rt and cf and rt.runs and cf.runs):
-            goal = f"merge pass ≤ {PASS_TIME_RATIO:g}× load+save and memory < {PASS_MEMORY_RATIO:g}× model size"
+            goal = (
+                f"merge pass ≤ {PASS_TIME_RATIO:g}× load+save and memory < {PASS_MEMORY_RATIO:g}× model size"
+            )
             rows.append([goal, case, "n/a", "n/a"])
             continue
         q = cf.seconds / rt.seconds
         measured = f"{cf.seconds:.2f} s vs {rt.seconds:.2f} s = {q:.2f}×"
-        rows.append([f"merge pass ≤ {PASS_TIME_RATIO:g}× load+save", case, measured, _verdict(q <= PASS_TIME_RATIO)])
+        rows.append(
+            [f"merge pass ≤ {PASS_TIME_RATIO:g}× load+save", case, measured, _verdict(q <= PASS_TIME_RATIO)]
+        )
         m = cf.peak_bytes / r.file_bytes
         extra = (cf.peak_bytes - rt.peak_bytes) / r.file_bytes
-        measured = (f"{_mb(cf.peak_bytes)} = {m:.2f}× (bare load+save: {rt.peak_bytes / r.file_bytes:.2f}×; "
-                    f"convfuse's own extra: {extra:+.2f}×)")
-        rows.append([f"merge pass peak memory < {PASS_MEMORY_RATIO:g}× model size", case, measured,
-                     _verdict(m < PASS_MEMORY_RATIO)])
+        measured = (
+            f"{_mb(cf.peak_bytes)} = {m:.2f}× (bare load+save: {rt.peak_bytes / r.file_bytes:.2f}×; "
+            f"convfuse's own extra: {extra:+.2f}×)"
+        )
+        rows.append(
+            [
+                f"merge pass peak memory < {PASS_MEMORY_RATIO:g}× model size",
+                case,
+                measured,
+                _verdict(m < PASS_MEMORY_RATIO),
+            ]
+        )
     return rows
 
 
@@ -262,8 +317,12 @@ def _accuracy_target(results: Sequence[ModelResult]) -> list[str]:
     """Every variant within :data:`MAX_REL_ERR` of the original (DESIGN.md section 4)."""
     bad = [f"{r.name}/{k} {e:.1e}" for r in results for k, e in r.rel_err.items() if e > MAX_REL_ERR]
     bad += [f"{r.name}/torch {r.eager_rel_err:.1e}" for r in results if (r.eager_rel_err or 0) > MAX_REL_ERR]
-    return [f"every variant computes the same function (rel. err ≤ {MAX_REL_ERR:g})", "all models",
-            ", ".join(bad) or "all within", _verdict(not bad)]
+    return [
+        f"every variant computes the same function (rel. err ≤ {MAX_REL_ERR:g})",
+        "all models",
+        ", ".join(bad) or "all within",
+        _verdict(not bad),
+    ]
 
 
 def _targets(results: Sequence[ModelResult], threads: Sequence[int], cores: int) -> str:
@@ -275,12 +334,17 @@ def _targets(results: Sequence[ModelResult], threads: Sequence[int], cores: int)
 
 def _contention(results: Sequence[ModelResult], threads: int, cores: int) -> list[str]:
     """A warning naming the models whose ``threads``-thread timings shared cores with other processes."""
-    hit = [f"{r.name} ({r.background:.2f})" for r in results if _contended(r, threads, cores) and r.background]
+    hit = [
+        f"{r.name} ({r.background:.2f})" for r in results if _contended(r, threads, cores) and r.background
+    ]
     if not hit:
         return []
-    return [f"**Contended ({threads}T):** other processes kept cores busy while these were timed (cores in "
-            f"brackets, of {cores}): {', '.join(hit)}. Their ratios are only as good as their A/A column; the "
-            "targets below do not judge them. (torch's OpenMP threads degrade much more than ORT's.)", ""]
+    return [
+        f"**Contended ({threads}T):** other processes kept cores busy while these were timed (cores in "
+        f"brackets, of {cores}): {', '.join(hit)}. Their ratios are only as good as their A/A column; the "
+        "targets below do not judge them. (torch's OpenMP threads degrade much more than ORT's.)",
+        "",
+    ]
 
 
 def render(res: Results) -> str:
@@ -289,40 +353,69 @@ def render(res: Results) -> str:
     out = ["# convfuse benchmarks", ""]
     out.append("Machine: " + "; ".join(f"{k} {v}" for k, v in res.machine.items()))
     out.append("")
-    out.append(f"Load average (1 min) at start {res.load[0]:.2f}, at end {res.load[1]:.2f}. Other processes "
-               "share the machine's cores: `other load` is the average number of cores they kept busy while a "
-               "model was timed (ORT and torch), and the `A/A noise` columns (the original against an identical "
-               "copy, timed in the same round-robin) show the resulting noise floor. Read a difference smaller "
-               "than the A/A deviation as no difference.")
+    out.append(
+        f"Load average (1 min) at start {res.load[0]:.2f}, at end {res.load[1]:.2f}. Other processes "
+        "share the machine's cores: `other load` is the average number of cores they kept busy while a "
+        "model was timed (ORT and torch), and the `A/A noise` columns (the original against an identical "
+        "copy, timed in the same round-robin) show the resulting noise floor. Read a difference smaller "
+        "than the A/A deviation as no difference."
+    )
     out.append("")
-    out.append(f"Settings: batch 1, opset {onnx_tools.OPSET}, train-form export (BatchNormalization kept); "
-               f"latency = median of {o.reps} round-robin repetitions per variant; ORT CPU provider, "
-               f"sequential, inter-op 1 thread, spinning off. Tool outputs (onnxsim, onnxoptimizer, convfuse) "
-               f"run with ORT graph optimizations DISABLED, like `original`; `ORT-opt` and `convfuse+ORT-opt` "
-               f"use ORT_ENABLE_ALL. convfuse policy: `{adapters.DEFAULT_POLICY}` (default).")
+    out.append(
+        f"Settings: batch 1, opset {onnx_tools.OPSET}, train-form export (BatchNormalization kept); "
+        f"latency = median of {o.reps} round-robin repetitions per variant; ORT CPU provider, "
+        f"sequential, inter-op 1 thread, spinning off. Tool outputs (onnxsim, onnxoptimizer, convfuse) "
+        f"run with ORT graph optimizations DISABLED, like `original`; `ORT-opt` and `convfuse+ORT-opt` "
+        f"use ORT_ENABLE_ALL. convfuse policy: `{adapters.DEFAULT_POLICY}` (default)."
+    )
     out.append("")
     latency = [r for r in res.models if r.ort]
     for n in o.threads:
-        out += [f"## ONNX Runtime latency, {n} intra-op thread{'s' if n > 1 else ''} "
-                "(ms; in brackets: speed-up vs original)", "", _latency_table(latency, n), ""]
+        out += [
+            f"## ONNX Runtime latency, {n} intra-op thread{'s' if n > 1 else ''} "
+            "(ms; in brackets: speed-up vs original)",
+            "",
+            _latency_table(latency, n),
+            "",
+        ]
         out += _contention(latency, n, res.cores)
-    out += ["## Graph: nodes (Conv/BatchNormalization/Add) and MACs", "",
-            "Conv/BN/Add count nodes on the data path (depending on the input); in brackets: all nodes, "
-            "including arithmetic on constants only (onnxoptimizer's fuse_bn_into_conv emits the fused-weight "
-            "arithmetic as Mul/Add/Sqrt/... nodes, left for a constant folder). ORT-opt counts are of the "
-            "graph ORT runs after ORT_ENABLE_ALL (fused and NCHWc convs counted as Conv, Sum as Add). "
-            "MACs count Conv/Gemm/MatMul at batch 1.", "", _graph_table(latency), ""]
-    out += ["## Numeric agreement with the original (max |error| / max |output|, float32)", "",
-            _error_table(latency), ""]
+    out += [
+        "## Graph: nodes (Conv/BatchNormalization/Add) and MACs",
+        "",
+        "Conv/BN/Add count nodes on the data path (depending on the input); in brackets: all nodes, "
+        "including arithmetic on constants only (onnxoptimizer's fuse_bn_into_conv emits the fused-weight "
+        "arithmetic as Mul/Add/Sqrt/... nodes, left for a constant folder). ORT-opt counts are of the "
+        "graph ORT runs after ORT_ENABLE_ALL (fused and NCHWc convs counted as Conv, Sum as Add). "
+        "MACs count Conv/Gemm/MatMul at batch 1.",
+        "",
+        _graph_table(latency),
+        "",
+    ]
+    out += [
+        "## Numeric agreement with the original (max |error| / max |output|, float32)",
+        "",
+        _error_table(latency),
+        "",
+    ]
     if o.torch:
-        out += ["## torch eager latency (ms): original module vs `convfuse.fuse(module)`", "",
-                _eager_table(latency, o.threads), ""]
+        out += [
+            "## torch eager latency (ms): original module vs `convfuse.fuse(module)`",
+            "",
+            _eager_table(latency, o.threads),
+            "",
+        ]
         for n in o.threads:
             out += _contention(latency, n, res.cores)
-    out += ["## Merge pass cost: file to file (onnx.load + transform + onnx.save)", "",
-            "`load+save` is the bare round trip; brackets: ratio to it. Peak memory = peak resident set during "
-            "the pass minus the resident set just before it (imports done), measured in a fresh subprocess "
-            "for the large model only.", "", _pass_table(res.models), ""]
+    out += [
+        "## Merge pass cost: file to file (onnx.load + transform + onnx.save)",
+        "",
+        "`load+save` is the bare round trip; brackets: ratio to it. Peak memory = peak resident set during "
+        "the pass minus the resident set just before it (imports done), measured in a fresh subprocess "
+        "for the large model only.",
+        "",
+        _pass_table(res.models),
+        "",
+    ]
     out += ["## Targets (reported, not asserted)", "", _targets(res.models, o.threads, res.cores), ""]
     if res.failures:
         out += ["## Not measured", ""] + [f"- {f}" for f in res.failures] + [""]

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import gc
 import os
-from contextlib import contextmanager
 import statistics
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 __all__ = ["Timing", "background_load", "interleaved"]
 
@@ -63,7 +63,7 @@ def interleaved(
     gc.disable()
     try:
         for r in range(reps):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 fn, k = variants[n], inner[n]
                 t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import convfuse  # noqa: E402
-from convfuse.frontends.torch_surgery import generated_code  # noqa: E402
+from convfuse.frontends.torch.surgery import generated_code  # noqa: E402
 from tests._torch_models import randomize_bn  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 from tests.public_style_models import DetectionModel, SRNet  # noqa: E402
@@ -67,10 +67,18 @@ def main() -> None:
         print(f"## {name}")
         print(f"convs {c0} -> {c1}, BatchNorm {b0} -> {b1}, max fp32 relative error {worst:.2e}")
         print(f"class kept: {type(fused).__name__}; generated forwards: {', '.join(generated) or 'none'}")
-        print(f"merges: {len(report.merges)}; kept (declined) lines by reason: "
-              f"{dict(Counter(d.reason.value for d in report.declines))}")
+        print(
+            f"merges: {len(report.merges)}; kept (declined) lines by reason: "
+            f"{dict(Counter(d.reason.value for d in report.declines))}"
+        )
         for d in report.declines:
-            if d.reason.value in ("untraceable", "unsupported", "self-check", "padded-after-spatial", "padding-mode"):
+            if d.reason.value in (
+                "untraceable",
+                "unsupported",
+                "self-check",
+                "padded-after-spatial",
+                "padding-mode",
+            ):
                 print(f"  - {d.line()[:240]}")
         for note in report.notes:
             if note.startswith(("self-check", "fused child by child", "not traced")):

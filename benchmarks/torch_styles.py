@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import convfuse  # noqa: E402
 from _torch_models import STYLES, count_convs, rel_error  # noqa: E402
+
+import convfuse  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,9 @@ def main() -> None:
             torch.manual_seed(seed)
             model = make().eval()
             start = time.perf_counter()
-            fused, report = convfuse.fuse(model, return_report=True, example_inputs=torch.randn(1, c_in, *sizes[-1]))
+            fused, report = convfuse.fuse(
+                model, return_report=True, example_inputs=torch.randn(1, c_in, *sizes[-1])
+            )
             times.append(time.perf_counter() - start)
             model64 = copy.deepcopy(model).double()
             fused64 = convfuse.fuse(model64)
@@ -54,7 +57,9 @@ def main() -> None:
         convs = f"{count_convs(model)} -> {count_convs(fused)}"
         params = f"{report.before.params:,} -> {report.after.params:,}"
         macs = f"{report.before.macs:,} -> {report.after.macs:,}"
-        print(f"{name:<11} {convs:>9} {params:>15} {macs:>23} {worst32:>19.2e} {worst64:>9.1e} {fuse_time:>7.3f}")
+        print(
+            f"{name:<11} {convs:>9} {params:>15} {macs:>23} {worst32:>19.2e} {worst64:>9.1e} {fuse_time:>7.3f}"
+        )
 
 
 if __name__ == "__main__":

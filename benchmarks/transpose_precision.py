@@ -59,33 +59,58 @@ def main(n: int) -> None:
     @run
     @given(t=transpose_spec(), seed=st.integers(0, 2**20), extra=st.integers(0, 3))
     def affine_after(t, seed, extra):
-        affine = ChannelAffine(torch.from_numpy(np_rand(t.out_channels, seed=seed)), torch.from_numpy(np_rand(t.out_channels, seed=seed + 1)))
+        affine = ChannelAffine(
+            torch.from_numpy(np_rand(t.out_channels, seed=seed)),
+            torch.from_numpy(np_rand(t.out_channels, seed=seed + 1)),
+        )
         x = input_for(t, (extra,), seed=1)
         view = (1, -1) + (1,) * t.ndim
-        ref = run_transpose(t, x) * torch.from_numpy(affine.scale).view(view) + torch.from_numpy(affine.shift).view(view)
-        record("transpose_then_affine (BN after)", rel_err(ref, run_transpose(transpose_then_affine(t, affine), x)))
+        ref = run_transpose(t, x) * torch.from_numpy(affine.scale).view(view) + torch.from_numpy(
+            affine.shift
+        ).view(view)
+        record(
+            "transpose_then_affine (BN after)",
+            rel_err(ref, run_transpose(transpose_then_affine(t, affine), x)),
+        )
 
     @run
     @given(data=st.data(), t=transpose_spec(), extra=st.integers(0, 3))
     def pointwise_after(data, t, extra):
         b = data.draw(pointwise(t.out_channels, data.draw(st.integers(1, 4)) * t.groups, t.ndim))
         x = input_for(t, (extra,), seed=2)
-        record("transpose_then_pointwise (1x1 after)", rel_err(b.apply(run_transpose(t, x)), run_transpose(transpose_then_pointwise(t, b), x)))
+        record(
+            "transpose_then_pointwise (1x1 after)",
+            rel_err(b.apply(run_transpose(t, x)), run_transpose(transpose_then_pointwise(t, b), x)),
+        )
 
     @run
     @given(data=st.data(), t=transpose_spec(), extra=st.integers(0, 3))
     def pointwise_before(data, t, extra):
         a = data.draw(pointwise(data.draw(st.integers(1, 3)) * t.groups, t.in_channels, t.ndim, bias=False))
         x = torch.from_numpy(np_rand(2, a.in_channels, *[m + extra for m in min_input(t)], seed=3))
-        record("pointwise_then_transpose (1x1 before)", rel_err(run_transpose(t, a.apply(x)), run_transpose(pointwise_then_transpose(a, t), x)))
+        record(
+            "pointwise_then_transpose (1x1 before)",
+            rel_err(run_transpose(t, a.apply(x)), run_transpose(pointwise_then_transpose(a, t), x)),
+        )
 
     def shifted(rule: str, t: ConvTransposeSpec, seed: int, extra: int) -> None:
-        bn = ChannelAffine(torch.from_numpy(np_rand(t.in_channels, seed=seed)), torch.from_numpy(np_rand(t.in_channels, seed=seed + 1)))
+        bn = ChannelAffine(
+            torch.from_numpy(np_rand(t.in_channels, seed=seed)),
+            torch.from_numpy(np_rand(t.in_channels, seed=seed + 1)),
+        )
         merged = affine_then_transpose(bn, t)
         assert isinstance(merged, ConvTransposeSpec), merged
         x = torch.from_numpy(np_rand(2, t.in_channels, *[m + extra for m in min_input(t)], seed=4))
         view = (1, -1) + (1,) * t.ndim
-        record(rule, rel_err(run_transpose(t, x * torch.from_numpy(bn.scale).view(view) + torch.from_numpy(bn.shift).view(view)), run_transpose(merged, x)))
+        record(
+            rule,
+            rel_err(
+                run_transpose(
+                    t, x * torch.from_numpy(bn.scale).view(view) + torch.from_numpy(bn.shift).view(view)
+                ),
+                run_transpose(merged, x),
+            ),
+        )
 
     @run
     @given(t=rim_cropped(), seed=st.integers(0, 2**20), extra=st.integers(0, 4))
@@ -102,7 +127,10 @@ def main(n: int) -> None:
     def sums(parts, extra):
         t = parts[0]
         x = torch.from_numpy(np_rand(2, t.in_channels, *[m + extra for m in min_input(t)], seed=5))
-        record("add_transposed (transposed branches)", rel_err(sum(_run(p, x) for p in parts), run_transpose(add_transposed(parts), x)))
+        record(
+            "add_transposed (transposed branches)",
+            rel_err(sum(_run(p, x) for p in parts), run_transpose(add_transposed(parts), x)),
+        )
 
     @run
     @given(parts=branches(with_convs=True), extra=st.integers(0, 3))
@@ -110,12 +138,23 @@ def main(n: int) -> None:
         t = next(p for p in parts if isinstance(p, ConvTransposeSpec))
         x = torch.from_numpy(np_rand(2, t.in_channels, *[m + extra + 1 for m in min_input(t)], seed=6))
         merged = add_transposed(parts)
-        record("add_transposed (+ conv/identity branches)", rel_err(sum(_run(p, x) for p in parts), run_transpose(merged, x)))
+        record(
+            "add_transposed (+ conv/identity branches)",
+            rel_err(sum(_run(p, x) for p in parts), run_transpose(merged, x)),
+        )
         for p in parts:
             if not isinstance(p, ConvTransposeSpec):
                 record("conv_as_transpose", rel_err(p.apply(x), run_transpose(conv_as_transpose(p), x)))
 
-    for test in (affine_after, pointwise_after, pointwise_before, shift_rim, shift_phases, sums, sums_with_convs):
+    for test in (
+        affine_after,
+        pointwise_after,
+        pointwise_before,
+        shift_rim,
+        shift_phases,
+        sums,
+        sums_with_convs,
+    ):
         test()
     print(f"worst float64 relative error per rule, up to {n} random cases each (max |err| / max |output|):")
     for rule, err in worst.items():

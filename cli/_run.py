@@ -7,14 +7,15 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import click
 
 from convfuse import fuse_onnx
 from convfuse.errors import ConvfuseError
-from convfuse.frontends.onnx_io import LoadedModel, is_large, read_model
+from convfuse.frontends.onnx.io import LoadedModel, is_large, read_model
 from convfuse.latency import DEFAULT_BUDGET
 from convfuse.policy import Policy
 from convfuse.report import Report

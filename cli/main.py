@@ -12,7 +12,8 @@ import errno
 import os
 import sys
 import traceback
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import click
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import click
 import onnx
 
 from convfuse.errors import ConvfuseError, NotRunnableError
-from convfuse.frontends.onnx_io import check_file, external_data_name, stage_model
+from convfuse.frontends.onnx.io import check_file, external_data_name, stage_model
 from convfuse.report import Report
 from convfuse.report_html import html_page, write_page
 from convfuse.runtime import parse_shape
@@ -43,7 +43,11 @@ __all__ = ["merge", "default_output"]
 
 def default_output(model: Path) -> Path:
     """``dir/name.onnx`` -> ``dir/name.fused.onnx``."""
-    return model.with_name(model.stem + ".fused.onnx") if model.suffix == ".onnx" else model.with_name(model.name + ".fused.onnx")
+    return (
+        model.with_name(model.stem + ".fused.onnx")
+        if model.suffix == ".onnx"
+        else model.with_name(model.name + ".fused.onnx")
+    )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -61,7 +65,9 @@ def _target(model: Path, output: Path | None, in_place: bool, verify: bool, allo
         if not verify:
             raise click.UsageError("--in-place replaces the input only after verification; drop --no-verify")
         if allow_unverified:
-            raise click.UsageError("--in-place replaces the input only after verification; drop --allow-unverified")
+            raise click.UsageError(
+                "--in-place replaces the input only after verification; drop --allow-unverified"
+            )
         return model
     target = output if output is not None else default_output(model)
     if _same_file(model, target):
@@ -177,7 +183,9 @@ def merge(
     if in_place:
         stale = [p for p in data_files if not _same_file(p, target.parent / external_data_name(target))]
         if stale:
-            report.notes.append(f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)")
+            report.notes.append(
+                f"{', '.join(str(p) for p in stale)}: no longer used by {target} (left in place)"
+            )
     extra["output"] = str(target)
     done = f"{'replaced' if in_place else 'wrote'} {target}"
     _run.emit(report, as_json, extra, lines=(done,), verbose=verbose)
@@ -227,7 +235,11 @@ def _verify(
             verify_onnx(reference, reference, samples=1, attribution=False, shapes=shapes or None)
         except ConvfuseError as alone:
             return _Verdict.NOT_RUN, f"not verified: the input model cannot be run here ({alone})", None
-        return _Verdict.FAILED, f"verification could not run the fused model ({exc}); use --no-verify to skip", None
+        return (
+            _Verdict.FAILED,
+            f"verification could not run the fused model ({exc}); use --no-verify to skip",
+            None,
+        )
     detail = result.summary()
     if not result.passed:
         detail += "; " + "; ".join(s.line() for s in result.suspects)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import click
 
@@ -38,7 +39,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); nothing wr
 
 # The library checks the file itself (missing, directory, empty, corrupt) so that every bad
 # input gets the same one-line error; click only passes the path through.
-model_argument = click.argument("model", metavar="MODEL.onnx", type=click.Path(path_type=Path, readable=False))
+model_argument = click.argument(
+    "model", metavar="MODEL.onnx", type=click.Path(path_type=Path, readable=False)
+)
 
 output_option = click.option(
     "-o",
@@ -77,6 +80,7 @@ def policy_option(f: _F) -> _F:
         help="flops: merge only what does not increase MACs or parameters; always: every exact merge; "
         "latency: the merges ONNX Runtime measures faster (see --device, --latency-budget).",
     )(f)
+
 
 json_option = click.option(
     "--json",

@@ -23,22 +23,47 @@ EXIT_ERROR = 2
 @click.command("verify")
 @click.argument("reference", type=click.Path(readable=False))
 @click.argument("candidate", type=click.Path(readable=False))
-@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).")
-@click.option("--inputs", "inputs_file", type=click.Path(), default=None,
-              help="Run on these inputs (.npz, one array per input name) instead of random ones.")
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="cpu",
+    show_default=True,
+    help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).",
+)
+@click.option(
+    "--inputs",
+    "inputs_file",
+    type=click.Path(),
+    default=None,
+    help="Run on these inputs (.npz, one array per input name) instead of random ones.",
+)
 @shape_option
-@click.option("--samples", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Random input sets to run.")
+@click.option(
+    "--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Random input sets to run."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
-@click.option("--rtol", type=click.FloatRange(min=0), default=None,
-              help="Relative tolerance, as a fraction of max |reference output| [default: per dtype].")
-@click.option("--atol", type=click.FloatRange(min=0), default=None,
-              help="Absolute tolerance added to the relative one [default: 0].")
-@click.option("--attribution/--no-attribution", default=True, show_default=True,
-              help="On a mismatch, name the first diverging node(s) by comparing shared tensors.")
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Relative tolerance, as a fraction of max |reference output| [default: per dtype].",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Absolute tolerance added to the relative one [default: 0].",
+)
+@click.option(
+    "--attribution/--no-attribution",
+    default=True,
+    show_default=True,
+    help="On a mismatch, name the first diverging node(s) by comparing shared tensors.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@html_option("Also write the result as one self-contained HTML page (verdict, errors, attribution, error maps).")
+@html_option(
+    "Also write the result as one self-contained HTML page (verdict, errors, attribution, error maps)."
+)
 @click.pass_context
 def verify(
     ctx: click.Context,

@@ -12,7 +12,7 @@ from typing import Any
 from .algebra import ChannelAffine, Cost, add, compose, compose_chain, concat, then_affine
 from .decline import Decline, Reason
 from .errors import ConvfuseError
-from .frontends.onnx_graph import fuse_onnx
+from .frontends.onnx.graph import fuse_onnx
 from .spec import ConvSpec
 from .verify import verify
 
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Exports that need torch, and the module that holds them.
-_TORCH_EXPORTS = {"fuse": "frontends.torch_fx", "fuse_with_report": "frontends.torch_fx"}
+_TORCH_EXPORTS = {"fuse": "frontends.torch.fx", "fuse_with_report": "frontends.torch.fx"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,9 +10,10 @@ rule below restates its pattern, conditions and algebra.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -211,7 +212,9 @@ def simplify(spec: ConvSpec) -> ConvSpec:
         blocks = w.reshape(spec.groups, r, co_fine, r, cig, *k)
         idx = np.arange(r)
         w = blocks[:, idx, :, idx].swapaxes(0, 1).reshape(w.shape[0], cig, *k)
-    return spec.replace(weight=np.ascontiguousarray(w), pads=tuple(pads), dilation=tuple(dilation), groups=groups)
+    return spec.replace(
+        weight=np.ascontiguousarray(w), pads=tuple(pads), dilation=tuple(dilation), groups=groups
+    )
 
 
 def _too_large(elements: int, what: str) -> Decline | None:
@@ -308,7 +311,6 @@ def _tap_products(a: ConvSpec, b: ConvSpec, g: int, size: tuple[int, ...]) -> np
     then 1x1, 1x1 then conv, BN-free chains of equal groups) the product is laid out as ``C``
     already. Returns ``C[Co, Ci/g, *size]``.
     """
-    n = a.ndim
     ra, rb = a.groups // g, b.groups // g
     fine = ra * rb
     ka, kb = a.kernel_size, b.kernel_size
@@ -354,11 +356,15 @@ def _tap_products(a: ConvSpec, b: ConvSpec, g: int, size: tuple[int, ...]) -> np
     lead = (slice(None),) * 3
     if pb <= pa:  # one strided window of A's taps per tap of B
         for tb in np.ndindex(*kb):
-            window = tuple(slice(t * sb, t * sb + sa * (k - 1) + 1, sa) for t, sb, sa, k in zip(tb, step_b, step_a, ka))
+            window = tuple(
+                slice(t * sb, t * sb + sa * (k - 1) + 1, sa) for t, sb, sa, k in zip(tb, step_b, step_a, ka)
+            )
             out[lead + window] += q[lead + tb]
     else:  # one strided window of B's taps per tap of A
         for ta in np.ndindex(*ka):
-            window = tuple(slice(t * sa, t * sa + sb * (k - 1) + 1, sb) for t, sa, sb, k in zip(ta, step_a, step_b, kb))
+            window = tuple(
+                slice(t * sa, t * sa + sb * (k - 1) + 1, sb) for t, sa, sb, k in zip(ta, step_a, step_b, kb)
+            )
             out[lead + window] += q[lead + (Ellipsis,) + ta]
     return out.reshape(b.out_channels, ra * ci_a, *size)
 
@@ -428,8 +434,12 @@ def _scale_inputs(affine: ChannelAffine, spec: ConvSpec) -> ConvSpec:
     w = _f64(spec.weight)
     cig = w.shape[1]
     co_g = spec.out_channels // spec.groups
-    scale = np.broadcast_to(_f64(affine.scale).reshape(spec.groups, 1, cig), (spec.groups, co_g, cig)).reshape(-1, cig)
-    shift = np.broadcast_to(_f64(affine.shift).reshape(spec.groups, 1, cig), (spec.groups, co_g, cig)).reshape(-1, cig)
+    scale = np.broadcast_to(
+        _f64(affine.scale).reshape(spec.groups, 1, cig), (spec.groups, co_g, cig)
+    ).reshape(-1, cig)
+    shift = np.broadcast_to(
+        _f64(affine.shift).reshape(spec.groups, 1, cig), (spec.groups, co_g, cig)
+    ).reshape(-1, cig)
     spatial = tuple(range(2, w.ndim))
     weight = w * scale.reshape(*scale.shape, *([1] * len(spatial)))
     bias = _f64(spec.bias_or_zeros()) + (w.sum(axis=spatial) * shift).sum(axis=1)
@@ -521,7 +531,9 @@ def _union_window(specs: Sequence[ConvSpec], what: str) -> _Window | Decline:
                 f"{what} branches read {first.in_channels} and {s.in_channels} input channels",
             )
         if s.stride != first.stride:
-            return Decline(Reason.STRIDE_MISMATCH, f"{what} branches have strides {first.stride} and {s.stride}")
+            return Decline(
+                Reason.STRIDE_MISMATCH, f"{what} branches have strides {first.stride} and {s.stride}"
+            )
     # Output size is floor((n + slack) / s) + 1 with slack = begin + end - extent; equal for all n
     # exactly when slack is equal.
     slack = {tuple(b + e - x for (b, e), x in zip(s.pads, s.extent)) for s in specs}
@@ -570,7 +582,9 @@ def add(specs: Sequence[ConvSpec]) -> ConvSpec | Decline:
             f"summed branches have {[s.out_channels for s in specs]} output channels",
         )
     g = reduce(math.gcd, [s.groups for s in specs])
-    too_big = _too_large(specs[0].out_channels * specs[0].in_channels // g * math.prod(window.size), "the sum")
+    too_big = _too_large(
+        specs[0].out_channels * specs[0].in_channels // g * math.prod(window.size), "the sum"
+    )
     if too_big:
         return too_big
     weight = np.zeros((specs[0].out_channels, specs[0].in_channels // g, *window.size))

@@ -45,9 +45,10 @@ Numpy float64 throughout; the merged spec is cast back to ``A``'s dtype through
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +107,9 @@ class BorderMerge:
         """Output spatial size for an input (``x``) of spatial size ``spatial``."""
         out = self.second.output_size(self.first.output_size(spatial))
         if len(out) != self.spec.ndim or min(out) < 1:
-            raise ValueError(f"input size {tuple(spatial)} gives no output {out} for {self.first} then {self.second}")
+            raise ValueError(
+                f"input size {tuple(spatial)} gives no output {out} for {self.first} then {self.second}"
+            )
         return out
 
 
@@ -303,7 +306,8 @@ def ring_from_ones(merge: BorderMerge, spatial: Sequence[int], on_input_grid: bo
     acc = np.zeros((k, *out))
     for tap in np.ndindex(*merge.core.shape[1:]):
         window = tuple(
-            slice(j * d, j * d + (o - 1) * s + 1, s) for j, d, o, s in zip(tap, geometry.dilation, out, geometry.stride)
+            slice(j * d, j * d + (o - 1) * s + 1, s)
+            for j, d, o, s in zip(tap, geometry.dilation, out, geometry.stride)
         )
         acc += merge.core[(slice(None), *tap)].reshape(k, *([1] * len(out))) * ones[window]
     return acc - merge.interior.reshape(k, *([1] * len(out)))

@@ -12,8 +12,8 @@ near zero would otherwise demand impossible precision. Integer and bool tensors 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

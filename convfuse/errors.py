@@ -87,6 +87,8 @@ def internal_message(error: BaseException) -> str:
         f"internal error: {type(error).__name__}: {one_line(str(error), 300)} "
         "(a bug in convfuse; please report it, with CONVFUSE_TRACEBACK=1 for the traceback)"
     )
+
+
 class NotRunnableError(InvalidModelError):
     """The reference model cannot be run here, so nothing can be verified against it: operators
     ONNX Runtime lacks, or no input size that every layer accepts."""

@@ -18,8 +18,8 @@ smallest dilated kernel covering the positions: dilation ``f = gcd(positions)``,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import reduce
-from typing import Sequence
 
 from .spec import ConvSpec, shape_only
 
@@ -49,7 +49,9 @@ def _shaped(
         dilation.append(f if max(pos) else 1)
     weight = shape_only((out_channels, in_channels // groups, *kernel))
     b = shape_only((out_channels,)) if bias else None
-    return ConvSpec(weight=weight, bias=b, stride=tuple(stride), dilation=tuple(dilation), groups=groups, pads=tuple(pads))
+    return ConvSpec(
+        weight=weight, bias=b, stride=tuple(stride), dilation=tuple(dilation), groups=groups, pads=tuple(pads)
+    )
 
 
 def compose_shape(a: ConvSpec, b: ConvSpec) -> ConvSpec:

@@ -1,6 +1,6 @@
 """The input shapes the ONNX verifier runs at: declared, given with ``shapes``, or derived.
 
-Plumbing between the model's ports, its geometry (:mod:`convfuse.frontends.onnx_geometry`) and
+Plumbing between the model's ports, its geometry (:mod:`convfuse.frontends.onnx.geometry`) and
 the size choice (:mod:`convfuse.sizes`). Symbolic dims get:
 
 - the batch (axis 0 of an input of rank >= 2): :data:`~convfuse.sizes.BATCH` (2);
@@ -15,15 +15,25 @@ then a bounded number of larger ones, for the caller to try until the reference 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 import onnx
 
 from .errors import ConvfuseError, InvalidModelError
-from .frontends.onnx_geometry import geometries, input_channels
+from .frontends.onnx.geometry import geometries, input_channels
 from .runtime import InputSpec, Port, checked_dims, dims_text, fits
-from .sizes import BATCH, Fit, Geometry, NoSizeError, Status, group_status, pick_first, pick_second, progression
+from .sizes import (
+    BATCH,
+    Fit,
+    Geometry,
+    NoSizeError,
+    Status,
+    group_status,
+    pick_first,
+    pick_second,
+    progression,
+)
 
 __all__ = ["ATTEMPTS", "InputPlan"]
 
@@ -108,7 +118,9 @@ class InputPlan:
                     value, how = BATCH, f"{BATCH} (batch)"
                 elif axis == 1 and rank >= 3:
                     channels = input_channels(model, port.name)
-                    value, how = (channels, f"{channels} (what its first layer reads)") if channels else (1, "1")
+                    value, how = (
+                        (channels, f"{channels} (what its first layer reads)") if channels else (1, "1")
+                    )
                 else:
                     value, how = 1, "1"
                 dims[axis] = value
@@ -120,7 +132,7 @@ class InputPlan:
             self.symbolic.append(symbolic)
         for index in layers:
             layers[index] = geometries(model, reference[index].name, len(self.dims[index]) - 2)
-        for key, group in self.groups.items():
+        for group in self.groups.values():
             group.status = group_status([(layers[i], d) for i, d in group.members])
             first = pick_first(group.status)
             if first is None:
@@ -196,7 +208,8 @@ class InputPlan:
                 continue
             declared = self.declared[index]
             axes = ", ".join(
-                f"{axis} ({declared[axis]})" if isinstance(declared[axis], str) else str(axis) for axis, _ in symbolic
+                f"{axis} ({declared[axis]})" if isinstance(declared[axis], str) else str(axis)
+                for axis, _ in symbolic
             )
             shapes = " and ".join(dict.fromkeys(dims_text(specs[index].shape) for specs in used))
             parts = [f"axis {axis}: {h}" for axis, h in symbolic if h != "spatial"]

@@ -18,9 +18,10 @@ input; the planner needs nothing new unless the op combines tensors in a new way
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 from .decline import Decline
 from .spec import ConvSpec
@@ -115,11 +116,11 @@ class LinearNode:
 class LinearGraph:
     """The linear nodes of one graph, in topological order, and the tensors read outside them.
 
-    ``shapes`` gives ``[N, C, *spatial]`` (``None`` where symbolic) for tensors whose shape the
-    front end knows; ``fresh`` hands out unused tensor names (for partial sums); ``describe``
-names the readers of a tensor that are not nodes of this graph (for report lines);
-``pad_layer``: the front end writes a conv with asymmetric padding as a pad layer and a conv
-(torch convs pad symmetrically), so such a merge must replace more than two layers.
+        ``shapes`` gives ``[N, C, *spatial]`` (``None`` where symbolic) for tensors whose shape the
+        front end knows; ``fresh`` hands out unused tensor names (for partial sums); ``describe``
+    names the readers of a tensor that are not nodes of this graph (for report lines);
+    ``pad_layer``: the front end writes a conv with asymmetric padding as a pad layer and a conv
+    (torch convs pad symmetrically), so such a merge must replace more than two layers.
     """
 
     nodes: list[LinearNode]

@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -80,7 +81,7 @@ _ELEM = {
     np.dtype(np.float64): TensorProto.DOUBLE,
 }
 
-Shape = tuple[Union[int, None], ...]
+Shape = tuple[int | None, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +91,7 @@ class Parallel:
     branches: tuple[Block, ...]
 
 
-Block = tuple[Union[ConvSpec, Parallel], ...]
+Block = tuple[ConvSpec | Parallel, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,7 +168,14 @@ def _layer_kind(spec: ConvSpec) -> str:
 
 
 def _conv_key(spec: ConvSpec) -> tuple[object, ...]:
-    return (tuple(spec.weight.shape), spec.stride, spec.dilation, spec.groups, spec.pads, spec.bias is not None)
+    return (
+        tuple(spec.weight.shape),
+        spec.stride,
+        spec.dilation,
+        spec.groups,
+        spec.pads,
+        spec.bias is not None,
+    )
 
 
 def _block_key(block: Block) -> tuple[object, ...]:
@@ -283,7 +291,9 @@ class _Builder:
             [helper.make_tensor_value_info(y, self.elem, list(out_shape))],
             self.inits,
         )
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION)
+        return helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION
+        )
 
 
 def build_models(candidate: Candidate, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -375,9 +385,13 @@ class OrtTimer:
         if self.device == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            session = rt.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+            session = rt.InferenceSession(
+                model.SerializeToString(), sess_options=options, providers=providers
+            )
         except Exception as exc:  # ORT raises its own Fail/NotImplemented types
-            raise TimingError(f"onnxruntime cannot load the {what} timing model: {one_line(exc, 160)}") from None
+            raise TimingError(
+                f"onnxruntime cannot load the {what} timing model: {one_line(exc, 160)}"
+            ) from None
         if self.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
             raise DeviceUnavailableError(
                 "onnxruntime could not start its CUDA provider (no usable GPU or CUDA libraries)"

@@ -30,8 +30,9 @@ there measured no slower). Each candidate is judged on its predicted shape
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -330,7 +331,13 @@ class _Planner:
             body = self._ancestors([t for t, _ in group_terms], inside, tree_ids)
             y = self.g.new_name(f"{root.output}/{x}")
             self.out.fresh.add(y)
-            virtual = LinearNode(root.name, OpKind.SUM, tuple(t for t, _ in group_terms), y, coefs=tuple(c for _, c in group_terms))
+            virtual = LinearNode(
+                root.name,
+                OpKind.SUM,
+                tuple(t for t, _ in group_terms),
+                y,
+                coefs=tuple(c for _, c in group_terms),
+            )
             self.g.order[id(virtual)] = self.g.order[id(root)]
             result = self._region(x, y, body + [virtual], write=False)
             claimed |= {id(n) for n in body}
@@ -359,7 +366,9 @@ class _Planner:
                     out_terms.append(term)
             self.out.resums.append(Resum(tuple(tree), tuple(out_terms), root.output))
 
-    def _ancestors(self, tensors: Sequence[str], inside: dict[int, LinearNode], stop: set[int]) -> list[LinearNode]:
+    def _ancestors(
+        self, tensors: Sequence[str], inside: dict[int, LinearNode], stop: set[int]
+    ) -> list[LinearNode]:
         found: dict[int, LinearNode] = {}
         todo = list(tensors)
         while todo:
@@ -403,7 +412,9 @@ class _Planner:
             return Decline(Reason.RANK_MISMATCH, f"the region mixes {sorted(ndims)}D layers")
         channels = self._channels(x, nodes)
         if channels is None or not ndims:
-            return Decline(Reason.UNSUPPORTED, f"cannot tell the channels and rank of {x!r} from the layers reading it")
+            return Decline(
+                Reason.UNSUPPORTED, f"cannot tell the channels and rank of {x!r} from the layers reading it"
+            )
         return TensorInfo(channels, ndims.pop())
 
     def _features_info(self, x: str, nodes: list[LinearNode]) -> TensorInfo | Decline:
@@ -413,7 +424,15 @@ class _Planner:
         bad: list[tuple[LinearNode, Decline]] = []
         for n in nodes:
             if n.kind in (OpKind.CONV, OpKind.PAD, OpKind.POOL):
-                bad.append((n, Decline(Reason.RANK_MISMATCH, f"{n.name} works on spatial dims, a Linear layer on the last dim")))
+                bad.append(
+                    (
+                        n,
+                        Decline(
+                            Reason.RANK_MISMATCH,
+                            f"{n.name} works on spatial dims, a Linear layer on the last dim",
+                        ),
+                    )
+                )
                 continue
             needs_rank2 = n.layout == "first" or n.kind is OpKind.CONCAT
             if needs_rank2 and any(len(self.g.shapes.get(i) or ()) != 2 for i in n.inputs):
@@ -432,7 +451,9 @@ class _Planner:
             return bad[0][1]
         channels = self._channels(x, nodes)
         if channels is None:
-            return Decline(Reason.UNSUPPORTED, f"cannot tell the features of {x!r} from the layers reading it")
+            return Decline(
+                Reason.UNSUPPORTED, f"cannot tell the features of {x!r} from the layers reading it"
+            )
         return TensorInfo(channels, 1)
 
     def _channels(self, x: str, nodes: list[LinearNode]) -> int | None:
@@ -458,7 +479,13 @@ class _Region:
     """The maps, costs and options of one single-input region (memoized per sub-region)."""
 
     def __init__(
-        self, planner: _Planner, x: str, y: str, nodes: list[LinearNode], info: TensorInfo, features: bool = False
+        self,
+        planner: _Planner,
+        x: str,
+        y: str,
+        nodes: list[LinearNode],
+        info: TensorInfo,
+        features: bool = False,
     ) -> None:
         self.p = planner
         self.features = features
@@ -493,10 +520,18 @@ class _Region:
             self._refuse(n, Decline(Reason.RANK_MISMATCH, f"{n.name} combines tensors of different ranks"))
         if n.kind is OpKind.SUM:
             if len({i.channels for i in ins}) != 1:
-                self._refuse(n, Decline(Reason.CHANNEL_MISMATCH, f"{n.name} sums {sorted({i.channels for i in ins})} channels (broadcast)"))
+                self._refuse(
+                    n,
+                    Decline(
+                        Reason.CHANNEL_MISMATCH,
+                        f"{n.name} sums {sorted({i.channels for i in ins})} channels (broadcast)",
+                    ),
+                )
             self.info[n.output] = ins[0]
         else:
-            self.info[n.output] = TensorInfo(sum(i.channels for i in ins), ins[0].ndim, ins[0].batch, ins[0].spatial)
+            self.info[n.output] = TensorInfo(
+                sum(i.channels for i in ins), ins[0].ndim, ins[0].batch, ins[0].spatial
+            )
 
     def _refuse(self, n: LinearNode, decline: Decline) -> None:
         near = [self.producer[i].name for i in n.inputs if i in self.producer]
@@ -585,7 +620,12 @@ class _Region:
 
         def flat(t: str, c: float) -> None:
             p = inside.get(t)
-            if last.kind is OpKind.SUM and p is not None and p.kind is OpKind.SUM and len(self.g.consumers.get(t, [])) == 1:
+            if (
+                last.kind is OpKind.SUM
+                and p is not None
+                and p.kind is OpKind.SUM
+                and len(self.g.consumers.get(t, [])) == 1
+            ):
                 tree.append(p)
                 for inp, k in zip(p.inputs, p.coefs):
                     flat(inp, c * k)
@@ -702,7 +742,13 @@ class _Region:
 
     # ------------------------------------------------------------------ merges
     def merge(
-        self, nodes: tuple[LinearNode, ...], x: str, y: str, spec: ConvSpec, block: Block | None, adds: int = 0
+        self,
+        nodes: tuple[LinearNode, ...],
+        x: str,
+        y: str,
+        spec: ConvSpec,
+        block: Block | None,
+        adds: int = 0,
     ) -> _Option | Decline:
         """One conv for ``nodes`` (and ``adds`` terms of a sum) if the policy allows it; else why not."""
         if not any(n.kind.is_anchor for n in nodes):
@@ -734,9 +780,14 @@ class _Region:
                 if p is not None:
                     before.append(p)
                     todo += list(p.inputs)
-            if before and all(
-                p.kind.is_unary and self.spec[id(p)].is_pointwise and not self.spec[id(p)].is_padded for p in before
-            ) and any(p.kind is not OpKind.PAD for p in before):
+            if (
+                before
+                and all(
+                    p.kind.is_unary and self.spec[id(p)].is_pointwise and not self.spec[id(p)].is_padded
+                    for p in before
+                )
+                and any(p.kind is not OpKind.PAD for p in before)
+            ):
                 notes.append(
                     f"padding case 1: the layers before {n.name} are pointwise with zero bias, so its zero "
                     "padding moves to the input"
@@ -826,18 +877,30 @@ class _Region:
             found = results.get((left, right))
             span = (left, right)
             if found is None:
-                crossing = sorted(((i, j) for (i, j) in results if i < cut < j), key=lambda ij: (ij[1] - ij[0], ij[0]))
+                crossing = sorted(
+                    ((i, j) for (i, j) in results if i < cut < j), key=lambda ij: (ij[1] - ij[0], ij[0])
+                )
                 if not crossing:
                     continue
                 span = crossing[0]
                 found = results[span]
             if isinstance(found, _Option):
-                found = Decline(Reason.NOT_PROFITABLE, "merging these layers would rule out a cheaper merge of their neighbours")
+                found = Decline(
+                    Reason.NOT_PROFITABLE,
+                    "merging these layers would rule out a cheaper merge of their neighbours",
+                )
             if found.reason is Reason.NOTHING_TO_MERGE:
                 continue
             names = tuple(n.name for _, seg in segments[span[0] : span[1]] for n in seg)
             declines.append((names, found))
-        return _Option(chosen.macs, chosen.params, chosen.layers, chosen.merges, chosen.resums, chosen.declines + tuple(declines))
+        return _Option(
+            chosen.macs,
+            chosen.params,
+            chosen.layers,
+            chosen.merges,
+            chosen.resums,
+            chosen.declines + tuple(declines),
+        )
 
     def _run_block(self, segments: Sequence[tuple[str, tuple[LinearNode, ...]]]) -> Block | None:
         out: list[Any] = []
@@ -897,12 +960,19 @@ class _Region:
                     members = tuple(n for i in group + [bi] for n in branches[i].nodes)
                     if isinstance(cand, Decline) or not members:
                         continue
-                    block = (Parallel(tuple(self.series_block(a, branches[i].nodes) or () for i in group + [bi])),)
+                    block = (
+                        Parallel(tuple(self.series_block(a, branches[i].nodes) or () for i in group + [bi])),
+                    )
                     option = self.merge(members, a, last.output, cand, block, adds=len(group))
                     if isinstance(option, _Option) and not self.p.layers_first:
-                        current = merged[gi] or self.best(a, branches[group[0]].tensor, branches[group[0]].nodes)
+                        current = merged[gi] or self.best(
+                            a, branches[group[0]].tensor, branches[group[0]].nodes
+                        )
                         alone = self.best(a, branches[bi].tensor, branches[bi].nodes)
-                        if (option.macs, option.params) > (current.macs + alone.macs, current.params + alone.params):
+                        if (option.macs, option.params) > (
+                            current.macs + alone.macs,
+                            current.params + alone.params,
+                        ):
                             continue  # joining costs more than keeping the branch apart
                     if isinstance(option, _Option):
                         group.append(bi)

@@ -103,7 +103,9 @@ class Judge:
         if self.meter is None:
             return Decision(judge(self.policy, before, after))
         if candidate is None:
-            return Decision(judge(Policy.FLOPS, before, after), note="judged by the flops rule: nothing to time")
+            return Decision(
+                judge(Policy.FLOPS, before, after), note="judged by the flops rule: nothing to time"
+            )
         if after.macs > MAX_LATENCY_MAC_RATIO * max(before.macs, 1):
             return Decision(
                 Decline(
@@ -118,7 +120,9 @@ class Judge:
             if refused is not None:
                 refused = Decline(refused.reason, f"{refused.message}; judged by the flops rule: {measured}")
             return Decision(refused, note=f"judged by the flops rule: {measured}")
-        return Decision(judge_latency(measured, self.meter.margin, f"ONNX Runtime {self.meter.device}"), measured)
+        return Decision(
+            judge_latency(measured, self.meter.margin, f"ONNX Runtime {self.meter.device}"), measured
+        )
 
     def notes(self) -> list[str]:
         """Report notes on the timings (none for the flops and always policies)."""

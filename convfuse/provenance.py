@@ -17,8 +17,8 @@ gives the same bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .report import MergeKind
 

@@ -7,9 +7,10 @@ JSON. No graph types here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from .algebra import Cost
 from .decline import Decline, Reason
@@ -101,9 +102,11 @@ class Merge:
             "params_before": self.before.params,
             "params_after": self.after.params,
             "note": self.note,
-            "latency_ms": None
-            if self.latency is None
-            else {"before": self.latency[0] * 1e3, "after": self.latency[1] * 1e3},
+            "latency_ms": (
+                None
+                if self.latency is None
+                else {"before": self.latency[0] * 1e3, "after": self.latency[1] * 1e3}
+            ),
         }
 
     def line(self, name: Callable[[str], str] = str) -> str:

@@ -20,8 +20,9 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def _figure(title: str, check: OutputCheck) -> str:
     emap = check.error_map
     if emap is None or emap.ndim != 2:
         why = "it passed" if check.passed else "it is not a 2-D image-shaped tensor"
-        return f"<p class=\"note\">No error map for {_e(title)}: {why}.</p>"
+        return f'<p class="note">No error map for {_e(title)}: {why}.</p>'
     ring = check.border_width or 1
     image, scale = error_image(emap, check.tolerance, ring)
     data = base64.b64encode(png(image)).decode("ascii")

@@ -11,8 +11,9 @@ import ctypes
 import os
 import re
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from onnx import TensorProto
 
 from .compare import DEFAULT_RTOL
 from .errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, one_line
-from .frontends.onnx_io import MAX_PROTOBUF, is_large, read_model
+from .frontends.onnx.io import MAX_PROTOBUF, is_large, read_model
 
 __all__ = [
     "DEVICES",
@@ -397,7 +398,9 @@ def run(
         try:
             return dict(zip(names, sess.run(names, feed)))
         except Exception as e:  # the evaluator raises whatever its op implementations raise
-            raise InvalidModelError(f"the ONNX reference evaluator failed to run the {what}: {one_line(e)}") from None
+            raise InvalidModelError(
+                f"the ONNX reference evaluator failed to run the {what}: {one_line(e)}"
+            ) from None
     rt = ort()
     values = {}
     for name, array in feed.items():

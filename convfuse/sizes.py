@@ -16,15 +16,15 @@ size ``n`` along one spatial dim to its output size, or rejects it:
 larger one of the other parity (odd and even exercise both stride phases and both border
 cases) at which every window spans real data with every tap. Front ends describe their
 layers as a list of :class:`Geometry` (the ONNX one in
-:mod:`convfuse.frontends.onnx_geometry`); whatever the list leaves out, a runtime confirms.
+:mod:`convfuse.frontends.onnx.geometry`); whatever the list leaves out, a runtime confirms.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterator, Sequence
 
 from .errors import NotRunnableError
 
@@ -49,6 +49,7 @@ BATCH = 2
 
 #: Sizes are searched up to this along each dim.
 SIZE_LIMIT = 1024
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -178,7 +179,9 @@ def pick_second(status: Status, first: int, limit: int = SIZE_LIMIT) -> tuple[in
     return first, f"no size above {first} up to {limit} is accepted: checked at one size"
 
 
-def progression(status: Status, start: int, steps: int, limit: int = SIZE_LIMIT, parity: int | None = None) -> Iterator[int]:
+def progression(
+    status: Status, start: int, steps: int, limit: int = SIZE_LIMIT, parity: int | None = None
+) -> Iterator[int]:
     """Up to ``steps`` accepted sizes from ``start`` upward, for when a runtime refuses a derived
     size: the next few in turn, then roughly doubling (a size that must be a multiple of 32 is
     reached in a few steps). ``parity`` (0 even, 1 odd) keeps to sizes of that parity where any
@@ -186,7 +189,11 @@ def progression(status: Status, start: int, steps: int, limit: int = SIZE_LIMIT,
     n, given = start, 0
     while given < steps and n <= limit:
         found = next(
-            (m for m in range(n, limit + 1) if status(m) >= Fit.ACCEPTED and (parity is None or m % 2 == parity)),
+            (
+                m
+                for m in range(n, limit + 1)
+                if status(m) >= Fit.ACCEPTED and (parity is None or m % 2 == parity)
+            ),
             None,
         )
         if found is None:

@@ -16,8 +16,9 @@ lacks); :meth:`ConvSpec.apply`, the test oracle, is the one part that runs torch
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -134,7 +135,9 @@ class ConvSpec:
         if self.padding_mode not in PADDING_MODES:
             raise InvalidSpecError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
         if self.bias is not None and tuple(self.bias.shape) != (w.shape[0],):
-            raise InvalidSpecError(f"bias shape {tuple(self.bias.shape)} does not match weight {tuple(w.shape)}")
+            raise InvalidSpecError(
+                f"bias shape {tuple(self.bias.shape)} does not match weight {tuple(w.shape)}"
+            )
 
     # ----------------------------------------------------------------- shape facts
     @property
@@ -183,8 +186,7 @@ class ConvSpec:
     def output_size(self, spatial: Sequence[int]) -> tuple[int, ...]:
         """Output spatial size for an input of spatial size ``spatial``."""
         return tuple(
-            (n + b + e - x) // s + 1
-            for n, (b, e), x, s in zip(spatial, self.pads, self.extent, self.stride)
+            (n + b + e - x) // s + 1 for n, (b, e), x, s in zip(spatial, self.pads, self.extent, self.stride)
         )
 
     def macs_per_position(self) -> int:

@@ -31,10 +31,11 @@ Equal tap *counts* are not enough: different taps carry different weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import reduce
 from itertools import product
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -189,14 +190,18 @@ class ConvTransposeSpec:
         n, g = self.ndim, self.groups
         spatial = x.shape[2:]
         out = self.output_size(spatial)
-        full = [max((m - 1) * s + e, b + o) for m, s, e, (b, _), o in zip(spatial, self.stride, self.extent, self.pads, out)]
+        full = [
+            max((m - 1) * s + e, b + o)
+            for m, s, e, (b, _), o in zip(spatial, self.stride, self.extent, self.pads, out)
+        ]
         z = np.zeros((x.shape[0], self.out_channels, *full))
         xg = x.reshape(x.shape[0], g, self.in_channels // g, *spatial)
         wg = _f64(self.weight).reshape(g, self.in_channels // g, -1, *self.kernel_size)
         for tap in product(*(range(k) for k in self.kernel_size)):
             contrib = np.einsum("ngc...,gco->ngo...", xg, wg[(slice(None),) * 3 + tap])
             where = tuple(
-                slice(j * d, j * d + (m - 1) * s + 1, s) for j, d, m, s in zip(tap, self.dilation, spatial, self.stride)
+                slice(j * d, j * d + (m - 1) * s + 1, s)
+                for j, d, m, s in zip(tap, self.dilation, spatial, self.stride)
             )
             z[(slice(None), slice(None)) + where] += contrib.reshape(x.shape[0], self.out_channels, *spatial)
         y = z[(slice(None), slice(None)) + tuple(slice(b, b + o) for (b, _), o in zip(self.pads, out))]
@@ -293,14 +298,18 @@ def transpose_then_pointwise(t: ConvTransposeSpec, conv: ConvSpec) -> ConvTransp
     ``b' = bB + B @ bT``. Exact on every position: B mixes channels of one position only.
     """
     wb = _numpy(conv.weight)
-    bad = _rank_and_channels(t.ndim, wb.ndim - 2, t.out_channels, wb.shape[1] * conv.groups, "transposed conv then conv")
+    bad = _rank_and_channels(
+        t.ndim, wb.ndim - 2, t.out_channels, wb.shape[1] * conv.groups, "transposed conv then conv"
+    )
     if bad is not None:
         return bad
     if not _is_pointwise(conv):
         return _not_pointwise(conv, "after")
     co2 = wb.shape[0]
     if conv.groups == co2 == t.out_channels:  # depthwise 1x1: a per-channel scale
-        merged = transpose_then_affine(t, _Affine(wb.reshape(-1), np.zeros(co2) if conv.bias is None else _f64(conv.bias)))
+        merged = transpose_then_affine(
+            t, _Affine(wb.reshape(-1), np.zeros(co2) if conv.bias is None else _f64(conv.bias))
+        )
         if isinstance(merged, ConvTransposeSpec) and conv.bias is None and t.bias is None:
             merged = merged.replace(bias=None)
         return merged
@@ -316,7 +325,9 @@ def transpose_then_pointwise(t: ConvTransposeSpec, conv: ConvSpec) -> ConvTransp
             bt = _f64(t.bias).reshape(g, -1)
             bias = bias + np.einsum("gpo,go->gp", b2.reshape(g, co2 // g, -1), bt).reshape(-1)
         bias = bias.astype(t.dtype)
-    return t.replace(weight=w.reshape(t.in_channels, co2 // g, *t.kernel_size).astype(t.dtype), bias=bias, groups=g)
+    return t.replace(
+        weight=w.reshape(t.in_channels, co2 // g, *t.kernel_size).astype(t.dtype), bias=bias, groups=g
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -336,7 +347,9 @@ def _dim_tap_sets(
     for n in sizes:
         out = (n - 1) * s + d * (k - 1) + 1 - pb - pe + op
         for q in range(pb, pb + max(out, 0)):
-            seen.setdefault(tuple((q - j * d) % s == 0 and 0 <= q - j * d <= (n - 1) * s for j in range(k)), None)
+            seen.setdefault(
+                tuple((q - j * d) % s == 0 and 0 <= q - j * d <= (n - 1) * s for j in range(k)), None
+            )
     return list(seen)
 
 
@@ -371,7 +384,9 @@ def shift_response(
     """
     c = _f64(shift).reshape(-1)
     if c.size != t.in_channels:
-        return Decline(Reason.CHANNEL_MISMATCH, f"shift has {c.size} channels, transposed conv reads {t.in_channels}")
+        return Decline(
+            Reason.CHANNEL_MISMATCH, f"shift has {c.size} channels, transposed conv reads {t.in_channels}"
+        )
     g, ci_g = t.groups, t.in_channels // t.groups
     w = _f64(t.weight).reshape(g, ci_g, -1, *t.kernel_size)
     m = np.einsum("gc,gco...->go...", c.reshape(g, ci_g), w).reshape(t.out_channels, *t.kernel_size)
@@ -460,7 +475,8 @@ def affine_then_transpose(
     scale = _f64(affine.scale).reshape(-1)
     if scale.size != t.in_channels:
         return Decline(
-            Reason.CHANNEL_MISMATCH, f"per-channel constant has {scale.size} channels, transposed conv reads {t.in_channels}"
+            Reason.CHANNEL_MISMATCH,
+            f"per-channel constant has {scale.size} channels, transposed conv reads {t.in_channels}",
         )
     depthwise = _Pointwise(scale.reshape(-1, 1, *([1] * t.ndim)), _f64(affine.shift).reshape(-1), scale.size)
     return pointwise_then_transpose(depthwise, t, spatial)  # type: ignore[arg-type]
@@ -526,7 +542,9 @@ def _place_conv(conv: ConvSpec) -> _Placed | Decline:
             "their outputs never share a grid",
         )
     if conv.padding_mode != "zeros" and any(b or e for b, e in conv.pads):
-        return Decline(Reason.PADDING_MODE, f"a conv padding in {conv.padding_mode!r} mode is not a transposed conv")
+        return Decline(
+            Reason.PADDING_MODE, f"a conv padding in {conv.padding_mode!r} mode is not a transposed conv"
+        )
     g = conv.groups
     co, cig = w.shape[0], w.shape[1]
     wt = w.reshape(g, co // g, cig, *w.shape[2:]).swapaxes(1, 2).reshape(cig * g, co // g, *w.shape[2:])
@@ -603,7 +621,10 @@ def add_transposed(branches: Sequence[Branch]) -> ConvTransposeSpec | Decline:
     ranks = {p.weight.ndim - 2 for p in placed}
     if len(ranks) > 1:
         return Decline(Reason.RANK_MISMATCH, f"summed branches are {sorted(ranks)}D")
-    for what, channels in (("read", {p.weight.shape[0] for p in placed}), ("write", {p.weight.shape[1] * p.groups for p in placed})):
+    for what, channels in (
+        ("read", {p.weight.shape[0] for p in placed}),
+        ("write", {p.weight.shape[1] * p.groups for p in placed}),
+    ):
         if len(channels) > 1:
             return Decline(Reason.CHANNEL_MISMATCH, f"summed branches {what} {sorted(channels)} channels")
     strides = {p.stride for p in placed}
@@ -623,14 +644,24 @@ def add_transposed(branches: Sequence[Branch]) -> ConvTransposeSpec | Decline:
     lo = tuple(min(p.start[i] for p in placed) for i in range(n))
     hi = tuple(max(p.start[i] + p.weight.shape[2 + i] - 1 for p in placed) for i in range(n))
     g = reduce(math.gcd, [p.groups for p in placed])
-    weight = np.zeros((first.weight.shape[0], first.weight.shape[1] * first.groups // g, *(h - l + 1 for l, h in zip(lo, hi))))
+    weight = np.zeros(
+        (
+            first.weight.shape[0],
+            first.weight.shape[1] * first.groups // g,
+            *(h - low + 1 for low, h in zip(lo, hi)),
+        )
+    )
     for p in placed:
-        where = tuple(slice(s - l, s - l + k) for s, l, k in zip(p.start, lo, p.weight.shape[2:]))
+        where = tuple(slice(s - low, s - low + k) for s, low, k in zip(p.start, lo, p.weight.shape[2:]))
         weight[(slice(None), slice(None)) + where] += _ungroup(p.weight, p.groups, g)
     bias = None
     if any(p.bias is not None for p in placed):
         bias = sum(p.bias for p in placed if p.bias is not None)
-    dtype = branches[0].weight.dtype if isinstance(branches[0], ConvTransposeSpec) else _numpy(branches[0].weight).dtype
+    dtype = (
+        branches[0].weight.dtype
+        if isinstance(branches[0], ConvTransposeSpec)
+        else _numpy(branches[0].weight).dtype
+    )
     merged = _Placed(weight, bias, g, first.stride, lo, first.slack)
     return simplify_transposed(_from_placed(merged, dtype))
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -444,7 +445,9 @@ def verify_onnx(
         samples=len(groups[0]) if groups else 0,
         seed=seed,
         inputs=tuple(
-            InputSpec(p.name, p.dtype, tuple(group[0][p.name].shape)) for group in groups or () for p in ref_in
+            InputSpec(p.name, p.dtype, tuple(group[0][p.name].shape))
+            for group in groups or ()
+            for p in ref_in
         ),
         notes=tuple(notes),
         suspects=suspects,
@@ -504,7 +507,9 @@ def _settle_sizes(
             break
         if chosen is None and empty_run is not None:
             chosen = empty_run
-            notes.append(f"every size tried leaves an output of the reference empty: {tried[0][1]}, compared as such")
+            notes.append(
+                f"every size tried leaves an output of the reference empty: {tried[0][1]}, compared as such"
+            )
         if chosen is not None:
             if tried and chosen is not empty_run:
                 notes.append(
@@ -524,7 +529,9 @@ def _settle_sizes(
                 f"{cause} (at every input size tried: {len(tried)} from {sizes}, derived from the graph; "
                 "give sizes with --shape)"
             )
-        notes.append(f"checked at one size only: the reference fails at every larger size tried ({sizes}): {cause}")
+        notes.append(
+            f"checked at one size only: the reference fails at every larger size tried ({sizes}): {cause}"
+        )
     notes.extend(plan.describe(used))
     return groups, outputs
 
@@ -592,7 +599,7 @@ def attribute(
     cand_sess = rt.session(cand_probe, device, "candidate")
     ports = {p.name: p for p in ref_in}
     checks: dict[str, OutputCheck] = {}
-    for sample, feed in enumerate(feeds):
+    for sample, feed in enumerate(feeds):  # noqa: B007 (the last sample is reported)
         ref_run = rt.run(ref_sess, feed, ports, list(dict.fromkeys(shared.values())), "reference")
         cand_run = rt.run(cand_sess, feed, ports, list(shared), "candidate")
         checks = {
@@ -916,7 +923,11 @@ def verify(reference: Any, candidate: Any, **options: Any) -> VerifyResult:
     need ``example_inputs`` or ``input_shapes``); see those for the options.
     """
     loaded = torch_loaded()  # a module exists only if torch was imported: never import it here
-    if loaded is not None and isinstance(reference, loaded.nn.Module) and isinstance(candidate, loaded.nn.Module):
+    if (
+        loaded is not None
+        and isinstance(reference, loaded.nn.Module)
+        and isinstance(candidate, loaded.nn.Module)
+    ):
         return verify_modules(reference, candidate, **options)
     onnx_like = (onnx.ModelProto, str, os.PathLike)
     if isinstance(reference, onnx_like) and isinstance(candidate, onnx_like):

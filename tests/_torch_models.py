@@ -50,7 +50,8 @@ def rand_bn(c: int, nd: int = 2) -> nn.Module:
 
 def conv_bn(c_in: int, c_out: int, k, stride=1, padding=0, groups=1, nd=2, bias=False, **kw) -> nn.Sequential:
     return nn.Sequential(
-        _CONV[nd](c_in, c_out, k, stride=stride, padding=padding, groups=groups, bias=bias, **kw), rand_bn(c_out, nd)
+        _CONV[nd](c_in, c_out, k, stride=stride, padding=padding, groups=groups, bias=bias, **kw),
+        rand_bn(c_out, nd),
     )
 
 
@@ -126,7 +127,11 @@ class MobileOneBlock(nn.Module):
                  scale_groups: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.branches = nn.ModuleList(conv_bn(c_in, c_out, k, stride, k // 2, groups) for _ in range(n))
-        self.scale = conv_bn(c_in, c_out, 1, stride, 0, groups if scale_groups is None else scale_groups) if k > 1 else None
+        self.scale = (
+            conv_bn(c_in, c_out, 1, stride, 0, groups if scale_groups is None else scale_groups)
+            if k > 1
+            else None
+        )
         self.skip = rand_bn(c_in) if c_in == c_out and stride == 1 else None
         self.act = nn.ReLU()
 
@@ -192,7 +197,9 @@ def _mobileone() -> nn.Module:
 
 
 def _expandnets() -> nn.Module:
-    return nn.Sequential(ExpandedConv(3, 8), rand_bn(8), nn.ReLU(), ExpandedConv(8, 8, k=5), rand_bn(8), nn.ReLU())
+    return nn.Sequential(
+        ExpandedConv(3, 8), rand_bn(8), nn.ReLU(), ExpandedConv(8, 8, k=5), rand_bn(8), nn.ReLU()
+    )
 
 
 def _sesr() -> nn.Module:

@@ -26,4 +26,3 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Small convs gain nothing from threads, and threads fight under a loaded CI machine.
 torch.set_num_threads(1)
-

@@ -84,7 +84,9 @@ def fixed_head(size: int = 5) -> onnx.ModelProto:
     y = g.node("Flatten", [g.conv("x", 3, 3, 3, pads=[1, 1, 1, 1])], axis=1)
     w = g.const(g.rng.standard_normal((3 * size * size, 2)), "fc")
     out = g.node("Gemm", [y, w])
-    graph = helper.make_graph(g.nodes, "g", g.inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 2])], g.inits)
+    graph = helper.make_graph(
+        g.nodes, "g", g.inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 2])], g.inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_FOR_OPSET[17])
     onnx.checker.check_model(model, full_check=True)
     return model

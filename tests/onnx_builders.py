@@ -8,7 +8,8 @@ reference evaluator for float64, which ONNX Runtime's CPU Conv does not support)
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,7 +42,9 @@ _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorPro
 class Graph:
     """A tiny graph builder: ``g.conv(x, co, k, **attrs) -> name`` and friends, then ``g.model()``."""
 
-    def __init__(self, shape: Sequence[int | str], elem: int = TensorProto.FLOAT, seed: int = 0, x: str = "x") -> None:
+    def __init__(
+        self, shape: Sequence[int | str], elem: int = TensorProto.FLOAT, seed: int = 0, x: str = "x"
+    ) -> None:
         self.rng = np.random.default_rng(seed)
         self.elem = elem
         self.np = _NP[elem]
@@ -60,17 +63,30 @@ class Graph:
         self.inits.append(numpy_helper.from_array(np.asarray(array).astype(dtype or self.np), name))
         return name
 
-    def node(self, op: str, inputs: Sequence[str], name: str | None = None, outputs: int = 1, **attrs: Any) -> str:
+    def node(
+        self, op: str, inputs: Sequence[str], name: str | None = None, outputs: int = 1, **attrs: Any
+    ) -> str:
         name = name or self.fresh(op.lower())
         outs = [f"{name}_out{k}" if k else f"{name}_out" for k in range(outputs)]
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, **attrs))
         return outs[0]
 
     def conv(
-        self, x: str, ci: int, co: int, k: int | Sequence[int], *, bias: bool = True, group: int = 1, name: str | None = None, **attrs: Any
+        self,
+        x: str,
+        ci: int,
+        co: int,
+        k: int | Sequence[int],
+        *,
+        bias: bool = True,
+        group: int = 1,
+        name: str | None = None,
+        **attrs: Any,
     ) -> str:
         ks = [k] * self.ndim if isinstance(k, int) else list(k)
-        w = self.const(self.rng.standard_normal((co, ci // group, *ks)) / np.sqrt(ci // group * np.prod(ks)), "w")
+        w = self.const(
+            self.rng.standard_normal((co, ci // group, *ks)) / np.sqrt(ci // group * np.prod(ks)), "w"
+        )
         inputs = [x, w]
         if bias:
             inputs.append(self.const(self.rng.standard_normal(co) * 0.5, "b"))
@@ -97,14 +113,20 @@ class Graph:
         """A checked model; output types come from shape inference (no intermediate value_info)."""
         outs = [helper.make_tensor_value_info(o, self.elem, None) for o in outputs]
         graph = helper.make_graph(self.nodes, "g", self.inputs + list(extra_inputs), outs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_FOR_OPSET[opset])
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_FOR_OPSET[opset]
+        )
         inferred = onnx.shape_inference.infer_shapes(model)
         del model.graph.output[:]
         model.graph.output.extend(inferred.graph.output)
         for out in model.graph.output:  # not inferred (training-mode BN...): symbolic dims, input rank
             if not out.type.tensor_type.HasField("shape"):
                 rank = self.ndim + 2
-                out.CopyFrom(helper.make_tensor_value_info(out.name, self.elem, [f"{out.name}_{i}" for i in range(rank)]))
+                out.CopyFrom(
+                    helper.make_tensor_value_info(
+                        out.name, self.elem, [f"{out.name}_{i}" for i in range(rank)]
+                    )
+                )
         onnx.checker.check_model(model, full_check=True)
         return model
 
@@ -117,12 +139,17 @@ def _feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (2 if k == 0 else 12) for k, d in enumerate(tt.shape.dim)]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (2 if k == 0 else 12)
+            for k, d in enumerate(tt.shape.dim)
+        ]
         feeds[vi.name] = rng.standard_normal(dims).astype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
     return feeds
 
 
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None, reference: bool = False) -> list[np.ndarray]:
+def run(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None, reference: bool = False
+) -> list[np.ndarray]:
     """Outputs of ``model``: ONNX Runtime, or the ONNX reference evaluator (float64 graphs, or
     ``reference=True`` for attribute forms ONNX Runtime does not implement)."""
     feeds = feeds if feeds is not None else _feeds(model)

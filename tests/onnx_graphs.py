@@ -51,7 +51,9 @@ class _Builder:
         name = self.fresh(prefix)
         tensor = numpy_helper.from_array(np.asarray(array).astype(self.dtype), name)
         if self.rng.random() < self.constant_nodes:
-            self.nodes.append(helper.make_node("Constant", [], [name], name=self.fresh("Constant_n"), value=tensor))
+            self.nodes.append(
+                helper.make_node("Constant", [], [name], name=self.fresh("Constant_n"), value=tensor)
+            )
         else:
             self.inits.append(tensor)
         return name
@@ -63,7 +65,9 @@ class _Builder:
         return out
 
 
-def _conv(draw: st.DrawFn, b: _Builder, src: _Value, same_shape: bool = False, out_channels: int | None = None) -> _Value | None:
+def _conv(
+    draw: st.DrawFn, b: _Builder, src: _Value, same_shape: bool = False, out_channels: int | None = None
+) -> _Value | None:
     """A Conv on ``src``; with ``same_shape`` it keeps ``src``'s spatial size (for branches)."""
     n = b.ndim
     groups = draw(st.sampled_from([g for g in (1, 2, src.channels) if src.channels % g == 0]))
@@ -114,7 +118,9 @@ def _conv(draw: st.DrawFn, b: _Builder, src: _Value, same_shape: bool = False, o
     if form in ("SAME_UPPER", "SAME_LOWER"):
         spatial = tuple(math.ceil(x / s) for x, s in zip(src.spatial, stride))
     else:
-        spatial = tuple((x + p0 + p1 - e) // s + 1 for x, (p0, p1), e, s in zip(src.spatial, pads, extent, stride))
+        spatial = tuple(
+            (x + p0 + p1 - e) // s + 1 for x, (p0, p1), e, s in zip(src.spatial, pads, extent, stride)
+        )
     if min(spatial) < 1:
         return None
     w = b.const(b.rng.standard_normal((co, src.channels // groups, *kernel)) * 0.5, "W")
@@ -171,8 +177,16 @@ def random_model(draw: st.DrawFn, max_ops: int = 8, opset: int | None = None) ->
     x = _Value("x", channels, spatial)
     b.values.append(x)
     for _ in range(draw(st.integers(1, max_ops))):
-        src = draw(st.sampled_from(b.values[-3:])) if draw(st.integers(0, 3)) else draw(st.sampled_from(b.values))
-        op = draw(st.sampled_from(["conv", "conv", "conv", "sum", "sum", "bn", "relu", "affine", "concat", "pad", "add2"]))
+        src = (
+            draw(st.sampled_from(b.values[-3:]))
+            if draw(st.integers(0, 3))
+            else draw(st.sampled_from(b.values))
+        )
+        op = draw(
+            st.sampled_from(
+                ["conv", "conv", "conv", "sum", "sum", "bn", "relu", "affine", "concat", "pad", "add2"]
+            )
+        )
         if op == "conv":
             _conv(draw, b, src)
         elif op == "sum":

@@ -103,7 +103,9 @@ class C2f(nn.Module):
         self.c = int(c2 * e)
         self.cv1 = Conv(c1, 2 * self.c, 1, 1)
         self.cv2 = Conv((2 + n) * self.c, c2, 1)
-        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, g, k=((3, 3), (3, 3)), e=1.0) for _ in range(n))
+        self.m = nn.ModuleList(
+            Bottleneck(self.c, self.c, shortcut, g, k=((3, 3), (3, 3)), e=1.0) for _ in range(n)
+        )
 
     def forward(self, x):
         y = list(self.cv1(x).chunk(2, 1))
@@ -294,7 +296,9 @@ class SRNet(nn.Module):
         self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
         self.body = nn.Sequential(*[TrainBlock(num_feat, 2 * num_feat, pad_mode) for _ in range(num_block)])
         self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
-        self.upsample = nn.Sequential(nn.Conv2d(num_feat, num_in_ch * upscale**2, 3, 1, 1), nn.PixelShuffle(upscale))
+        self.upsample = nn.Sequential(
+            nn.Conv2d(num_feat, num_in_ch * upscale**2, 3, 1, 1), nn.PixelShuffle(upscale)
+        )
 
     def forward(self, x):
         self.mean = self.mean.type_as(x)

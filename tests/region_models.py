@@ -52,7 +52,13 @@ _branch = st.builds(
 @st.composite
 def regions(draw: st.DrawFn) -> Region:
     # At most one pool-first branch: exporters merge identical pools of one input into one node.
-    branches = list(draw(st.lists(_branch, min_size=2, max_size=4, unique_by=lambda b: b.first if b.first == "pool" else id(b))))
+    branches = list(
+        draw(
+            st.lists(
+                _branch, min_size=2, max_size=4, unique_by=lambda b: b.first if b.first == "pool" else id(b)
+            )
+        )
+    )
     if not any(b.first in ("same3", "same1", "pad+valid") for b in branches):
         branches[0] = Branch("same3", branches[0].after, branches[0].sign, branches[0].scale)
     combine = draw(st.sampled_from(["sum", "sum", "concat"]))

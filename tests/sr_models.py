@@ -31,8 +31,15 @@ SIDES = ("top", "bottom", "left", "right")
 class SeqConv(nn.Module):
     """``k0`` (1x1 with bias, or a BN) then a 3x3 (``conv``) or a scaled fixed depthwise mask."""
 
-    def __init__(self, kind: str, channels: int, *, layer: str = "conv", fill: float = 0.0,
-                 sides: tuple[str, ...] = SIDES) -> None:
+    def __init__(
+        self,
+        kind: str,
+        channels: int,
+        *,
+        layer: str = "conv",
+        fill: float = 0.0,
+        sides: tuple[str, ...] = SIDES,
+    ) -> None:
         super().__init__()
         self.kind, self.fill, self.sides = kind, fill, sides
         self.k0: nn.Module = nn.Conv2d(channels, channels, 1) if layer == "conv" else nn.BatchNorm2d(channels)
@@ -92,7 +99,9 @@ class SRNet(nn.Module):
     def __init__(self, channels: int = 16, blocks: int = 4, scale: int = 2) -> None:
         super().__init__()
         self.head = nn.Conv2d(3, channels, 3, padding=1)
-        self.body = nn.Sequential(*(nn.Sequential(SRBlock(channels), nn.PReLU(channels)) for _ in range(blocks)))
+        self.body = nn.Sequential(
+            *(nn.Sequential(SRBlock(channels), nn.PReLU(channels)) for _ in range(blocks))
+        )
         self.tail = nn.Conv2d(channels, 3 * scale * scale, 3, padding=1)
         self.shuffle = nn.PixelShuffle(scale)
 
@@ -118,6 +127,14 @@ def export(module: nn.Module, shape: tuple[int, ...], opset: int = 17) -> onnx.M
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and folding notices
-        torch.onnx.export(module, (torch.randn(*shape),), buf, do_constant_folding=False, dynamo=False,
-                          opset_version=opset, input_names=["x"], output_names=["y"])
+        torch.onnx.export(
+            module,
+            (torch.randn(*shape),),
+            buf,
+            do_constant_folding=False,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["x"],
+            output_names=["y"],
+        )
     return onnx.load_from_string(buf.getvalue())

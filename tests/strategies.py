@@ -61,7 +61,9 @@ def channel_plan(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
     return c, c, c, c, c
 
 
-def _conv(shape_out: int, shape_in: int, groups: int, g: Geometry, bias: bool, mode: str, seed: int) -> ConvSpec:
+def _conv(
+    shape_out: int, shape_in: int, groups: int, g: Geometry, bias: bool, mode: str, seed: int
+) -> ConvSpec:
     weight = rand(shape_out, shape_in // groups, *g.kernel, seed=seed)
     return ConvSpec(
         weight=weight,
@@ -75,7 +77,9 @@ def _conv(shape_out: int, shape_in: int, groups: int, g: Geometry, bias: bool, m
 
 
 @st.composite
-def conv_pair(draw: st.DrawFn, b_padded: bool = False, a_pointwise: bool = False) -> tuple[ConvSpec, ConvSpec]:
+def conv_pair(
+    draw: st.DrawFn, b_padded: bool = False, a_pointwise: bool = False
+) -> tuple[ConvSpec, ConvSpec]:
     """Two convs A then B. ``b_padded`` with ``a_pointwise`` draws DESIGN case 1 (exact)."""
     n = draw(st.integers(1, 3))
     ci, c1, co, ga, gb = draw(channel_plan())

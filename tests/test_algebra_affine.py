@@ -8,7 +8,7 @@ from torch import nn
 
 from convfuse.algebra import ChannelAffine, add, affine_conv, compose, then_affine
 from convfuse.decline import Decline, Reason
-from convfuse.frontends.torch_layers import affine_from_batchnorm, spec_from_conv
+from convfuse.frontends.torch.layers import affine_from_batchnorm, spec_from_conv
 from convfuse.spec import ConvSpec
 
 from .helpers import rel_err
@@ -92,7 +92,9 @@ def test_per_channel_and_scalar_constants() -> None:
     merged = then_affine(spec_from_conv(conv), ChannelAffine(scale, shift))
     x = rand(1, 3, 6, 6, seed=3)
     assert rel_err(conv(x) * scale.view(1, 4, 1, 1) + shift.view(1, 4, 1, 1), merged.apply(x)) <= TOL
-    scalar = ChannelAffine(torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 2.0, dtype=torch.float64))
+    scalar = ChannelAffine(
+        torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 2.0, dtype=torch.float64)
+    )
     merged = then_affine(spec_from_conv(conv), scalar)
     assert rel_err(conv(x) * 0.5 + 2.0, merged.apply(x)) <= TOL
     # Negative twin: a constant with the wrong channel count is declined, not broadcast.

@@ -32,7 +32,9 @@ def _check_exact(a: ConvSpec, b: ConvSpec, extra: tuple[int, ...]) -> ConvSpec:
 
 @settings(max_examples=1400)
 @given(pair=conv_pair(), extra=st.tuples(st.integers(0, 5), st.integers(0, 3)))
-def test_compose_unpadded_b_matches_two_convs(pair: tuple[ConvSpec, ConvSpec], extra: tuple[int, int]) -> None:
+def test_compose_unpadded_b_matches_two_convs(
+    pair: tuple[ConvSpec, ConvSpec], extra: tuple[int, int]
+) -> None:
     """Any A (strides, dilations, groups, asymmetric pads in any mode, bias) then an unpadded B."""
     a, b = pair
     merged = _check_exact(a, b, extra)
@@ -43,7 +45,9 @@ def test_compose_unpadded_b_matches_two_convs(pair: tuple[ConvSpec, ConvSpec], e
 
 @settings(max_examples=500)
 @given(pair=conv_pair(b_padded=True, a_pointwise=True), extra=st.tuples(st.integers(0, 5), st.integers(0, 3)))
-def test_compose_padded_b_after_pointwise_zero_bias(pair: tuple[ConvSpec, ConvSpec], extra: tuple[int, int]) -> None:
+def test_compose_padded_b_after_pointwise_zero_bias(
+    pair: tuple[ConvSpec, ConvSpec], extra: tuple[int, int]
+) -> None:
     """DESIGN case 1: B pads after a pointwise, unpadded, zero-bias A (any stride): exact."""
     a, b = pair
     merged = _check_exact(a, b, extra)
@@ -138,7 +142,9 @@ def _naive_padded_merge(a: ConvSpec, b: ConvSpec) -> ConvSpec:
     merged = compose(a, b.replace(pads=((0, 0),) * b.ndim))
     assert isinstance(merged, ConvSpec)
     return merged.replace(
-        pads=tuple((pa0 + s * pb0, pa1 + s * pb1) for (pa0, pa1), (pb0, pb1), s in zip(merged.pads, b.pads, a.stride))
+        pads=tuple(
+            (pa0 + s * pb0, pa1 + s * pb1) for (pa0, pa1), (pb0, pb1), s in zip(merged.pads, b.pads, a.stride)
+        )
     )
 
 

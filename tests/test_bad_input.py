@@ -7,14 +7,14 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 import convfuse
 from convfuse.errors import ConvfuseError, InvalidModelError, InvalidOptionError, OutputError
@@ -83,7 +83,9 @@ def _text(d: Path) -> Path:
 
 def _tensor_protobuf(d: Path) -> Path:
     """A valid protobuf message, but an ONNX TensorProto, not a model."""
-    (d / "tensor.onnx").write_bytes(numpy_helper.from_array(np.ones((3, 3), np.float32), "t").SerializeToString())
+    (d / "tensor.onnx").write_bytes(
+        numpy_helper.from_array(np.ones((3, 3), np.float32), "t").SerializeToString()
+    )
     return d / "tensor.onnx"
 
 
@@ -101,13 +103,21 @@ def _fails_checker(d: Path) -> Path:
 
 
 def _external_data_missing(d: Path) -> Path:
-    onnx.save_model(_good_model(8), d / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    onnx.save_model(
+        _good_model(8), d / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0
+    )
     (d / "ext.onnx.data").unlink()
     return d / "ext.onnx"
 
 
 def _external_data_truncated(d: Path) -> Path:
-    onnx.save_model(_good_model(8), d / "short.onnx", save_as_external_data=True, location="short.onnx.data", size_threshold=0)
+    onnx.save_model(
+        _good_model(8),
+        d / "short.onnx",
+        save_as_external_data=True,
+        location="short.onnx.data",
+        size_threshold=0,
+    )
     data = (d / "short.onnx.data").read_bytes()
     (d / "short.onnx.data").write_bytes(data[: len(data) // 2])
     return d / "short.onnx"
@@ -115,7 +125,13 @@ def _external_data_truncated(d: Path) -> Path:
 
 def _external_data_outside(d: Path) -> Path:
     """External data whose location climbs out of the model's directory: refused, not followed."""
-    onnx.save_model(_good_model(8), d / "secret.onnx", save_as_external_data=True, location="secret.data", size_threshold=0)
+    onnx.save_model(
+        _good_model(8),
+        d / "secret.onnx",
+        save_as_external_data=True,
+        location="secret.data",
+        size_threshold=0,
+    )
     model = onnx.load(str(d / "secret.onnx"), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
@@ -298,14 +314,14 @@ def test_output_in_an_unwritable_directory(model_file: Path, monkeypatch: pytest
     def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise PermissionError(13, "Permission denied", str(out_dir))
 
-    monkeypatch.setattr("convfuse.frontends.onnx_io.tempfile.mkdtemp", refuse)
+    monkeypatch.setattr("convfuse.frontends.onnx.io.tempfile.mkdtemp", refuse)
     result = _invoke("merge", str(model_file), "-o", str(out_dir / "out.onnx"))
     assert result.exit_code == 2, result.output
     line = _one_error_line(result, f"convfuse: error: {out_dir / 'out.onnx'}: ")
     assert "Permission denied" in line
     assert _digests(folder) == before
     with pytest.raises(OutputError, match="Permission denied") as caught:
-        convfuse.frontends.onnx_io.save_model(_good_model(), out_dir / "api.onnx")
+        convfuse.frontends.onnx.io.save_model(_good_model(), out_dir / "api.onnx")
     assert caught.value.path == str(out_dir / "api.onnx")
 
 
@@ -318,7 +334,10 @@ def test_output_directory_without_write_permission(shared_dir: Path) -> None:
     out_dir.mkdir(mode=0o555)
     out_dir.chmod(0o555)
     code, stderr = _unprivileged(["merge", str(src), "-o", str(out_dir / "out.onnx")])
-    assert code == 2 and stderr == f"convfuse: error: {out_dir / 'out.onnx'}: directory {out_dir} is not writable\n"
+    assert (
+        code == 2
+        and stderr == f"convfuse: error: {out_dir / 'out.onnx'}: directory {out_dir} is not writable\n"
+    )
     assert list(out_dir.iterdir()) == []
     existing = shared_dir / "existing.onnx"  # a read-only file in a writable directory is replaced
     existing.write_bytes(b"old")
@@ -329,7 +348,13 @@ def test_output_directory_without_write_permission(shared_dir: Path) -> None:
 
 
 def test_output_must_not_overwrite_the_inputs_external_data(tmp_path: Path) -> None:
-    onnx.save_model(_good_model(8), tmp_path / "a.onnx", save_as_external_data=True, location="b.onnx.data", size_threshold=0)
+    onnx.save_model(
+        _good_model(8),
+        tmp_path / "a.onnx",
+        save_as_external_data=True,
+        location="b.onnx.data",
+        size_threshold=0,
+    )
     before = _digests(tmp_path)
     for target in ("b.onnx", "b.onnx.data"):  # b.onnx would write b.onnx.data
         result = _invoke("merge", str(tmp_path / "a.onnx"), "-o", str(tmp_path / target))
@@ -374,11 +399,15 @@ def test_in_place_is_refused_with_another_output_or_without_verification(model_f
         assert result.exit_code == 2, result.output
         _one_error_line(result)
         assert _digests(model_file.parent) == before
-    same = _invoke("merge", str(model_file), "--in-place", "-o", str(model_file))  # -o naming the input is fine
+    same = _invoke(
+        "merge", str(model_file), "--in-place", "-o", str(model_file)
+    )  # -o naming the input is fine
     assert same.exit_code == 0, same.output
 
 
-def test_in_place_failed_verification_leaves_the_input(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_place_failed_verification_leaves_the_input(
+    model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = _digests(model_file.parent)
     real = _run.fuse_onnx
 

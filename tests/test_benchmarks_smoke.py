@@ -27,5 +27,11 @@ def test_quick_run_on_tiniest_model() -> None:
     assert m.counts["convfuse"]["BatchNormalization"] == 0
     assert m.counts["convfuse"]["Conv"] < m.counts["original"]["Conv"]
     assert m.macs["convfuse"] < m.macs["original"]
-    for heading in ("## ONNX Runtime latency", "## Graph", "## torch eager", "## Merge pass cost", "## Targets"):
+    for heading in (
+        "## ONNX Runtime latency",
+        "## Graph",
+        "## torch eager",
+        "## Merge pass cost",
+        "## Targets",
+    ):
         assert heading in res.markdown

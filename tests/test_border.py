@@ -84,13 +84,17 @@ def test_ring_widths_are_the_rows_where_a_tap_falls_out(pair: tuple[ConvSpec, Co
     merge = _merge(a, b)
     for spatial in input_sizes(a, b, [(0,), (1,), (4,), (7,)]):
         out = merge.out_size(spatial)
-        for dim, (factor, (begin, end)) in enumerate(zip(ring_factors(merge, spatial), ring_widths(merge, spatial))):
+        for dim, (factor, (begin, end)) in enumerate(
+            zip(ring_factors(merge, spatial), ring_widths(merge, spatial))
+        ):
             falls_out = set(np.flatnonzero(factor.min(axis=1) < 1))
             assert falls_out == set(range(begin)) | set(range(out[dim] - end, out[dim])), (dim, spatial)
         terms = ring_terms(merge, spatial)
         assert len(terms) == 2**a.ndim - 1
-        np.testing.assert_array_equal(sum(np.broadcast_to(t, (b.out_channels, *out)) for t in terms.values()),
-                                      border_ring(merge, spatial))
+        np.testing.assert_array_equal(
+            sum(np.broadcast_to(t, (b.out_channels, *out)) for t in terms.values()),
+            border_ring(merge, spatial),
+        )
 
 
 @pytest.mark.parametrize(
@@ -101,10 +105,14 @@ def test_ring_widths_are_the_rows_where_a_tap_falls_out(pair: tuple[ConvSpec, Co
         ((3, 1), (5, 4), (3, 2), (1, 2), ((3, 2), (0, 1)), 6),
     ],
 )
-def test_runtime_ring_equals_static_ring_for_every_size(a_stride, b_kernel, b_stride, b_dilation, b_pads, b_groups) -> None:
+def test_runtime_ring_equals_static_ring_for_every_size(
+    a_stride, b_kernel, b_stride, b_dilation, b_pads, b_groups
+) -> None:
     """The ones-map ring equals the static ring at every input size from the smallest up."""
     a = ConvSpec(rand(6, 3, 1, 1, seed=1), rand(6, seed=2), stride=a_stride)
-    b = ConvSpec(rand(6, 6 // b_groups, *b_kernel, seed=3), rand(6, seed=4), b_stride, b_dilation, b_groups, b_pads)
+    b = ConvSpec(
+        rand(6, 6 // b_groups, *b_kernel, seed=3), rand(6, seed=4), b_stride, b_dilation, b_groups, b_pads
+    )
     merge = _merge(a, b)
     low = min_input(a, b)
     for h in range(low[0], low[0] + 12):
@@ -181,7 +189,9 @@ def _naive(a: ConvSpec, b: ConvSpec, spatial: tuple[int, ...], x: torch.Tensor) 
     zero_padded = b.replace(padding_mode="zeros")
     ones = torch.ones(1, a.out_channels, *a.output_size(spatial), dtype=torch.float64)
     k = zero_padded.replace(bias=None).apply(ones * torch.from_numpy(a.bias).reshape(1, -1, *([1] * a.ndim)))
-    k_int = zero_padded.replace(bias=None, pads=((0, 0),) * b.ndim).apply(ones * torch.from_numpy(a.bias).reshape(1, -1, *([1] * a.ndim)))
+    k_int = zero_padded.replace(bias=None, pads=((0, 0),) * b.ndim).apply(
+        ones * torch.from_numpy(a.bias).reshape(1, -1, *([1] * a.ndim))
+    )
     interior = k_int.flatten(2)[..., :1].reshape(1, -1, *([1] * a.ndim))
     return merged.apply(x) + (k - interior)
 

@@ -34,6 +34,8 @@ def test_inspect_text_has_summary_and_reasons() -> None:
 
 
 def test_inspect_policy_always() -> None:
-    result = CliRunner().invoke(main, ["inspect", str(SAMPLES / "convbn.onnx"), "--policy", "always", "--json"])
+    result = CliRunner().invoke(
+        main, ["inspect", str(SAMPLES / "convbn.onnx"), "--policy", "always", "--json"]
+    )
     assert result.exit_code == 0
     assert json.loads(result.stdout)["after"]["op_counts"]["Conv"] < 4

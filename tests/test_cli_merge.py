@@ -110,7 +110,9 @@ def break_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(merge_module._run, "fuse_onnx", wrong_fuse)
 
 
-def test_failed_verification_exits_1_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_verification_exits_1_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = _model_file(tmp_path)
     break_merges(monkeypatch)
     result = _invoke("merge", str(src))
@@ -221,8 +223,12 @@ def test_real_process_with_the_console_script(tmp_path: Path) -> None:
     assert done.stderr == "" and f"wrote {tmp_path / 'repvgg.fused.onnx'}" in done.stdout
     assert _digest(src) == digest
     check_fused(onnx.load(str(src)), onnx.load(str(tmp_path / "repvgg.fused.onnx")))
-    bad = subprocess.run([*command, "merge", str(tmp_path / "nope.onnx")], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr == f"convfuse: error: {tmp_path / 'nope.onnx'}: does not exist\n"
+    bad = subprocess.run(
+        [*command, "merge", str(tmp_path / "nope.onnx")], capture_output=True, text=True, timeout=300
+    )
+    assert (
+        bad.returncode == 2 and bad.stderr == f"convfuse: error: {tmp_path / 'nope.onnx'}: does not exist\n"
+    )
 
 
 def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> None:
@@ -234,7 +240,10 @@ def test_external_data_model_is_written_with_external_data(tmp_path: Path) -> No
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "ext.fused.onnx"
     assert (tmp_path / "ext.fused.onnx.data").exists()
-    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(str(out), load_external_data=False).graph.initializer)
+    assert any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(out), load_external_data=False).graph.initializer
+    )
     check_fused(onnx.load(str(src)), onnx.load(str(out)))
     assert {name: _digest(tmp_path / name) for name in before} == before
 

@@ -4,8 +4,8 @@ never anything else, and what it returns still passes the checker whenever the i
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import onnx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -15,7 +15,19 @@ from convfuse.errors import ConvfuseError
 
 from .onnx_graphs import random_model
 
-_OPS = ["Conv", "BatchNormalization", "Add", "Mul", "Sub", "Div", "Pad", "AveragePool", "Relu", "Identity", "Sum"]
+_OPS = [
+    "Conv",
+    "BatchNormalization",
+    "Add",
+    "Mul",
+    "Sub",
+    "Div",
+    "Pad",
+    "AveragePool",
+    "Relu",
+    "Identity",
+    "Sum",
+]
 _INTS = [-3, -1, 0, 1, 2, 3, 7, 2**31 - 1]
 
 
@@ -29,7 +41,9 @@ def _mutate(draw: st.DrawFn, model: onnx.ModelProto) -> None:
     if kind == "attribute":
         ints = [a for a in node.attribute if a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)]
         if not ints:
-            node.attribute.append(helper.make_attribute(draw(st.sampled_from(["group", "pads", "strides"])), [1]))
+            node.attribute.append(
+                helper.make_attribute(draw(st.sampled_from(["group", "pads", "strides"])), [1])
+            )
             return
         attr = draw(st.sampled_from(ints))
         if attr.type == onnx.AttributeProto.INT:
@@ -40,7 +54,11 @@ def _mutate(draw: st.DrawFn, model: onnx.ModelProto) -> None:
     elif kind == "drop-attribute" and node.attribute:
         del node.attribute[draw(st.integers(0, len(node.attribute) - 1))]
     elif kind == "input":
-        names = [i.name for i in graph.input] + [t.name for t in graph.initializer] + [o for n in graph.node for o in n.output]
+        names = (
+            [i.name for i in graph.input]
+            + [t.name for t in graph.initializer]
+            + [o for n in graph.node for o in n.output]
+        )
         action = draw(st.sampled_from(["replace", "drop", "add"]))
         if action == "replace" and node.input:
             node.input[draw(st.integers(0, len(node.input) - 1))] = draw(st.sampled_from(names))
@@ -51,7 +69,9 @@ def _mutate(draw: st.DrawFn, model: onnx.ModelProto) -> None:
     elif kind == "dims" and graph.initializer:
         tensor = draw(st.sampled_from(list(graph.initializer)))
         array = numpy_helper.to_array(tensor)
-        shape = draw(st.sampled_from([(array.size,), (1, array.size), array.shape[::-1], (array.size, 1, 1, 1)]))
+        shape = draw(
+            st.sampled_from([(array.size,), (1, array.size), array.shape[::-1], (array.size, 1, 1, 1)])
+        )
         tensor.CopyFrom(numpy_helper.from_array(array.reshape(shape), tensor.name))
     elif kind == "op":
         node.op_type = draw(st.sampled_from(_OPS))

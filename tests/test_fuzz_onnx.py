@@ -56,7 +56,9 @@ def _ort_layout_bug(model: onnx.ModelProto) -> bool:
     output ... producing output: NAME". The graph is valid (it loads at ORT_ENABLE_EXTENDED and
     computes the right values); a hand-written 6-node graph with that shape fails the same way."""
     error = _load_error(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL) or ""
-    match = re.search(r"Failed to find node output or a constant initializer producing output: (\S+?)\.?$", error)
+    match = re.search(
+        r"Failed to find node output or a constant initializer producing output: (\S+?)\.?$", error
+    )
     if match is None or not _loads(model, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
         return False
     name = match.group(1)
@@ -75,7 +77,9 @@ def _check(model: onnx.ModelProto) -> None:
     assert len(fused.graph.node) <= len(model.graph.node), report.to_text()
     assert [o.name for o in fused.graph.output] == [o.name for o in model.graph.output]
     assert fused.ir_version == model.ir_version
-    assert [(o.domain, o.version) for o in fused.opset_import] == [(o.domain, o.version) for o in model.opset_import]
+    assert [(o.domain, o.version) for o in fused.opset_import] == [
+        (o.domain, o.version) for o in model.opset_import
+    ]
 
     # Compare functions with ONNX Runtime's optimizer off (it has bugs of its own, see below).
     off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

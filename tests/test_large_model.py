@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 from benchmarks.large_model import _BASELINE, _MERGE, NEED_FREE_BYTES, build_large_model, measure
-from convfuse.frontends.onnx_io import MAX_PROTOBUF
+from convfuse.frontends.onnx.io import MAX_PROTOBUF
 
 pytestmark = pytest.mark.slow
 

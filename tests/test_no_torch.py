@@ -82,9 +82,13 @@ def test_onnx_api_imports_no_torch_and_torch_api_says_so(tmp_path: Path) -> None
 def test_blocker_is_what_hides_torch() -> None:
     """Negative twin: without the blocker on the path torch imports (the check above can fail)."""
     code = "import torch, sys; print('torch' in sys.modules)"
-    seen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(False), timeout=300)
+    seen = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(False), timeout=300
+    )
     assert seen.stdout.strip() == "True"
-    hidden = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(True), timeout=300)
+    hidden = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(True), timeout=300
+    )
     assert hidden.returncode != 0 and "hidden by tests/no_torch" in hidden.stderr
 
 
@@ -96,6 +100,8 @@ def test_import_convfuse_loads_torch_only_for_a_torch_api() -> None:
         "convfuse.fuse\n"
         "print(before, 'torch' in sys.modules)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(False), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(False), timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]

@@ -19,8 +19,8 @@ from onnx import numpy_helper
 
 import convfuse
 from convfuse.errors import OutputError
-from convfuse.frontends import onnx_io
-from convfuse.frontends.onnx_io import save_model, stage_model
+from convfuse.frontends.onnx import io as onnx_io
+from convfuse.frontends.onnx.io import save_model, stage_model
 from convfuse_cli import _run
 from convfuse_cli.main import main
 
@@ -36,7 +36,9 @@ def _model(c: int = 8) -> onnx.ModelProto:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def _invoke(*args: str):  # type: ignore[no-untyped-def]
@@ -55,7 +57,9 @@ def _perturbed(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # --------------------------------------------------------------------------- the input is never modified
 @pytest.mark.parametrize("external", [False, True])
-def test_input_unchanged_by_merge_inspect_and_verify(tmp_path: Path, external: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_input_unchanged_by_merge_inspect_and_verify(
+    tmp_path: Path, external: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "in" / "m.onnx"
     src.parent.mkdir()
     onnx.save_model(_model(), src, save_as_external_data=external, location="m.onnx.data", size_threshold=0)
@@ -69,7 +73,9 @@ def test_input_unchanged_by_merge_inspect_and_verify(tmp_path: Path, external: b
     wrong_digest = _digests(tmp_path)["wrong.onnx"]
     assert _invoke("verify", str(src), str(wrong)).exit_code == 1  # verify failure
     assert _digests(tmp_path)["wrong.onnx"] == wrong_digest
-    assert _invoke("merge", str(src), "-o", str(tmp_path / "nodir" / "x.onnx")).exit_code == 2  # merge failure
+    assert (
+        _invoke("merge", str(src), "-o", str(tmp_path / "nodir" / "x.onnx")).exit_code == 2
+    )  # merge failure
     real = _run.fuse_onnx
     monkeypatch.setattr(_run, "fuse_onnx", lambda m, **kw: (lambda f, r: (_perturbed(f), r))(*real(m, **kw)))
     assert _invoke("merge", str(src), "-o", str(tmp_path / "bad.onnx")).exit_code == 1  # verification failure
@@ -164,7 +170,9 @@ def test_ctrl_c_during_the_renames_waits_for_them(tmp_path: Path, monkeypatch: p
     check_fused(_model(), onnx.load(str(out)))  # both renames happened: a consistent pair
 
 
-def test_command_line_disk_full_is_one_line_and_keeps_the_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_line_disk_full_is_one_line_and_keeps_the_old_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "m.onnx"
     onnx.save_model(_model(), src)
     out = tmp_path / "m.fused.onnx"
@@ -180,7 +188,10 @@ def test_command_line_disk_full_is_one_line_and_keeps_the_old_output(tmp_path: P
     result = _invoke("merge", str(src))
     assert result.exit_code == 2
     assert result.stderr == f"convfuse: error: {out}: cannot write (No space left on device)\n"
-    assert _digests(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.fused.onnx", "m.onnx"]
+    assert _digests(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.fused.onnx",
+        "m.onnx",
+    ]
 
 
 def test_staged_model_is_loadable_before_commit_and_gone_if_not_committed(tmp_path: Path) -> None:
@@ -203,7 +214,9 @@ def test_same_bytes_in_two_processes_with_external_data(tmp_path: Path) -> None:
         out = tmp_path / f"run{k}" / "fused.onnx"
         out.parent.mkdir()
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        done = subprocess.run([*command, "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run(
+            [*command, "-o", str(out)], capture_output=True, text=True, env=env, timeout=300
+        )
         assert done.returncode == 0, done.stderr
         outputs.append({p.name: p.read_bytes() for p in out.parent.iterdir()})
     assert sorted(outputs[0]) == ["fused.onnx", "fused.onnx.data"]

@@ -75,14 +75,16 @@ def test_batchnorm_alone_is_left_alone() -> None:
 def test_batchnorm_statistics_from_constant_nodes() -> None:
     g = Graph([1, 3, 6, 6])
     y = g.conv("x", 3, 4, 1)
-    from onnx import helper, numpy_helper
     import numpy as np
+    from onnx import helper, numpy_helper
 
     names = []
     for k, value in enumerate([np.ones(4), np.zeros(4), np.full(4, 0.25), np.full(4, 2.0)]):
         names.append(f"k{k}")
         g.nodes.append(
-            helper.make_node("Constant", [], [f"k{k}"], value=numpy_helper.from_array(value.astype(np.float32)))
+            helper.make_node(
+                "Constant", [], [f"k{k}"], value=numpy_helper.from_array(value.astype(np.float32))
+            )
         )
     y = g.node("BatchNormalization", [y, *names])
     fused, _ = fuse_checked(g.model([y]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from onnx import helper, TensorProto
+from onnx import TensorProto, helper
 
 from convfuse.decline import Reason
 
@@ -192,8 +192,9 @@ def test_grouped_chain_keeps_groups() -> None:
 
 def convfuse_fuse(model):  # type: ignore[no-untyped-def]
     """``fuse_onnx`` for models ONNX Runtime cannot feed by default (weights as inputs)."""
-    import convfuse
     import onnx
+
+    import convfuse
 
     fused, report = convfuse.fuse_onnx(model)
     onnx.checker.check_model(fused, full_check=True)

@@ -15,8 +15,8 @@ from onnx import helper
 
 import convfuse
 from convfuse.errors import InvalidModelError, OutputError
-from convfuse.frontends import onnx_io
-from convfuse.frontends.onnx_io import read_model, save_model
+from convfuse.frontends.onnx import io as onnx_io
+from convfuse.frontends.onnx.io import read_model, save_model
 
 from .onnx_builders import Graph, check_fused, ops, run
 
@@ -69,7 +69,7 @@ def test_same_input_gives_identical_bytes_across_processes(tmp_path: Path) -> No
     src = tmp_path / "m.onnx"
     onnx.save_model(_model(), src)
     code = (
-        "import sys, convfuse; from convfuse.frontends.onnx_io import save_model;"
+        "import sys, convfuse; from convfuse.frontends.onnx.io import save_model;"
         "m, _ = convfuse.fuse_onnx(sys.argv[1]); save_model(m, sys.argv[2])"
     )
     digests = set()
@@ -98,10 +98,14 @@ def test_external_data_is_read_and_written(tmp_path: Path) -> None:
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in reread.graph.initializer)
     onnx.checker.check_model(str(out), full_check=True)
     check_fused(model, onnx.load(str(out)))
-    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir() if p.is_file()} == src_hashes
+    assert {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir() if p.is_file()
+    } == src_hashes
 
 
-def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_is_atomic_and_leaves_no_temporary_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fused, _ = convfuse.fuse_onnx(_model())
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous")

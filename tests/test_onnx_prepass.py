@@ -12,11 +12,11 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 import convfuse
 from convfuse.decline import Reason
-from convfuse.frontends.onnx_fold import MAX_FOLDED_ELEMENTS, fold_constants
+from convfuse.frontends.onnx.fold import MAX_FOLDED_ELEMENTS, fold_constants
 from convfuse.report import MergeKind
 
 from .onnx_builders import Graph, check_fused, fuse_checked, ops, reasons
@@ -25,11 +25,29 @@ torch = pytest.importorskip("torch")
 sr = pytest.importorskip("tests.sr_models")
 
 #: Ops of shape machinery and of the border writes, none of which may survive the pre-passes.
-_SHAPE_OPS = {"Shape", "Gather", "Range", "ConstantOfShape", "Expand", "Slice", "Concat", "Unsqueeze", "Squeeze",
-              "Cast", "Reshape", "Where", "Equal", "Constant", "ScatterND", "Transpose", "Mul", "Sub"}
+_SHAPE_OPS = {
+    "Shape",
+    "Gather",
+    "Range",
+    "ConstantOfShape",
+    "Expand",
+    "Slice",
+    "Concat",
+    "Unsqueeze",
+    "Squeeze",
+    "Cast",
+    "Reshape",
+    "Where",
+    "Equal",
+    "Constant",
+    "ScatterND",
+    "Transpose",
+    "Mul",
+    "Sub",
+}
 
 
-def _export(module: "torch.nn.Module", shape: tuple[int, ...] = (1, 4, 8, 8)) -> onnx.ModelProto:
+def _export(module: torch.nn.Module, shape: tuple[int, ...] = (1, 4, 8, 8)) -> onnx.ModelProto:
     torch.manual_seed(0)
     try:
         return sr.export(module, shape)
@@ -85,7 +103,7 @@ def test_border_of_a_conv_read_elsewhere_is_kept() -> None:
             super().__init__()
             self.k0, self.k1 = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 3)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.k0(x)
             p = torch.nn.functional.pad(y, (1, 1, 1, 1))
             b = self.k0.bias.view(1, -1, 1, 1)
@@ -97,7 +115,9 @@ def test_border_of_a_conv_read_elsewhere_is_kept() -> None:
 
     model = _export(Shared())
     fused, report = fuse_checked(model, tol=1e-5)
-    assert any(d.reason is Reason.SHARED_TENSOR and "other readers" in d.decline.message for d in report.declines)
+    assert any(
+        d.reason is Reason.SHARED_TENSOR and "other readers" in d.decline.message for d in report.declines
+    )
     assert MergeKind.BORDER not in report.merge_counts() and ops(fused)["ScatterND"] == 4
 
 
@@ -107,8 +127,14 @@ def _scaled_mask_conv(bn: bool) -> onnx.ModelProto:
     g = Graph([1, 4, 8, 8])
     mask = np.zeros((4, 1, 3, 3), np.float32)
     mask[:, 0] = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
-    w = g.node("Mul", [g.const(g.rng.uniform(0.5, 1.5, (4, 1, 1, 1)), "scale"), g.const(mask, "mask")], name="scale_mask")
-    y = g.node("Conv", ["x", w, g.const(g.rng.standard_normal(4), "b")], name="dw", group=4, pads=[1, 1, 1, 1])
+    w = g.node(
+        "Mul",
+        [g.const(g.rng.uniform(0.5, 1.5, (4, 1, 1, 1)), "scale"), g.const(mask, "mask")],
+        name="scale_mask",
+    )
+    y = g.node(
+        "Conv", ["x", w, g.const(g.rng.standard_normal(4), "b")], name="dw", group=4, pads=[1, 1, 1, 1]
+    )
     return g.model([g.bn(y, 4) if bn else y])
 
 
@@ -166,7 +192,9 @@ def test_random_normal_is_left_alone() -> None:
 def test_huge_constant_of_shape_is_declined() -> None:
     g = Graph([1, 4, 8, 8])
     side = int(np.ceil(np.sqrt(MAX_FOLDED_ELEMENTS))) + 1
-    big = g.node("ConstantOfShape", [g.const(np.array([side, side], np.int64), "shape", dtype=np.int64)], name="big")
+    big = g.node(
+        "ConstantOfShape", [g.const(np.array([side, side], np.int64), "shape", dtype=np.int64)], name="big"
+    )
     total = g.node("ReduceSum", [big], name="total", keepdims=0)
     y = g.node("Add", [g.conv("x", 4, 4, 1), total])
     model = g.model([y])
@@ -181,7 +209,9 @@ def test_symbolic_dims_fold_only_what_does_not_read_them() -> None:
     g = Graph(["n", 4, "h", "w"])
     shape = g.node("Shape", ["x"], name="shape")
     c = g.node("Gather", [shape, g.const(np.array(1, np.int64), "i", dtype=np.int64)], name="channels")
-    w = g.node("Mul", [g.const(g.rng.standard_normal((4, 4, 1, 1)), "w"), g.const(np.float32(2.0), "two")], name="w2")
+    w = g.node(
+        "Mul", [g.const(g.rng.standard_normal((4, 4, 1, 1)), "w"), g.const(np.float32(2.0), "two")], name="w2"
+    )
     y = g.node("Conv", ["x", w])
     scale = g.node("Cast", [c], name="cast", to=TensorProto.FLOAT)
     model = g.model([g.node("Mul", [y, scale], name="times_c")])
@@ -197,4 +227,6 @@ def test_static_shape_arithmetic_folds() -> None:
     model = g.model([flat])
     fused, report = fuse_checked(model)
     assert ops(fused)["Shape"] == 0
-    assert numpy_helper.to_array(next(t for t in fused.graph.initializer if t.name == "shape_out")).tolist() == [1, 4, 8, 8]
+    assert numpy_helper.to_array(
+        next(t for t in fused.graph.initializer if t.name == "shape_out")
+    ).tolist() == [1, 4, 8, 8]

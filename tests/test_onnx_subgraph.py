@@ -19,7 +19,9 @@ def _branch(name: str, x: str, out: str, weights: list[str], seed: int) -> tuple
     ]
     nodes = [
         helper.make_node("Conv", [x, *weights], [f"{name}_c"], name=f"{name}_conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", [f"{name}_c", *[t.name for t in local]], [f"{name}_bn"], name=f"{name}_bn"),
+        helper.make_node(
+            "BatchNormalization", [f"{name}_c", *[t.name for t in local]], [f"{name}_bn"], name=f"{name}_bn"
+        ),
         helper.make_node("Relu", [f"{name}_bn"], [out], name=f"{name}_relu"),
     ]
     value = helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 4, 6, 6])

@@ -20,7 +20,9 @@ def _spec(draw: st.DrawFn, cin: int, cout: int | None = None, ndim: int = 2, pad
     kernel = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
     stride = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
-    pads = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) if padded else (0, 0) for _ in range(ndim))
+    pads = tuple(
+        (draw(st.integers(0, 2)), draw(st.integers(0, 2))) if padded else (0, 0) for _ in range(ndim)
+    )
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     weight = torch.randn(cout, cin // groups, *kernel, dtype=torch.float64, generator=gen)
     bias = torch.randn(cout, dtype=torch.float64, generator=gen) if draw(st.booleans()) else None
@@ -46,7 +48,9 @@ def test_compose_estimate_bounds_and_matches_dense_results(data: st.DataObject) 
 @given(data=st.data())
 def test_add_estimate_bounds_and_matches_dense_results(data: st.DataObject) -> None:
     first = data.draw(_spec(4))
-    branches = [first] + [data.draw(_spec(4, first.out_channels)) for _ in range(data.draw(st.integers(1, 2)))]
+    branches = [first] + [
+        data.draw(_spec(4, first.out_channels)) for _ in range(data.draw(st.integers(1, 2)))
+    ]
     merged = add(branches)
     if isinstance(merged, Decline):
         return

@@ -7,14 +7,17 @@ import torch
 from convfuse.algebra import ChannelAffine, affine_conv
 from convfuse.decline import Reason
 from convfuse.ir import LinearGraph, LinearNode, OpKind
-from convfuse.report import MergeKind
 from convfuse.planner import Plan, plan
+from convfuse.report import MergeKind
 from convfuse.spec import ConvSpec
 
 
 def _bn(c: int) -> ConvSpec:
     g = torch.Generator().manual_seed(c)
-    affine = ChannelAffine(torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g, dtype=torch.float64))
+    affine = ChannelAffine(
+        torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
+        torch.randn(c, generator=g, dtype=torch.float64),
+    )
     return affine_conv(affine, 2)
 
 
@@ -29,7 +32,11 @@ def _conv(ci: int, co: int, k: int, groups: int = 1, pad: int = 0, bias: bool = 
 
 
 def _node(name: str, spec: ConvSpec, x: str, y: str, key: object = None) -> LinearNode:
-    kind = OpKind.CONV if not (spec.groups == spec.in_channels == spec.out_channels and spec.is_pointwise) else OpKind.AFFINE
+    kind = (
+        OpKind.CONV
+        if not (spec.groups == spec.in_channels == spec.out_channels and spec.is_pointwise)
+        else OpKind.AFFINE
+    )
     return LinearNode(
         name, kind, (x,), y, lambda info, s=spec: s, ndim=spec.ndim, in_channels=spec.in_channels,
         weights={key if key is not None else name: spec.params()},

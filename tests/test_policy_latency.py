@@ -4,7 +4,7 @@ the timing models themselves, and one real-timing smoke test."""
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -17,8 +17,8 @@ from torch import nn
 import convfuse
 from convfuse import Reason
 from convfuse import latency as latency_module
-from convfuse.errors import DeviceUnavailableError
 from convfuse.algebra import ChannelAffine, add, affine_conv, compose_chain, identity
+from convfuse.errors import DeviceUnavailableError
 from convfuse.latency import Candidate, LatencyMeter, Parallel, Timing, build_models
 from convfuse.policy import Judge, judge_latency
 from convfuse.report import Report
@@ -331,8 +331,16 @@ def test_timing_models_compute_the_same_function() -> None:
     merged2 = compose_chain(list(chain2))
     assert isinstance(merged2, ConvSpec)
     _check_models(Candidate(chain2, merged2, (2, 8, 11, 13)))
-    branches = ((conv3.replace(pads=((1, 1), (1, 1))), _affine(8)), (_spec(8, 8, 1), _affine(8)), (_affine(8),), ())
-    folded = [compose_chain(list(b)) if len(b) > 1 else b[0] if b else identity(8, 2, torch.float64) for b in branches]
+    branches = (
+        (conv3.replace(pads=((1, 1), (1, 1))), _affine(8)),
+        (_spec(8, 8, 1), _affine(8)),
+        (_affine(8),),
+        (),
+    )
+    folded = [
+        compose_chain(list(b)) if len(b) > 1 else b[0] if b else identity(8, 2, torch.float64)
+        for b in branches
+    ]
     merged3 = add(folded)
     assert isinstance(merged3, ConvSpec)
     _check_models(Candidate((Parallel(branches),), merged3, (1, 8, 9, 9)))
@@ -342,9 +350,10 @@ def test_timing_key_ignores_values_but_not_kinds() -> None:
     a = Candidate((_spec(8, 8, 3),), _spec(8, 8, 3), (1, 8, 9, 9))
     b = Candidate((_spec(8, 8, 3),), _spec(8, 8, 3), (1, 8, 9, 9))
     assert a.key() == b.key()
-    assert Candidate((_affine(8),), _affine(8), (1, 8, 9, 9)).key() != Candidate(
-        (identity(8, 2, torch.float64),), _affine(8), (1, 8, 9, 9)
-    ).key()
+    assert (
+        Candidate((_affine(8),), _affine(8), (1, 8, 9, 9)).key()
+        != Candidate((identity(8, 2, torch.float64),), _affine(8), (1, 8, 9, 9)).key()
+    )
     assert a.key() != Candidate((_spec(8, 8, 3),), _spec(8, 8, 3), (1, 8, 9, 10)).key()
 
 
@@ -363,7 +372,9 @@ def test_real_timing_smoke() -> None:
 def test_cli_latency_smoke(tmp_path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save_model(_chain_model(), path)
-    result = CliRunner().invoke(main, ["inspect", str(path), "--policy", "latency", "--latency-budget", "1", "--json"])
+    result = CliRunner().invoke(
+        main, ["inspect", str(path), "--policy", "latency", "--latency-budget", "1", "--json"]
+    )
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
     assert any("latency: timed" in n for n in payload["notes"])

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import convfuse
-from convfuse.frontends.onnx_nodes import label, merged_from
-from convfuse.frontends.torch_layers import PROVENANCE_ATTR
+from convfuse.frontends.onnx.nodes import label, merged_from
+from convfuse.frontends.torch.layers import PROVENANCE_ATTR
 from convfuse.provenance import KIND_KEY, SOURCES_KEY, Provenance
 from convfuse.report import MergeKind
 
@@ -93,7 +93,10 @@ def test_merged_torch_modules_record_their_sources_and_survive_save_and_copy() -
     marked = {name: m for name, m in fused.named_modules() if hasattr(m, PROVENANCE_ATTR)}
     # One marked module per merge, recording the merge's sources and kind. (Matched by sources:
     # the report names a nested merge by its module path before the Sequential was renumbered.)
-    recorded = {(p.detail, tuple(n for n, _ in p.sources)) for p in (getattr(m, PROVENANCE_ATTR) for m in marked.values())}
+    recorded = {
+        (p.detail, tuple(n for n, _ in p.sources))
+        for p in (getattr(m, PROVENANCE_ATTR) for m in marked.values())
+    }
     assert recorded == {(m.kind, m.sources) for m in report.merges} and len(marked) == len(report.merges) == 2
     for module in marked.values():
         assert f"merged {getattr(module, PROVENANCE_ATTR).kind.value} from " in repr(module)

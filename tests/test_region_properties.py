@@ -27,7 +27,7 @@ from torch import nn
 
 import convfuse
 from benchmarks.region_blocks import randomize
-from convfuse.frontends.onnx_graph import model_stats
+from convfuse.frontends.onnx.graph import model_stats
 from tests.helpers import rel_err
 from tests.region_models import HeadNet, RegionNet, heads, regions
 
@@ -72,7 +72,9 @@ def _plan(report: convfuse.report.Report) -> list[tuple[str, int, int]]:
     return sorted((m.group.value, m.after.macs, m.after.params) for m in report.merges if m.group is not fold)
 
 
-def _check(module: nn.Module, x: torch.Tensor, layers: int, shapes: bool = False, export_fused: bool = False) -> None:
+def _check(
+    module: nn.Module, x: torch.Tensor, layers: int, shapes: bool = False, export_fused: bool = False
+) -> None:
     """Both front ends and both policies on ``module``; ``layers``: its regions. ``shapes``:
     give the torch front end the example input (it needs it for BatchNorm1d next to Linear)."""
     with torch.no_grad():
@@ -90,7 +92,10 @@ def _check(module: nn.Module, x: torch.Tensor, layers: int, shapes: bool = False
         assert _plan(t_report) == _plan(o_report), (t_report, o_report)  # the same plan
         if export_fused:  # and the same graph
             via_torch = _export(fused_torch, x)
-            assert _ops(via_torch) == _ops(fused_onnx) and model_stats(via_torch).params == model_stats(fused_onnx).params
+            assert (
+                _ops(via_torch) == _ops(fused_onnx)
+                and model_stats(via_torch).params == model_stats(fused_onnx).params
+            )
         _adds_up(o_report)
         _adds_up(t_report)
         if policy == "flops":  # MACs of every layer merged (pools and BNs too), and parameters
@@ -103,7 +108,11 @@ def _check(module: nn.Module, x: torch.Tensor, layers: int, shapes: bool = False
 
 
 @settings(max_examples=NETS, **_SETTINGS)
-@given(rs=st.lists(regions(), min_size=3, max_size=3), ndim=st.sampled_from([1, 2, 2, 3]), seed=st.integers(0, 2**16))
+@given(
+    rs=st.lists(regions(), min_size=3, max_size=3),
+    ndim=st.sampled_from([1, 2, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
 def test_random_regions_fuse_alike_in_both_front_ends(rs: list, ndim: int, seed: int) -> None:
     torch.manual_seed(seed)
     module = randomize(RegionNet(rs, 3, ndim), seed)

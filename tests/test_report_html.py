@@ -21,7 +21,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from convfuse.report_html import RING, error_image, html_page, png
+from convfuse.report_html import RING, error_image, png
 from convfuse.verify import verify_onnx
 from convfuse_cli.main import main
 
@@ -89,7 +89,9 @@ def decode_png(data: bytes) -> np.ndarray:
     out = np.zeros((h, stride), np.int32)
     prev = np.zeros(stride, np.int32)
     for y in range(h):
-        kind, row = raw[y * (stride + 1)], np.frombuffer(raw, np.uint8, stride, y * (stride + 1) + 1).astype(np.int32)
+        kind, row = raw[y * (stride + 1)], np.frombuffer(raw, np.uint8, stride, y * (stride + 1) + 1).astype(
+            np.int32
+        )
         cur = row.copy()
         if kind == 1 or kind == 3 or kind == 4:
             for x in range(stride):
@@ -112,11 +114,15 @@ def decode_png(data: bytes) -> np.ndarray:
     return out.reshape(h, w, bpp)[:, :, :3].astype(np.uint8)
 
 
-def _verify_page(tmp_path: Path, candidate: onnx.ModelProto, reference: onnx.ModelProto | None = None) -> tuple[int, str, str]:
+def _verify_page(
+    tmp_path: Path, candidate: onnx.ModelProto, reference: onnx.ModelProto | None = None
+) -> tuple[int, str, str]:
     ref, cand, page = tmp_path / "ref.onnx", tmp_path / "cand.onnx", tmp_path / "page.html"
     onnx.save_model(vm.padded_chain() if reference is None else reference, ref)
     onnx.save_model(candidate, cand)
-    result = CliRunner().invoke(main, ["verify", str(ref), str(cand), "--html", str(page)], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["verify", str(ref), str(cand), "--html", str(page)], catch_exceptions=False
+    )
     return result.exit_code, result.stdout, page.read_text(encoding="utf-8")
 
 
@@ -173,7 +179,9 @@ def test_png_round_trips() -> None:
     assert image.shape == (4 * scale, 4 * scale, 3) and (image[0, 0] == 0).all()
 
 
-def test_merge_writes_the_page_only_when_the_check_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_writes_the_page_only_when_the_check_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = _model_file(tmp_path)
     page = tmp_path / "failed.html"
     ok = CliRunner().invoke(main, ["merge", str(src), "--html", str(page), "-o", str(tmp_path / "ok.onnx")])
@@ -191,7 +199,10 @@ def _chromium() -> str | None:
     return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium here (Debian: apt-get install -y chromium); rendering not checked")
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no chromium here (Debian: apt-get install -y chromium); rendering not checked",
+)
 def test_the_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     _, _, text = _verify_page(tmp_path, vm.naive_merge())
     shot = tmp_path / "shot.png"
@@ -223,6 +234,8 @@ def test_an_unwritable_page_is_one_line_and_exit_2(tmp_path: Path) -> None:
     onnx.save_model(vm.padded_chain(), ref)
     onnx.save_model(vm.naive_merge(), cand)
     page = tmp_path / "missing" / "page.html"
-    result = CliRunner().invoke(main, ["verify", str(ref), str(cand), "--html", str(page)], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["verify", str(ref), str(cand), "--html", str(page)], catch_exceptions=False
+    )
     assert result.exit_code == 2 and not page.exists()
     assert result.stderr.count("\n") == 1 and "cannot write the HTML page" in result.stderr

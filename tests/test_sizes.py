@@ -65,7 +65,9 @@ def test_join_needs_equal_sizes_or_one() -> None:
 
 
 def test_no_size_in_the_limit_raises() -> None:
-    with pytest.raises(NoSizeError, match=r"no size up to 40 along spatial dim 0 passes every layer \(big rejects 40\)"):
+    with pytest.raises(
+        NoSizeError, match=r"no size up to 40 along spatial dim 0 passes every layer \(big rejects 40\)"
+    ):
         choose_sizes([G(), G(kernel=(50,), name="big")], 1, limit=40)
 
 
@@ -101,7 +103,18 @@ def _layers(draw: st.DrawFn) -> list[tuple[str, dict]]:
     for _ in range(draw(st.integers(1, 4))):
         k, s = draw(st.integers(1, 4)), draw(st.integers(1, 3))
         if draw(st.booleans()):
-            out.append(("conv", dict(k=k, s=s, d=draw(st.integers(1, 3)), pb=draw(st.integers(0, 2)), pe=draw(st.integers(0, 2)))))
+            out.append(
+                (
+                    "conv",
+                    dict(
+                        k=k,
+                        s=s,
+                        d=draw(st.integers(1, 3)),
+                        pb=draw(st.integers(0, 2)),
+                        pe=draw(st.integers(0, 2)),
+                    ),
+                )
+            )
         else:
             out.append(("pool", dict(k=k, s=s, p=draw(st.integers(0, k // 2)), ceil=draw(st.booleans()))))
     return out
@@ -118,7 +131,9 @@ def _torch_runs(layers: list[tuple[str, dict]], n: int) -> bool:
     try:
         for kind, a in layers:
             if kind == "conv":
-                x = F.conv1d(F.pad(x, (a["pb"], a["pe"])), torch.ones(1, 1, a["k"]), stride=a["s"], dilation=a["d"])
+                x = F.conv1d(
+                    F.pad(x, (a["pb"], a["pe"])), torch.ones(1, 1, a["k"]), stride=a["s"], dilation=a["d"]
+                )
             else:
                 x = F.max_pool1d(x, a["k"], a["s"], a["p"], ceil_mode=a["ceil"])
     except RuntimeError:

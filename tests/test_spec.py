@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from convfuse.algebra import Cost, compose, cost, simplify
-from convfuse.frontends.torch_layers import conv_from_spec, spec_from_conv
+from convfuse.frontends.torch.layers import conv_from_spec, spec_from_conv
 from convfuse.policy import Policy, judge
 from convfuse.spec import ConvSpec, InvalidSpecError, same_pads
 
@@ -39,7 +39,11 @@ def test_torch_round_trip(ndim: int, kwargs: dict) -> None:
     assert rel_err(conv(x), spec.apply(x)) <= 1e-12
     back = conv_from_spec(spec)
     assert rel_err(conv(x), back(x)) <= 1e-12
-    assert back.weight.data_ptr() != conv.weight.data_ptr() if isinstance(back, nn.Conv1d | nn.Conv2d | nn.Conv3d) else True
+    assert (
+        back.weight.data_ptr() != conv.weight.data_ptr()
+        if isinstance(back, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        else True
+    )
 
 
 def test_same_padding_even_kernel_is_asymmetric() -> None:

@@ -18,14 +18,15 @@ from torch import nn
 import convfuse
 from convfuse import Reason
 from convfuse.errors import ConvfuseError, InternalError, TorchFxError
-from convfuse.frontends import torch_fx, torch_surgery
-from convfuse.frontends.torch_check import (
+from convfuse.frontends.torch import fx as torch_fx
+from convfuse.frontends.torch import surgery as torch_surgery
+from convfuse.frontends.torch.check import (
     candidate_inputs,
     derived_spatial_sizes,
     example_spatial_size,
     infer_example_input,
 )
-from convfuse.frontends.torch_surgery import FoldedBatchNorm, generated_code, original_class
+from convfuse.frontends.torch.surgery import FoldedBatchNorm, generated_code, original_class
 
 from ._torch_models import RepVGGBlock, conv_bn, rand_bn, randomize_bn
 from .helpers import rel_err
@@ -70,7 +71,9 @@ def test_yolo_style_model_runs_matches_and_keeps_its_attributes() -> None:
     assert fused.model[4].g == model.model[4].g and generated_code(fused.model[4])  # RepConv: new forward
     assert generated_code(fused.model[3]) is None  # Conv: surgery, its own forward
     assert fused.is_fused() and fused.info().startswith("14 layers")  # the model's own methods
-    assert any(n.startswith("self-check: fused and original agree on an inferred input") for n in report.notes)
+    assert any(
+        n.startswith("self-check: fused and original agree on an inferred input") for n in report.notes
+    )
 
 
 def test_yolo_style_routing_over_plain_layers_twin_never_merges_across_children() -> None:
@@ -509,7 +512,10 @@ def test_model_whose_size_cannot_be_inferred_is_fused_and_says_it_was_not_checke
     torch.manual_seed(16)
     model = _FixedHead().eval()
     fused, report = convfuse.fuse(model, return_report=True)
-    assert any(n.startswith("self-check: not run (the original module fails on an inferred input") for n in report.notes)
+    assert any(
+        n.startswith("self-check: not run (the original module fails on an inferred input")
+        for n in report.notes
+    )
     x = torch.randn(2, 3, 32, 32)
     assert rel_err(_out(model, x), _out(fused, x)) <= FP32 and _counts(fused) == (1, 0)
 
@@ -518,7 +524,10 @@ def test_model_whose_size_is_given_twin_is_checked() -> None:
     torch.manual_seed(16)
     model = _FixedHead().eval()
     _, report = convfuse.fuse(model, return_report=True, example_inputs=torch.randn(1, 3, 32, 32))
-    assert any(n.startswith("self-check: fused and original agree on example inputs (1, 3, 32, 32)") for n in report.notes)
+    assert any(
+        n.startswith("self-check: fused and original agree on example inputs (1, 3, 32, 32)")
+        for n in report.notes
+    )
 
 
 # --------------------------------------------------------------------------- constants the tracer creates

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import convfuse
-from convfuse.frontends.torch_surgery import original_class
+from convfuse.frontends.torch.surgery import original_class
 
 from ._torch_models import RepVGGBlock, rand_bn
 from .helpers import rel_err

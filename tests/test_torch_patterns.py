@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 import convfuse
 from convfuse import Reason
@@ -333,7 +333,9 @@ def test_spatial_constant_twin_is_kept() -> None:
     fused, report = _fused(Net(), torch.randn(2, 3, 5, 5))
     assert count_convs(fused) == 1  # a and b merge; the mask multiply stays
     assert Reason.CHANNEL_MISMATCH in _reasons(report)
-    assert type(fused) is Net and isinstance(fused.mask, torch.Tensor)  # merged by surgery: its forward keeps the mask
+    assert type(fused) is Net and isinstance(
+        fused.mask, torch.Tensor
+    )  # merged by surgery: its forward keeps the mask
 
 
 # --------------------------------------------------------------------------- policy
@@ -362,7 +364,10 @@ def test_unknown_policy() -> None:
 # --------------------------------------------------------------------------- padding layers
 def test_zero_pad_folds_into_conv() -> None:
     model = nn.Sequential(
-        nn.ZeroPad2d(1), nn.ConstantPad2d((0, 0, 1, 1), 0.0), nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(4, 4, 3)
+        nn.ZeroPad2d(1),
+        nn.ConstantPad2d((0, 0, 1, 1), 0.0),
+        nn.Conv2d(3, 4, 1, bias=False),
+        nn.Conv2d(4, 4, 3),
     )
     fused, report = _fused(model, torch.randn(2, 3, 6, 6))
     assert len(fused) == 1 and count_convs(fused) == 1 and report.merges

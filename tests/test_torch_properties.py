@@ -75,7 +75,11 @@ def _chains(draw) -> tuple[nn.Module, tuple[int, ...], str]:
     c0 = c
     layers: list[nn.Module] = []
     for _ in range(draw(st.integers(1, 7))):
-        kind = draw(st.sampled_from(["conv", "conv", "conv", "conv", "bn", "identity", "dropout", "pad", "pool", "relu"]))
+        kind = draw(
+            st.sampled_from(
+                ["conv", "conv", "conv", "conv", "bn", "identity", "dropout", "pad", "pool", "relu"]
+            )
+        )
         if kind == "conv":
             conv = draw(_conv(nd, c))
             layers.append(conv)

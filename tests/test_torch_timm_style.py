@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import convfuse
-from convfuse.frontends.torch_surgery import generated_code
 from convfuse import Reason
 from convfuse.errors import TrainingModeError
+from convfuse.frontends.torch.surgery import generated_code
 from convfuse.report import MergeKind
 
 from ._torch_models import randomize_bn
@@ -37,7 +37,9 @@ fx.wrap("len")
 class BatchNormAct2d(nn.BatchNorm2d):
     """timm.layers.norm_act.BatchNormAct2d: BN (own forward via F.batch_norm), drop, act."""
 
-    def __init__(self, num_features: int, apply_act: bool = True, act_layer: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(
+        self, num_features: int, apply_act: bool = True, act_layer: type[nn.Module] = nn.ReLU
+    ) -> None:
         super().__init__(num_features)
         self.drop = nn.Identity()
         self.act = act_layer(inplace=True) if apply_act else nn.Identity()
@@ -77,7 +79,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
 class ConvNormAct(nn.Module):
     """timm.layers.conv_bn_act.ConvNormAct: conv (no bias), BatchNormAct2d, aa (Identity)."""
 
-    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, apply_act: bool = True):
+    def __init__(
+        self, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1, apply_act: bool = True
+    ):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=(k - 1) // 2, groups=groups, bias=False)
         self.bn = BatchNormAct2d(c_out, apply_act=apply_act)
@@ -214,7 +218,9 @@ def _assert_targets_exist(fused: nn.Module, report) -> None:
 # --------------------------------------------------------------------------- positives
 @pytest.mark.parametrize(("c_in", "c_out", "stride"), [(8, 8, 1), (4, 8, 2), (8, 8, 2)])
 def test_repvgg_block_merges_to_one_conv(c_in: int, c_out: int, stride: int) -> None:
-    model, fused, report = _check(lambda: RepVggBlock(c_in, c_out, stride), torch.randn(2, c_in, 9, 10), after=1)
+    model, fused, report = _check(
+        lambda: RepVggBlock(c_in, c_out, stride), torch.randn(2, c_in, 9, 10), after=1
+    )
     assert _convs(model) == 2
     assert len(report.merges) == 1 and report.merges[0].kind in ("sum", "sum+chain")
     assert not report.declines, report.to_text()
@@ -262,7 +268,9 @@ def test_sequential_of_conv_and_batchnormact_merges_across_children() -> None:
     from collections import OrderedDict
 
     make = lambda: nn.Sequential(  # noqa: E731
-        OrderedDict(conv0=nn.Conv2d(3, 8, 3, padding=1, bias=False), norm0=BatchNormAct2d(8), pool0=nn.MaxPool2d(2))
+        OrderedDict(
+            conv0=nn.Conv2d(3, 8, 3, padding=1, bias=False), norm0=BatchNormAct2d(8), pool0=nn.MaxPool2d(2)
+        )
     )
     _, fused, report = _check(make, torch.randn(2, 3, 8, 8), after=1)
     assert isinstance(fused, nn.Sequential) and list(fused._modules) == ["conv0", "pool0"]
@@ -274,7 +282,10 @@ def test_sequential_of_conv_and_batchnormact_merges_across_children() -> None:
 def test_sequential_act_between_conv_and_next_conv_twin() -> None:
     """The twin: BatchNormAct2d *with* its ReLU between two convs. conv+BN merge, the 1x1 after
     the ReLU stays, and its line names the layer before it."""
-    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), BatchNormAct2d(8), nn.Conv2d(8, 8, 1))  # noqa: E731
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), BatchNormAct2d(8), nn.Conv2d(8, 8, 1))
+
     _, fused, report = _check(make, torch.randn(2, 3, 8, 8), after=2)
     assert [m.group for m in report.merges] == [MergeKind.CONV_BN]
     (line,) = report.declines
@@ -310,7 +321,9 @@ def test_rank_reads_do_not_block_a_merge(read: str) -> None:
             rank = {"ndim": lambda: x.ndim, "dim()": lambda: x.dim(), "len(shape)": lambda: len(x.shape),
                     "len(size())": lambda: len(x.size())}[read]()  # fmt: skip
             torch._assert(rank == 4, "expected a 4D input")
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+            )
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -431,7 +444,9 @@ class _FunctionalBN(nn.Module):
         if self.form == "torch.batch_norm":
             return torch.batch_norm(y, self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-3, False)
         if self.form == "computed statistics":  # the variance of this batch: not a constant
-            return F.batch_norm(y, self.mean, y.detach().var((0, 2, 3)), self.gamma, self.beta, False, 0.1, 1e-3)
+            return F.batch_norm(
+                y, self.mean, y.detach().var((0, 2, 3)), self.gamma, self.beta, False, 0.1, 1e-3
+            )
         return F.batch_norm(y, self.mean, self.var, None, None, eps=1e-3)  # training defaults to False
 
 
@@ -492,7 +507,9 @@ class _ShapeChecked(nn.BatchNorm2d):
 
     def forward(self, x):
         torch._assert(x.shape[1] == self.num_features, "wrong channel count")
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
 
 
 def test_shape_read_that_cannot_move_declines() -> None:
@@ -523,8 +540,12 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x):
         ih, iw = x.size()[-2:]
         kh, kw = self.weight.shape[-2:]
-        pad_h = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + (kh - 1) * self.dilation[0] + 1 - ih, 0)
-        pad_w = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+        pad_h = max(
+            (math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + (kh - 1) * self.dilation[0] + 1 - ih, 0
+        )
+        pad_w = max(
+            (math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + (kw - 1) * self.dilation[1] + 1 - iw, 0
+        )
         x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
 
@@ -554,7 +575,10 @@ def test_static_forward_conv_subclass_is_traced_through_and_merges() -> None:
 
     class ScaledConv(nn.Conv2d):
         def forward(self, x):
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups) * 0.5
+            return (
+                F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+                * 0.5
+            )
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -591,9 +615,16 @@ def test_every_unmerged_conv_gets_a_line() -> None:
 
 
 def test_unmerged_convs_in_sequential_and_unsupported_layers_get_lines() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2), nn.Conv2d(4, 4, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2), nn.Conv2d(4, 4, 1)
+    ).eval()
     _, report = convfuse.fuse(model, return_report=True)
     lines = {d.sources: d for d in report.declines}
-    assert lines[("0",)].reason is Reason.NOTHING_TO_MERGE and "before 1 (ReLU)" in lines[("0",)].decline.message
+    assert (
+        lines[("0",)].reason is Reason.NOTHING_TO_MERGE and "before 1 (ReLU)" in lines[("0",)].decline.message
+    )
     assert lines[("2",)].reason is Reason.UNSUPPORTED and "ConvTranspose2d" in lines[("2",)].decline.message
-    assert lines[("3",)].reason is Reason.NOTHING_TO_MERGE and "after 2 (ConvTranspose2d)" in lines[("3",)].decline.message
+    assert (
+        lines[("3",)].reason is Reason.NOTHING_TO_MERGE
+        and "after 2 (ConvTranspose2d)" in lines[("3",)].decline.message
+    )

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from convfuse.decline import Decline, Reason
-from convfuse.frontends.onnx_transpose import transpose_from_attributes, transpose_from_node, transpose_node
+from convfuse.frontends.onnx.transpose import transpose_from_attributes, transpose_from_node, transpose_node
 from convfuse.transpose import ConvTransposeSpec
 
 from .helpers import rel_err
@@ -47,7 +47,9 @@ def _fresh(name: str) -> str:
 
 @settings(max_examples=40)
 @given(spec=transpose_spec(), extra=st.tuples(st.integers(0, 2), st.integers(0, 1)))
-def test_written_node_runs_in_onnx_runtime_like_torch(spec: ConvTransposeSpec, extra: tuple[int, int]) -> None:
+def test_written_node_runs_in_onnx_runtime_like_torch(
+    spec: ConvTransposeSpec, extra: tuple[int, int]
+) -> None:
     """Any spec (asymmetric crops, output_padding, groups, dilation, 1D-3D) written as one node."""
     spec32 = spec.astype(np.float32)
     written = transpose_node(spec32, name="ct", x="x", y="y", elem_type=TensorProto.FLOAT, fresh=_fresh)
@@ -62,9 +64,16 @@ def test_written_node_runs_in_onnx_runtime_like_torch(spec: ConvTransposeSpec, e
     ref = run_transpose(spec32.astype(np.float64), x)
     assert rel_err(ref, torch.from_numpy(got.astype(np.float64))) <= TOL32
     # ... and reads back to the same spec.
-    back = transpose_from_node(node, numpy_helper.to_array(inits[0]), None if len(inits) < 2 else numpy_helper.to_array(inits[1]))
+    back = transpose_from_node(
+        node, numpy_helper.to_array(inits[0]), None if len(inits) < 2 else numpy_helper.to_array(inits[1])
+    )
     assert isinstance(back, ConvTransposeSpec)
-    assert (back.stride, back.dilation, back.groups, back.slack) == (spec.stride, spec.dilation, spec.groups, spec.slack)
+    assert (back.stride, back.dilation, back.groups, back.slack) == (
+        spec.stride,
+        spec.dilation,
+        spec.groups,
+        spec.slack,
+    )
     assert [b for b, _ in back.pads] == [b for b, _ in spec.pads]  # the end is written as pe - op
 
 
@@ -98,14 +107,22 @@ def _node_attrs(form: dict[str, Any], n: int, k: int, s: int, d: int, size: int)
     if "output_shape" in form:
         full = (size - 1) * s + d * (k - 1) + 1 + op
         attrs["output_shape"] = [full + form["output_shape"]] * n
-    if form.get("auto_pad", "").startswith("SAME") and op + d * (k - 1) + 1 < s and "output_shape" not in form:
-        pytest.skip("SAME with an output larger than the full output: runtimes disagree (declined, tested below)")
+    if (
+        form.get("auto_pad", "").startswith("SAME")
+        and op + d * (k - 1) + 1 < s
+        and "output_shape" not in form
+    ):
+        pytest.skip(
+            "SAME with an output larger than the full output: runtimes disagree (declined, tested below)"
+        )
     return attrs
 
 
 @pytest.mark.parametrize("form", _FORMS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
 @pytest.mark.parametrize("n,k,s,d", [(1, 3, 2, 1), (1, 4, 3, 2), (2, 3, 2, 1), (3, 2, 2, 1), (2, 5, 3, 1)])
-def test_every_padding_form_matches_onnx_runtime(form: dict[str, Any], n: int, k: int, s: int, d: int) -> None:
+def test_every_padding_form_matches_onnx_runtime(
+    form: dict[str, Any], n: int, k: int, s: int, d: int
+) -> None:
     """A ConvTranspose node as exporters write it -> spec -> torch, equal to ONNX Runtime's output."""
     size = 4
     attrs = _node_attrs(form, n, k, s, d, size)
@@ -130,7 +147,10 @@ def test_every_padding_form_matches_onnx_runtime(form: dict[str, Any], n: int, k
 
 def test_same_padding_does_not_depend_on_the_input_size() -> None:
     w = np_rand(1, 1, 3, seed=1)
-    specs = {n: transpose_from_attributes(w, None, dict(strides=[2], auto_pad="SAME_UPPER"), (n,)) for n in (3, 4, 7)}
+    specs = {
+        n: transpose_from_attributes(w, None, dict(strides=[2], auto_pad="SAME_UPPER"), (n,))
+        for n in (3, 4, 7)
+    }
     assert len({s.pads for s in specs.values()}) == 1
     assert transpose_from_attributes(w, None, dict(strides=[2], auto_pad="SAME_UPPER")).pads == ((0, 1),)
     assert transpose_from_attributes(w, None, dict(strides=[2], auto_pad="SAME_LOWER")).pads == ((1, 0),)
@@ -139,8 +159,12 @@ def test_same_padding_does_not_depend_on_the_input_size() -> None:
 def test_output_shape_needs_a_static_input() -> None:
     w = np_rand(1, 1, 3, seed=1)
     result = transpose_from_attributes(w, None, dict(strides=[2], output_shape=[8]), None)
-    assert isinstance(result, Decline) and result.reason is Reason.UNSUPPORTED and "not static" in result.message
-    assert isinstance(transpose_from_attributes(w, None, dict(strides=[2], output_shape=[8]), (5,)), ConvTransposeSpec)
+    assert (
+        isinstance(result, Decline) and result.reason is Reason.UNSUPPORTED and "not static" in result.message
+    )
+    assert isinstance(
+        transpose_from_attributes(w, None, dict(strides=[2], output_shape=[8]), (5,)), ConvTransposeSpec
+    )
     # Exporters sometimes write the whole shape: the spatial tail is used.
     full = transpose_from_attributes(w, None, dict(strides=[2], output_shape=[1, 1, 8]), (5,))
     assert isinstance(full, ConvTransposeSpec) and full.output_size((5,)) == (8,)
@@ -174,7 +198,9 @@ def test_unreadable_attributes_decline(attrs: dict[str, Any], match: str) -> Non
 
 def test_writer_declines_what_onnx_runtime_refuses() -> None:
     """ONNX Runtime refuses output_padding >= stride (here dilation 3 would allow it in torch)."""
-    spec = ConvTransposeSpec(np_rand(1, 1, 3, seed=1).astype(np.float32), stride=(2,), dilation=(3,), output_padding=(2,))
+    spec = ConvTransposeSpec(
+        np_rand(1, 1, 3, seed=1).astype(np.float32), stride=(2,), dilation=(3,), output_padding=(2,)
+    )
     result = transpose_node(spec, name="ct", x="x", y="y", elem_type=TensorProto.FLOAT, fresh=_fresh)
     assert isinstance(result, Decline) and "below the stride" in result.message
     # Twin: with an end crop of 1 the node needs op = 1 only, is written and runs as torch says.
@@ -183,7 +209,13 @@ def test_writer_declines_what_onnx_runtime_refuses() -> None:
     assert not isinstance(ok, Decline)
     x = np_rand(1, 1, 4, seed=2)
     got = _ort(_model(ok[0], ok[1], (1, 1, 4)), x)
-    assert rel_err(run_transpose(ok_spec.astype(np.float64), torch.from_numpy(x)), torch.from_numpy(got.astype(np.float64))) <= TOL32
+    assert (
+        rel_err(
+            run_transpose(ok_spec.astype(np.float64), torch.from_numpy(x)),
+            torch.from_numpy(got.astype(np.float64)),
+        )
+        <= TOL32
+    )
     huge = spec.replace(output_padding=(0,), weight=np.full((1, 1, 3), 1e39))
     overflow = transpose_node(huge, name="ct", x="x", y="y", elem_type=TensorProto.FLOAT, fresh=_fresh)
     assert isinstance(overflow, Decline) and overflow.reason is Reason.NON_FINITE
@@ -193,13 +225,20 @@ def test_onnx_module_imports_no_torch() -> None:
     import ast
     import inspect
 
-    import convfuse.frontends.onnx_transpose as mod
+    import convfuse.frontends.onnx.transpose as mod
     import convfuse.transpose as math_mod
 
     for m in (mod, math_mod):
         tree = ast.parse(inspect.getsource(m))
-        names = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-        names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        names = {
+            a.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for a in node.names
+        }
+        names |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        }
         assert "torch" not in names, m.__name__
-
-

@@ -78,14 +78,21 @@ def _response_varies(t: ConvTransposeSpec, shift: np.ndarray, sizes: list[tuple[
 @settings(max_examples=80)
 @given(t=transpose_spec(), seed=st.integers(0, 2**20), extra=st.tuples(st.integers(0, 3)))
 def test_transpose_then_affine(t: ConvTransposeSpec, seed: int, extra: tuple[int]) -> None:
-    affine = ChannelAffine(torch.from_numpy(np_rand(t.out_channels, seed=seed)), torch.from_numpy(np_rand(t.out_channels, seed=seed + 1)))
+    affine = ChannelAffine(
+        torch.from_numpy(np_rand(t.out_channels, seed=seed)),
+        torch.from_numpy(np_rand(t.out_channels, seed=seed + 1)),
+    )
     merged = transpose_then_affine(t, affine)
     assert isinstance(merged, ConvTransposeSpec)
     x = input_for(t, extra, seed=3)
     view = (1, -1) + (1,) * t.ndim
-    ref = run_transpose(t, x) * torch.from_numpy(affine.scale).view(view) + torch.from_numpy(affine.shift).view(view)
+    ref = run_transpose(t, x) * torch.from_numpy(affine.scale).view(view) + torch.from_numpy(
+        affine.shift
+    ).view(view)
     assert rel_err(ref, run_transpose(merged, x)) <= TOL
-    bad = transpose_then_affine(t, ChannelAffine(torch.ones(t.out_channels + 1), torch.zeros(t.out_channels + 1)))
+    bad = transpose_then_affine(
+        t, ChannelAffine(torch.ones(t.out_channels + 1), torch.zeros(t.out_channels + 1))
+    )
     assert isinstance(bad, Decline) and bad.reason is Reason.CHANNEL_MISMATCH
 
 
@@ -102,7 +109,9 @@ def test_transpose_then_pointwise(data: st.DataObject, t: ConvTransposeSpec, ext
 
 
 def test_depthwise_pointwise_after_is_a_scale() -> None:
-    t = ConvTransposeSpec(np_rand(4, 3, 3, 3, seed=1), np_rand(6, seed=2), stride=(2, 2), groups=2, pads=((1, 0), (0, 1)))
+    t = ConvTransposeSpec(
+        np_rand(4, 3, 3, 3, seed=1), np_rand(6, seed=2), stride=(2, 2), groups=2, pads=((1, 0), (0, 1))
+    )
     b = ConvSpec(torch.from_numpy(np_rand(6, 1, 1, 1, seed=3)), groups=6)
     merged = transpose_then_pointwise(t, b)
     assert isinstance(merged, ConvTransposeSpec) and merged.groups == 2
@@ -113,14 +122,18 @@ def test_depthwise_pointwise_after_is_a_scale() -> None:
 def test_padded_pointwise_after_declines() -> None:
     """A zero-padded 1x1 after T sees zeros on its rim where the fold would see T's bias."""
     t = ConvTransposeSpec(np_rand(2, 3, 3, seed=1), np_rand(3, seed=2), stride=(2,), pads=((2, 2),))
-    b = ConvSpec(torch.from_numpy(np_rand(4, 3, 1, seed=3)), torch.from_numpy(np_rand(4, seed=4)), pads=((1, 1),))
+    b = ConvSpec(
+        torch.from_numpy(np_rand(4, 3, 1, seed=3)), torch.from_numpy(np_rand(4, seed=4)), pads=((1, 1),)
+    )
     result = transpose_then_pointwise(t, b)
     assert isinstance(result, Decline) and result.reason is Reason.NOT_POINTWISE
     naive = transpose_then_pointwise(t.replace(pads=((1, 1),)), b.replace(pads=((0, 0),)))  # crop 1 less
     assert isinstance(naive, ConvTransposeSpec)
     x = input_for(t, (4,), seed=5)
     ref, out = b.apply(run_transpose(t, x)), run_transpose(naive, x)
-    assert rel_err(ref, out) > 1e-3 and rel_err(ref[..., 1:-1], out[..., 1:-1]) <= TOL  # wrong on the rim only
+    assert (
+        rel_err(ref, out) > 1e-3 and rel_err(ref[..., 1:-1], out[..., 1:-1]) <= TOL
+    )  # wrong on the rim only
 
 
 def test_strided_or_spatial_conv_after_declines() -> None:
@@ -141,7 +154,9 @@ def test_strided_or_spatial_conv_after_declines() -> None:
 # ----------------------------------------------------------------------------- before T
 @settings(max_examples=100)
 @given(data=st.data(), t=transpose_spec(), extra=st.tuples(st.integers(0, 3)))
-def test_unbiased_pointwise_before_always_folds(data: st.DataObject, t: ConvTransposeSpec, extra: tuple[int]) -> None:
+def test_unbiased_pointwise_before_always_folds(
+    data: st.DataObject, t: ConvTransposeSpec, extra: tuple[int]
+) -> None:
     a = data.draw(pointwise(data.draw(st.integers(1, 3)) * t.groups, t.in_channels, t.ndim, bias=False))
     merged = pointwise_then_transpose(a, t)
     assert isinstance(merged, ConvTransposeSpec), merged
@@ -178,19 +193,27 @@ def test_biased_pointwise_before_folds_or_declines_rightly(data: st.DataObject, 
 @settings(max_examples=40)
 @given(t=rim_cropped(), seed=st.integers(0, 2**20))
 def test_shift_folds_when_crops_cover_the_rim(t: ConvTransposeSpec, seed: int) -> None:
-    a = ConvSpec(torch.from_numpy(np_rand(t.in_channels, 2, *([1] * t.ndim), seed=seed)), torch.from_numpy(np_rand(t.in_channels, seed=seed + 1)))
+    a = ConvSpec(
+        torch.from_numpy(np_rand(t.in_channels, 2, *([1] * t.ndim), seed=seed)),
+        torch.from_numpy(np_rand(t.in_channels, seed=seed + 1)),
+    )
     assert isinstance(_check_shift_fold(a, t), ConvTransposeSpec)
 
 
 @settings(max_examples=40)
 @given(t=phase_balanced(), seed=st.integers(0, 2**20))
 def test_shift_folds_when_phases_balance(t: ConvTransposeSpec, seed: int) -> None:
-    a = ConvSpec(torch.from_numpy(np_rand(t.in_channels, 2, *([1] * t.ndim), seed=seed)), torch.from_numpy(np_rand(t.in_channels, seed=seed + 1)))
+    a = ConvSpec(
+        torch.from_numpy(np_rand(t.in_channels, 2, *([1] * t.ndim), seed=seed)),
+        torch.from_numpy(np_rand(t.in_channels, seed=seed + 1)),
+    )
     assert isinstance(_check_shift_fold(a, t), ConvTransposeSpec)
 
 
 def _biased(ci: int, c1: int, n: int, seed: int) -> ConvSpec:
-    return ConvSpec(torch.from_numpy(np_rand(c1, ci, *([1] * n), seed=seed)), torch.from_numpy(np_rand(c1, seed=seed + 1)))
+    return ConvSpec(
+        torch.from_numpy(np_rand(c1, ci, *([1] * n), seed=seed)), torch.from_numpy(np_rand(c1, seed=seed + 1))
+    )
 
 
 def _bilinear(s: int, channels: int) -> np.ndarray:
@@ -239,7 +262,9 @@ def test_stride_one_border_rim_declines() -> None:
 
 def test_output_padding_past_the_end_crop_declines() -> None:
     """op > pe adds positions no tap reaches: they get T's bias only, not the shift's response."""
-    t = ConvTransposeSpec(np_rand(3, 2, 2, seed=1), stride=(2,), dilation=(3,), pads=((3, 0),), output_padding=(2,))
+    t = ConvTransposeSpec(
+        np_rand(3, 2, 2, seed=1), stride=(2,), dilation=(3,), pads=((3, 0),), output_padding=(2,)
+    )
     a = _biased(2, 3, 1, seed=2)
     assert isinstance(_check_shift_fold(a, t), Decline)
 
@@ -272,12 +297,16 @@ def test_shift_response_values() -> None:
 @pytest.mark.parametrize("shifted", [False, True])
 def test_batchnorm_before_transpose(shifted: bool) -> None:
     """BN (scale, shift) before T: the scale always folds; the shift by the shift rule."""
-    t = ConvTransposeSpec(np_rand(4, 3, 4, 4, seed=1), np_rand(6, seed=2), stride=(2, 2), groups=2, pads=((1, 1), (1, 1)))
+    t = ConvTransposeSpec(
+        np_rand(4, 3, 4, 4, seed=1), np_rand(6, seed=2), stride=(2, 2), groups=2, pads=((1, 1), (1, 1))
+    )
     shift = torch.from_numpy(np_rand(4, seed=4)) if shifted else torch.zeros(4, dtype=torch.float64)
     bn = ChannelAffine(torch.from_numpy(np_rand(4, seed=3)), shift)
     merged = affine_then_transpose(bn, t)
     x = torch.from_numpy(np_rand(2, 4, 5, 4, seed=5))
-    ref = run_transpose(t, x * torch.from_numpy(bn.scale).view(1, -1, 1, 1) + torch.from_numpy(bn.shift).view(1, -1, 1, 1))
+    ref = run_transpose(
+        t, x * torch.from_numpy(bn.scale).view(1, -1, 1, 1) + torch.from_numpy(bn.shift).view(1, -1, 1, 1)
+    )
     if not shifted:
         assert isinstance(merged, ConvTransposeSpec) and merged.groups == 2
         assert rel_err(ref, run_transpose(merged, x)) <= TOL
@@ -287,7 +316,10 @@ def test_batchnorm_before_transpose(shifted: bool) -> None:
         balanced = t.replace(pads=((3, 3), (3, 3)), stride=(1, 1))  # twin: rim cropped, stride 1
         merged = affine_then_transpose(bn, balanced)
         assert isinstance(merged, ConvTransposeSpec)
-        ref = run_transpose(balanced, x * torch.from_numpy(bn.scale).view(1, -1, 1, 1) + torch.from_numpy(bn.shift).view(1, -1, 1, 1))
+        ref = run_transpose(
+            balanced,
+            x * torch.from_numpy(bn.scale).view(1, -1, 1, 1) + torch.from_numpy(bn.shift).view(1, -1, 1, 1),
+        )
         assert rel_err(ref, run_transpose(merged, x)) <= TOL
 
 
@@ -301,10 +333,16 @@ def test_strided_pointwise_before_declines() -> None:
 
 
 def test_float32_in_float32_out() -> None:
-    t = ConvTransposeSpec(np_rand(4, 3, 3, seed=1).astype(np.float32), np_rand(3, seed=2).astype(np.float32), stride=(2,))
+    t = ConvTransposeSpec(
+        np_rand(4, 3, 3, seed=1).astype(np.float32), np_rand(3, seed=2).astype(np.float32), stride=(2,)
+    )
     b = ConvSpec(torch.from_numpy(np_rand(5, 3, 1, seed=3)).float())
     merged = transpose_then_pointwise(t, b)
-    assert isinstance(merged, ConvTransposeSpec) and merged.dtype == np.float32 and merged.bias.dtype == np.float32
+    assert (
+        isinstance(merged, ConvTransposeSpec)
+        and merged.dtype == np.float32
+        and merged.bias.dtype == np.float32
+    )
     x = torch.from_numpy(np_rand(1, 4, 6, seed=4))
     ref = F.conv1d(run_transpose(t, x), torch.from_numpy(b.weight).double())
     assert rel_err(ref, run_transpose(merged, x)) <= 1e-6
@@ -312,8 +350,12 @@ def test_float32_in_float32_out() -> None:
 
 @settings(max_examples=60)
 @given(
-    k=st.integers(1, 6), s=st.integers(1, 4), d=st.integers(1, 3),
-    pb=st.integers(0, 8), pe=st.integers(0, 8), op=st.integers(0, 3),
+    k=st.integers(1, 6),
+    s=st.integers(1, 4),
+    d=st.integers(1, 3),
+    pb=st.integers(0, 8),
+    pe=st.integers(0, 8),
+    op=st.integers(0, 3),
 )
 def test_tap_set_enumeration_bound_is_enough(k: int, s: int, d: int, pb: int, pe: int, op: int) -> None:
     """The sizes shift_response enumerates for 'every input size' show every tap set that much

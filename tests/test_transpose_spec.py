@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convfuse.frontends.torch_transpose import Crop, conv_transpose_from_spec, spec_from_conv_transpose
+from convfuse.frontends.torch.transpose import Crop, conv_transpose_from_spec, spec_from_conv_transpose
 from convfuse.spec import InvalidSpecError
 from convfuse.transpose import ConvTransposeSpec
 
@@ -27,7 +27,11 @@ def test_torch_module_round_trip(spec: ConvTransposeSpec, extra: tuple[int, int]
     assert isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     back = spec_from_conv_transpose(module)
     assert (back.stride, back.dilation, back.groups, back.pads, back.output_padding) == (
-        spec.stride, spec.dilation, spec.groups, spec.pads, spec.output_padding
+        spec.stride,
+        spec.dilation,
+        spec.groups,
+        spec.pads,
+        spec.output_padding,
     )
     x = input_for(spec, extra, seed=1)
     ref = module(x)
@@ -57,13 +61,21 @@ def test_crop_module_used_only_where_needed() -> None:
 
 
 def test_output_size_formula() -> None:
-    spec = ConvTransposeSpec(np_rand(1, 1, 4, 3, seed=1), stride=(2, 3), dilation=(1, 2), pads=((1, 2), (0, 1)), output_padding=(1, 0))
+    spec = ConvTransposeSpec(
+        np_rand(1, 1, 4, 3, seed=1),
+        stride=(2, 3),
+        dilation=(1, 2),
+        pads=((1, 2), (0, 1)),
+        output_padding=(1, 0),
+    )
     # (n-1)*s + d*(k-1) + 1 - pb - pe + op
     assert spec.output_size((5, 4)) == (4 * 2 + 3 + 1 - 3 + 1, 3 * 3 + 4 + 1 - 1)
 
 
 def test_float32_kept() -> None:
-    spec = ConvTransposeSpec(np_rand(2, 3, 3, seed=1).astype(np.float32), np_rand(3, seed=2).astype(np.float32))
+    spec = ConvTransposeSpec(
+        np_rand(2, 3, 3, seed=1).astype(np.float32), np_rand(3, seed=2).astype(np.float32)
+    )
     module = conv_transpose_from_spec(spec)
     assert module.weight.dtype == torch.float32
     assert spec_from_conv_transpose(module).dtype == np.float32

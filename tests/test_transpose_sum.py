@@ -48,7 +48,9 @@ def test_sum_with_conv_and_identity_branches(parts: list[ConvTransposeSpec | Con
 
 def test_upsampler_pair_embeds_in_the_larger_window() -> None:
     """k=4 p=1 and k=2 p=0 at stride 2 share a grid; the merged kernel is the k=4 window."""
-    a = ConvTransposeSpec(np_rand(3, 2, 4, 4, seed=1), np_rand(2, seed=2), stride=(2, 2), pads=((1, 1), (1, 1)))
+    a = ConvTransposeSpec(
+        np_rand(3, 2, 4, 4, seed=1), np_rand(2, seed=2), stride=(2, 2), pads=((1, 1), (1, 1))
+    )
     b = ConvTransposeSpec(np_rand(3, 2, 2, 2, seed=3), stride=(2, 2))
     merged = _check_sum([a, b], 2)
     assert merged.kernel_size == (4, 4) and merged.pads == ((1, 1), (1, 1))

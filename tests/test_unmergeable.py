@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -29,12 +29,16 @@ def _mergeable_tail(g: Graph, y: str) -> str:
     return g.bn(g.conv(g.node("Relu", [y]), C, C, 3, pads=[1, 1, 1, 1]), C)
 
 
-def _finish(g: Graph, y: str, opsets: tuple[tuple[str, int], ...] = (), infer: bool = True) -> onnx.ModelProto:
+def _finish(
+    g: Graph, y: str, opsets: tuple[tuple[str, int], ...] = (), infer: bool = True
+) -> onnx.ModelProto:
     """The model with the tail; ``infer=False`` (or custom domains) skips ONNX shape inference."""
     out = _mergeable_tail(g, y)
     if not opsets and infer:
         return g.model([out])
-    graph = helper.make_graph(g.nodes, "g", g.inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, C, 8, 8])], g.inits)
+    graph = helper.make_graph(
+        g.nodes, "g", g.inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, C, 8, 8])], g.inits
+    )
     imports = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, v) for d, v in opsets]
     model = helper.make_model(graph, opset_imports=imports, ir_version=8)
     onnx.checker.check_model(model)
@@ -51,7 +55,10 @@ def _qdq_conv() -> onnx.ModelProto:
     g = Graph([1, C, 8, 8])
     rng = np.random.default_rng(0)
     wq = g.const(rng.integers(-100, 100, (C, C, 3, 3)), "wq", np.int8)
-    w = g.node("DequantizeLinear", [wq, g.const(np.float32(0.01), "ws", np.float32), g.const(np.int8(0), "wz", np.int8)])
+    w = g.node(
+        "DequantizeLinear",
+        [wq, g.const(np.float32(0.01), "ws", np.float32), g.const(np.int8(0), "wz", np.int8)],
+    )
     xs, xz = g.const(np.float32(0.05), "xs", np.float32), g.const(np.uint8(128), "xz", np.uint8)
     x = g.node("DequantizeLinear", [g.node("QuantizeLinear", ["x", xs, xz]), xs, xz])
     return _finish(g, g.bn(g.node("Conv", [x, w], pads=[1, 1, 1, 1]), C))
@@ -63,7 +70,11 @@ def _qlinear_conv() -> onnx.ModelProto:
     wq = g.const(np.random.default_rng(0).integers(-100, 100, (C, C, 3, 3)), "wq", np.int8)
     ws, wz = g.const(np.float32(0.01), "ws", np.float32), g.const(np.int8(0), "wz", np.int8)
     ys, yz = g.const(np.float32(0.1), "ys", np.float32), g.const(np.uint8(128), "yz", np.uint8)
-    q = g.node("QLinearConv", [g.node("QuantizeLinear", ["x", xs, xz]), xs, xz, wq, ws, wz, ys, yz], pads=[1, 1, 1, 1])
+    q = g.node(
+        "QLinearConv",
+        [g.node("QuantizeLinear", ["x", xs, xz]), xs, xz, wq, ws, wz, ys, yz],
+        pads=[1, 1, 1, 1],
+    )
     return _finish(g, g.node("DequantizeLinear", [q, ys, yz]))
 
 
@@ -187,7 +198,9 @@ def test_command_line_merges_the_rest_and_verifies(tmp_path: Path, case: str) ->
     src = tmp_path / "m.onnx"
     onnx.save_model(build(), src)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    result = CliRunner().invoke(main, ["merge", str(src), "--json", "--policy", policy], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["merge", str(src), "--json", "--policy", policy], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert reason.value in {d["reason"] for d in payload["declines"]}
@@ -207,22 +220,34 @@ def test_model_onnx_runtime_cannot_run_is_not_written_unless_allowed(tmp_path: P
     assert refused.exit_code == 4, refused.output
     line = refused.stderr.strip()
     assert line.startswith(f"convfuse: error: {src}: not verified: the input model cannot be run here")
-    assert "\n" not in line and "FancyOp" in line and line.endswith("nothing written (--allow-unverified writes it anyway)")
+    assert (
+        "\n" not in line
+        and "FancyOp" in line
+        and line.endswith("nothing written (--allow-unverified writes it anyway)")
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
-    assert "kept    unsupported 1: " in refused.stdout  # the report still prints (-v gives the reason in full)
+    assert (
+        "kept    unsupported 1: " in refused.stdout
+    )  # the report still prints (-v gives the reason in full)
 
     result = CliRunner().invoke(main, ["merge", str(src), "--allow-unverified"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     warning = result.stderr.strip()
     assert warning.startswith(f"convfuse: warning: {src}: not verified: the input model cannot be run here")
-    assert "\n" not in warning and "FancyOp" in warning and "written unverified (--allow-unverified)" in warning
+    assert (
+        "\n" not in warning and "FancyOp" in warning and "written unverified (--allow-unverified)" in warning
+    )
     assert (tmp_path / "custom.fused.onnx").exists()
     assert "kept    unsupported 1: " in result.stdout  # the summary counts it; -v says why
     listed = CliRunner().invoke(main, ["inspect", "-v", str(src)], catch_exceptions=False)
-    assert "unsupported: 1 FancyOp node(s) of operator domain 'com.example'" in " ".join(listed.stdout.split())
+    assert "unsupported: 1 FancyOp node(s) of operator domain 'com.example'" in " ".join(
+        listed.stdout.split()
+    )
     in_place = CliRunner().invoke(main, ["merge", str(src), "--in-place"], catch_exceptions=False)
     assert in_place.exit_code == 4
     assert "--in-place replaces the input only after verification" in in_place.stderr
-    both = CliRunner().invoke(main, ["merge", str(src), "--in-place", "--allow-unverified"], catch_exceptions=False)
+    both = CliRunner().invoke(
+        main, ["merge", str(src), "--in-place", "--allow-unverified"], catch_exceptions=False
+    )
     assert both.exit_code == 2 and "drop --allow-unverified" in both.stderr
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest

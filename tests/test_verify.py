@@ -13,11 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from . import verify_models as vm
 from convfuse import runtime, verify
-from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, NotRunnableError
-from convfuse.testing import assert_equivalent
 from convfuse.compare import DEFAULT_RTOL, compare, locate, tolerance_for
+from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, NotRunnableError
 from convfuse.runtime import (
     InputSpec,
     cuda_in_ort,
@@ -26,7 +24,10 @@ from convfuse.runtime import (
     parse_shape,
     resolve_devices,
 )
+from convfuse.testing import assert_equivalent
 from convfuse.verify import VerifyResult, attribute, verify_onnx
+
+from . import verify_models as vm
 
 verify_module = importlib.import_module("convfuse.verify")  # the name `convfuse.verify` is the function
 
@@ -284,7 +285,11 @@ def test_scalar_inputs() -> None:
 
 
 def test_int64_and_bool_inputs_are_generated_deterministically() -> None:
-    ports = [InputSpec("k", "int64", (2, 50)), InputSpec("m", "bool", (2, 50)), InputSpec("x", "float16", (3,))]
+    ports = [
+        InputSpec("k", "int64", (2, 50)),
+        InputSpec("m", "bool", (2, 50)),
+        InputSpec("x", "float16", (3,)),
+    ]
     first = generate_inputs(ports, 2, 7)
     again = generate_inputs(ports, 2, 7)
     other = generate_inputs(ports, 2, 8)
@@ -401,7 +406,9 @@ def test_different_input_or_output_names_are_bad_input() -> None:
     renamed_out = vm.padded_chain()
     renamed_out.graph.node[-1].output[0] = "out"
     renamed_out.graph.output[0].name = "out"
-    with pytest.raises(InvalidModelError, match="same output names.*only in reference: y; only in candidate: out"):
+    with pytest.raises(
+        InvalidModelError, match="same output names.*only in reference: y; only in candidate: out"
+    ):
         verify_onnx(ref, renamed_out)
     renamed_in = vm.padded_chain()
     renamed_in.graph.node[0].input[0] = "image"
@@ -473,7 +480,9 @@ def test_a_model_onnxruntime_cannot_load_is_an_error_with_a_clean_message() -> N
 def test_cuda_requested_without_cuda_raises_device_unavailable() -> None:
     if cuda_in_ort():
         pytest.skip("this machine has CUDA for onnxruntime")
-    with pytest.raises(DeviceUnavailableError, match="CUDA was requested but onnxruntime has no CUDAExecution"):
+    with pytest.raises(
+        DeviceUnavailableError, match="CUDA was requested but onnxruntime has no CUDAExecution"
+    ):
         verify_onnx(vm.padded_chain(), vm.padded_chain(), device="cuda")
 
 
@@ -491,7 +500,9 @@ def test_device_resolution() -> None:
     assert resolve_devices("all", lambda: True, "absent") == (["cpu", "cuda"], [])
     assert resolve_devices("cuda", lambda: True, "absent") == (["cuda"], [])
     assert resolve_devices("all", lambda: False, "no GPU") == (["cpu"], ["cuda not checked: no GPU"])
-    with pytest.raises(DeviceUnavailableError, match="CUDA was requested but no GPU; use device 'cpu' or 'all'"):
+    with pytest.raises(
+        DeviceUnavailableError, match="CUDA was requested but no GPU; use device 'cpu' or 'all'"
+    ):
         resolve_devices("cuda", lambda: False, "no GPU")
 
 
@@ -508,7 +519,10 @@ def test_result_text_and_dict() -> None:
     result = verify_onnx(vm.padded_chain(), vm.naive_merge())
     assert isinstance(result, VerifyResult)
     text = result.to_text()
-    assert text.startswith("FAIL: 1 of 1 output checks differ") and "wrong on its own (sample 0): tensor 'y'" in text
+    assert (
+        text.startswith("FAIL: 1 of 1 output checks differ")
+        and "wrong on its own (sample 0): tensor 'y'" in text
+    )
     data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert data["passed"] is False and data["exit_code"] == 1 and data["devices"] == ["cpu"]
     (out,) = data["outputs"]
@@ -518,7 +532,10 @@ def test_result_text_and_dict() -> None:
     assert result.summary().startswith("verified: candidate DIFFERS (1 of 1 checks); max rel err")
     same = verify_onnx(vm.padded_chain(), vm.padded_chain())
     assert same.to_text().startswith("PASS: ")
-    assert same.summary() == "verified: candidate matches; max rel err 0.0e+00 on cpu over 2 samples at x 1x3x16x16"
+    assert (
+        same.summary()
+        == "verified: candidate matches; max rel err 0.0e+00 on cpu over 2 samples at x 1x3x16x16"
+    )
 
 
 def test_verify_rejects_a_mixed_pair() -> None:

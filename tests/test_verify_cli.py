@@ -10,9 +10,10 @@ import onnx
 import pytest
 from click.testing import CliRunner, Result
 
-from . import verify_models as vm
 from convfuse.runtime import cuda_in_ort
 from convfuse_cli.main import main
+
+from . import verify_models as vm
 
 
 def _run(*args: str | Path) -> Result:
@@ -93,7 +94,10 @@ def test_symbolic_shapes(tmp_path: Path) -> None:
     naive = _save(tmp_path, "naive.onnx", vm.naive_merge(dims=dims))
     default = _run(ref, ref)
     assert default.exit_code == 0
-    assert "note: input 'x' has symbolic dims at axes 0 (N), 2 (H), 3 (W): ran at 2x3x1x1 and 2x3x4x4" in default.stdout
+    assert (
+        "note: input 'x' has symbolic dims at axes 0 (N), 2 (H), 3 (W): ran at 2x3x1x1 and 2x3x4x4"
+        in default.stdout
+    )
     shaped = _run(ref, naive, "--shape", "x=2x3x10x10", "--json")
     assert shaped.exit_code == 1
     data = json.loads(shaped.stdout)

@@ -16,7 +16,7 @@ from torch import nn
 
 import convfuse
 from convfuse.errors import NotRunnableError
-from convfuse.frontends.onnx_geometry import geometries
+from convfuse.frontends.onnx.geometry import geometries
 from convfuse.input_plan import InputPlan
 from convfuse.runtime import signature
 from convfuse.sizes import Geometry
@@ -82,7 +82,9 @@ def test_a_border_bug_at_odd_sizes_is_caught_at_the_second_size_only() -> None:
     assert verify_onnx(ref, naive, shapes={"x": (2, 4, 4, 4)}).passed
     # And convfuse itself declines that merge (padding after a biased pointwise conv).
     fused, report = convfuse.fuse_onnx(ref, policy="always")
-    assert verify_onnx(ref, fused).passed and "padded-after-biased-pointwise" in {d.reason.value for d in report.declines}
+    assert verify_onnx(ref, fused).passed and "padded-after-biased-pointwise" in {
+        d.reason.value for d in report.declines
+    }
 
 
 def test_given_shapes_override_the_derived_ones() -> None:
@@ -201,7 +203,9 @@ def test_a_torch_export_with_dynamic_axes_merges_and_verifies_by_default(tmp_pat
     assert "verified: candidate matches; max rel err" in result.stdout
     assert "over 2 samples at x 2x3x19x19 and 2x3x20x20" in " ".join(result.stdout.split())  # wrapped at 80
     fused = onnx.load(str(tmp_path / "exported.fused.onnx"))
-    assert [n.op_type for n in fused.graph.node].count("Conv") < [n.op_type for n in onnx.load(str(src)).graph.node].count("Conv")
+    assert [n.op_type for n in fused.graph.node].count("Conv") < [
+        n.op_type for n in onnx.load(str(src)).graph.node
+    ].count("Conv")
     assert verify_onnx(src, fused, shapes={"x": (1, 3, 37, 64)}).passed  # and at a size of the user's
 
 
@@ -214,7 +218,9 @@ def test_a_reference_that_runs_at_no_size_tried_is_not_runnable_in_one_line() ->
     assert message.endswith(
         "(at every input size tried: 8 from x 2x3x1x1 to x 2x3x64x64, derived from the graph; give sizes with --shape)"
     )
-    assert verify_onnx(dm.fixed_head(), dm.fixed_head(), shapes={"x": (2, 3, 5, 5)}).passed  # twin: it runs at 5
+    assert verify_onnx(
+        dm.fixed_head(), dm.fixed_head(), shapes={"x": (2, 3, 5, 5)}
+    ).passed  # twin: it runs at 5
 
 
 def test_merge_of_an_unrunnable_model_exits_4_with_one_line_and_writes_nothing(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 from convfuse import algebra, verify
 from convfuse.decline import Decline
 from convfuse.errors import ConvfuseError, DeviceUnavailableError
-from convfuse.frontends.torch_layers import conv_from_spec, spec_from_conv
+from convfuse.frontends.torch.layers import conv_from_spec, spec_from_conv
 from convfuse.testing import assert_equivalent
 from convfuse.verify import verify_modules
 
@@ -90,8 +90,12 @@ def test_modules_are_compared_in_eval_mode_without_changing_the_caller() -> None
     ref[1].running_mean.normal_()
     ref[1].running_var.uniform_(0.5, 2.0)
     ref.train()
-    fused = algebra.then_affine(spec_from_conv(ref[0]), algebra.ChannelAffine.from_batchnorm(
-        ref[1].running_mean, ref[1].running_var, ref[1].weight, ref[1].bias, ref[1].eps))
+    fused = algebra.then_affine(
+        spec_from_conv(ref[0]),
+        algebra.ChannelAffine.from_batchnorm(
+            ref[1].running_mean, ref[1].running_var, ref[1].weight, ref[1].bias, ref[1].eps
+        ),
+    )
     assert not isinstance(fused, Decline)
     cand = conv_from_spec(fused)
     stats = ref[1].running_mean.clone()

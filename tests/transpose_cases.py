@@ -138,9 +138,18 @@ def rim_cropped(draw: st.DrawFn) -> ConvTransposeSpec:
     k = [draw(st.integers(1, MAX_KERNEL[n])) for _ in range(n)]
     d = [draw(st.integers(1, 2)) for _ in range(n)]
     op = [draw(st.integers(0, dd - 1)) for dd in d]
-    pads = [(dd * (kk - 1) + draw(st.integers(0, 1)), dd * (kk - 1) + o + draw(st.integers(0, 1))) for kk, dd, o in zip(k, d, op)]
+    pads = [
+        (dd * (kk - 1) + draw(st.integers(0, 1)), dd * (kk - 1) + o + draw(st.integers(0, 1)))
+        for kk, dd, o in zip(k, d, op)
+    ]
     ci, co, seed = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2**20))
-    return ConvTransposeSpec(np_rand(ci, co, *k, seed=seed), np_rand(co, seed=seed + 1), dilation=tuple(d), pads=tuple(pads), output_padding=tuple(op))
+    return ConvTransposeSpec(
+        np_rand(ci, co, *k, seed=seed),
+        np_rand(co, seed=seed + 1),
+        dilation=tuple(d),
+        pads=tuple(pads),
+        output_padding=tuple(op),
+    )
 
 
 @st.composite
@@ -151,7 +160,10 @@ def phase_balanced(draw: st.DrawFn) -> ConvTransposeSpec:
     s = [draw(st.integers(2, 3)) for _ in range(n)]
     k = [ss * draw(st.integers(1, 2)) for ss in s]
     op = [draw(st.integers(0, ss - 1)) for ss in s]
-    pads = [(kk - ss + draw(st.integers(0, 2)), kk - ss + o + draw(st.integers(0, 2))) for kk, ss, o in zip(k, s, op)]
+    pads = [
+        (kk - ss + draw(st.integers(0, 2)), kk - ss + o + draw(st.integers(0, 2)))
+        for kk, ss, o in zip(k, s, op)
+    ]
     ci, co, seed = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2**20))
     w = np_rand(ci, co, *k, seed=seed)
     target = np_rand(ci, co, seed=seed + 2)
@@ -162,7 +174,9 @@ def phase_balanced(draw: st.DrawFn) -> ConvTransposeSpec:
         block[last] = 0
         block[last] = target - block.reshape(ci, co, -1).sum(axis=2)
         w[cls] = block
-    return ConvTransposeSpec(w, np_rand(co, seed=seed + 1), stride=tuple(s), pads=tuple(pads), output_padding=tuple(op))
+    return ConvTransposeSpec(
+        w, np_rand(co, seed=seed + 1), stride=tuple(s), pads=tuple(pads), output_padding=tuple(op)
+    )
 
 
 @st.composite
@@ -193,7 +207,15 @@ def branches(draw: st.DrawFn, with_convs: bool = False) -> list[ConvTransposeSpe
                 pads.append((b, sl + dd * (kk - 1) - b))
             assume(all(e >= 0 for _, e in pads))
             w = torch.from_numpy(np_rand(co, ci // groups, *k, seed=seed + 3 * i))
-            out.append(ConvSpec(w, None if bias is None else torch.from_numpy(bias), dilation=tuple(d), groups=groups, pads=tuple(pads)))
+            out.append(
+                ConvSpec(
+                    w,
+                    None if bias is None else torch.from_numpy(bias),
+                    dilation=tuple(d),
+                    groups=groups,
+                    pads=tuple(pads),
+                )
+            )
             continue
         pads, ops = [], []
         for kk, dd, s, sl in zip(k, d, stride, slack):  # d(k-1) - pb - pe + op = slack

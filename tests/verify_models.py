@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -145,7 +145,9 @@ def exact_merge(params: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
 
 
 # --------------------------------------------------------------------------- two regions
-def two_regions(merge_first: str | None = None, merge_second: str | None = None, seed: int = 1) -> onnx.ModelProto:
+def two_regions(
+    merge_first: str | None = None, merge_second: str | None = None, seed: int = 1
+) -> onnx.ModelProto:
     """x -> conv1, conv2 (3x3 pad 1 each) -> 'b' -> Relu -> 'r' -> conv3, conv4 (1x1) -> 'y'.
 
     ``merge_first``: None keeps conv1/conv2, ``"naive"`` replaces them with one 5x5 pad-2 conv
@@ -201,7 +203,9 @@ def multi_io(shift: float = 0.0, flip_argmax: bool = False, reorder: bool = Fals
         helper.make_node("Add", ["ck", "offset"], ["y"], name="add_offset"),
         helper.make_node("Relu", ["cx"], ["rx"], name="relu"),
         helper.make_node("Where", ["m", "rx", "zero"], ["z"], name="where"),
-        helper.make_node("ArgMin" if flip_argmax else "ArgMax", ["y"], ["idx"], axis=1, keepdims=0, name="argmax"),
+        helper.make_node(
+            "ArgMin" if flip_argmax else "ArgMax", ["y"], ["idx"], axis=1, keepdims=0, name="argmax"
+        ),
     ]
     dims = [1, 4, 8, 8]
     outputs = [
@@ -272,7 +276,10 @@ def scaled_conv(scale_shape: Sequence[int] = ()) -> onnx.ModelProto:
     """y = Conv(x) * g with a second input ``g`` of shape ``scale_shape`` (rank 0 by default)."""
     (w,) = conv_weights(5, [(4, 3, 3, 3)])
     return model(
-        [conv_node("conv", "x", "c", 1, bias=False), helper.make_node("Mul", ["c", "g"], ["y"], name="scale")],
+        [
+            conv_node("conv", "x", "c", 1, bias=False),
+            helper.make_node("Mul", ["c", "g"], ["y"], name="scale"),
+        ],
         [f32("x", [1, 3, 8, 8]), f32("g", list(scale_shape))],
         [f32("y", [1, 4, 8, 8])],
         [init("conv.w", w)],
@@ -296,7 +303,9 @@ def deep_chain(
         nodes.append(conv_node(f"conv{i}", prev, f"c{i}", 1, bias=False))
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
         prev = f"r{i}"
-    return model(nodes, [f32("x", [1, 3, SIZE, SIZE])], [f32(prev, [1, channels, SIZE, SIZE])], inits, name="deep")
+    return model(
+        nodes, [f32("x", [1, 3, SIZE, SIZE])], [f32(prev, [1, channels, SIZE, SIZE])], inits, name="deep"
+    )
 
 
 def bf16_region(scale: float = 2.0, leaky: bool = False) -> onnx.ModelProto:
@@ -306,8 +315,10 @@ def bf16_region(scale: float = 2.0, leaky: bool = False) -> onnx.ModelProto:
     region reads the bfloat16 tensor 'h' directly.
     """
     hf = "hf_renamed" if leaky else "hf"
-    act = helper.make_node("LeakyRelu", [hf], ["r"], alpha=0.5, name="act") if leaky else helper.make_node(
-        "Relu", [hf], ["r"], name="act"
+    act = (
+        helper.make_node("LeakyRelu", [hf], ["r"], alpha=0.5, name="act")
+        if leaky
+        else helper.make_node("Relu", [hf], ["r"], name="act")
     )
     nodes = [
         helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT, name="cast_in"),

@@ -23,24 +23,23 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
 
 import onnx
 from onnx import helper, numpy_helper
 
-from ..algebra import Cost
-from ..decline import Decline, Reason
-from ..errors import InvalidModelError, InvalidOptionError
-from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
-from ..ir import LinearGraph, LinearNode, OpKind, TensorInfo
-from ..planner import Merge, Resum, plan
-from ..policy import Judge, Policy
-from ..report import ModelStats, Report
-from ..spec import ConvSpec
-from .onnx_io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size, subgraphs
-from .onnx_prepass import prepare
-from .onnx_nodes import (
+from ...algebra import Cost
+from ...decline import Decline, Reason
+from ...errors import InvalidModelError, InvalidOptionError
+from ...ir import LinearGraph, LinearNode, OpKind, TensorInfo
+from ...latency import DEFAULT_BUDGET, LatencyMeter, Timer
+from ...planner import Merge, Resum, plan
+from ...policy import Judge, Policy
+from ...report import ModelStats, Report
+from ...spec import ConvSpec
+from .io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size, subgraphs
+from .nodes import (
     FLOAT_TYPES,
     Dims,
     LinearOp,
@@ -53,6 +52,7 @@ from .onnx_nodes import (
     read_linear,
     unread_nodes,
 )
+from .prepass import prepare
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -227,7 +227,11 @@ class _Index:
                 if folded is not None:
                     return folded
             if producer.op_type != "Identity" or not _is_default(producer):
-                quantized = " (quantized: convfuse merges float weights)" if producer.op_type == "DequantizeLinear" else ""
+                quantized = (
+                    " (quantized: convfuse merges float weights)"
+                    if producer.op_type == "DequantizeLinear"
+                    else ""
+                )
                 return f"computed at run time by {producer.op_type} node {label(producer)!r}{quantized}"
             name = producer.input[0]
         return "behind too many Identity nodes"
@@ -245,7 +249,12 @@ class _Index:
             found = self.constants.get(i)
             if found is None:
                 producer = self.producer.get(i)
-                if producer is None or producer.op_type not in _FOLDABLE or i in self.inputs or i in self.overridable:
+                if (
+                    producer is None
+                    or producer.op_type not in _FOLDABLE
+                    or i in self.inputs
+                    or i in self.overridable
+                ):
                     return None
                 found = self._fold(producer, i, depth + 1)
             if found is None or math.prod(found.dims) > _SMALL_CONSTANT:
@@ -338,7 +347,9 @@ def _rename_in_subgraph(graph: onnx.GraphProto, rename: Callable[[str], str]) ->
         out.name = rename(out.name)
 
 
-def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declines: _Declines) -> list[onnx.NodeProto] | None:
+def drop_identities(
+    index: _Index, graph: onnx.GraphProto, state: _State, declines: _Declines
+) -> list[onnx.NodeProto] | None:
     """``y = Identity(x)``: consumers read ``x``. If ``y`` is a graph output, ``x``'s producer
     writes ``y`` instead (only when ``x`` is produced here and is not itself an input or output)."""
     rename: dict[str, str] = {}
@@ -352,13 +363,20 @@ def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declin
     out_rename: dict[int, dict[str, str]] = {}
     removed: set[int] = set()
     for node in index.nodes:
-        if node.op_type != "Identity" or not _is_default(node) or len(node.input) != 1 or len(node.output) != 1:
+        if (
+            node.op_type != "Identity"
+            or not _is_default(node)
+            or len(node.input) != 1
+            or len(node.output) != 1
+        ):
             continue
         x, y = resolve(node.input[0]), node.output[0]
         if y not in outputs:
             rename[y] = x
             removed.add(id(node))
-            state.report.merged("identity", [label(node)], x, _ZERO, _ZERO, f"removed; its readers now read {x!r}")
+            state.report.merged(
+                "identity", [label(node)], x, _ZERO, _ZERO, f"removed; its readers now read {x!r}"
+            )
             continue
         producer = index.producer.get(x)
         if (
@@ -370,14 +388,22 @@ def drop_identities(index: _Index, graph: onnx.GraphProto, state: _State, declin
         ):
             why = "a graph input or constant" if producer is None else "also a graph output"
             declines.append(
-                ([label(node)], Decline(Reason.GRAPH_OUTPUT, f"{y!r} is a graph output and its input {x!r} is {why}"))
+                (
+                    [label(node)],
+                    Decline(Reason.GRAPH_OUTPUT, f"{y!r} is a graph output and its input {x!r} is {why}"),
+                )
             )
             continue
         rename[x] = y
         out_rename.setdefault(id(producer), {})[x] = y
         removed.add(id(node))
         state.report.merged(
-            "identity", [label(node)], label(producer), _ZERO, _ZERO, f"removed; {label(producer)} now writes {y!r}"
+            "identity",
+            [label(node)],
+            label(producer),
+            _ZERO,
+            _ZERO,
+            f"removed; {label(producer)} now writes {y!r}",
         )
     if not removed:
         return None
@@ -447,12 +473,16 @@ def _combining_node(node: onnx.NodeProto, index: _Index) -> LinearNode | None:
     n = len(node.input)
     if node.op_type in ("Add", "Sub") and n == 2 or node.op_type == "Sum" and n >= 2:
         coefs = (1.0, -1.0) if node.op_type == "Sub" else (1.0,) * n
-        return LinearNode(label(node), OpKind.SUM, tuple(node.input), node.output[0], coefs=coefs, origin=(node, None))
+        return LinearNode(
+            label(node), OpKind.SUM, tuple(node.input), node.output[0], coefs=coefs, origin=(node, None)
+        )
     if node.op_type == "Concat" and n >= 2:
         axis = next((int(a.i) for a in node.attribute if a.name == "axis"), None)
         ranks = {len(d) for d in (index.shape(i) for i in node.input) if d is not None}
         if axis == 1 or (axis is not None and axis < 0 and len(ranks) == 1 and axis + ranks.pop() == 1):
-            return LinearNode(label(node), OpKind.CONCAT, tuple(node.input), node.output[0], origin=(node, None))
+            return LinearNode(
+                label(node), OpKind.CONCAT, tuple(node.input), node.output[0], origin=(node, None)
+            )
     return None
 
 
@@ -469,7 +499,11 @@ def _linear_graph(index: _Index, state: _State) -> LinearGraph:
     for node in index.nodes:
         if id(node) not in inside:
             external.update(_uses(node))
-    shapes = {t: dims for t in {n.output for n in nodes} | {i for n in nodes for i in n.inputs} if (dims := index.shape(t)) is not None}
+    shapes = {
+        t: dims
+        for t in {n.output for n in nodes} | {i for n in nodes for i in n.inputs}
+        if (dims := index.shape(t)) is not None
+    }
     return LinearGraph(nodes, external, set(index.output_set), shapes, state.names.fresh)
 
 
@@ -480,7 +514,9 @@ def _elem_type(merge: Merge) -> int | None:
     return None
 
 
-def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines: _Declines) -> list[onnx.NodeProto] | None:
+def merge_regions(
+    index: _Index, graph: onnx.GraphProto, state: _State, declines: _Declines
+) -> list[onnx.NodeProto] | None:
     """Rule 2: every linear region planned by :func:`convfuse.planner.plan`, written back as Conv
     nodes (and the sums left with fewer terms) - the ONNX exporter."""
     ir = _linear_graph(index, state)
@@ -499,9 +535,19 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
         elem_type = elem_type or onnx.TensorProto.FLOAT
         if merge.linear:
             rank2 = len(index.shape(merge.x) or ()) == 2
-            made = linear_nodes(merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh, rank2=rank2)
+            made = linear_nodes(
+                merge.spec,
+                name=name,
+                x=merge.x,
+                y=merge.y,
+                elem_type=elem_type,
+                fresh=state.names.fresh,
+                rank2=rank2,
+            )
         else:
-            made = conv_node(merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh)
+            made = conv_node(
+                merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh
+            )
             made = made if isinstance(made, Decline) else ([made[0]], made[1])
         if isinstance(made, Decline):
             declines.append((list(merge.sources), made))
@@ -514,7 +560,12 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
         if terms & failed or state.opset < 7 or any(c not in (1.0, -1.0) for _, c in resum.terms):
             if state.opset < 7:
                 declines.append(
-                    ([n.name for n in resum.nodes], Decline(Reason.UNSUPPORTED, "opset < 7: rebuilding a partial sum needs broadcasting Add"))
+                    (
+                        [n.name for n in resum.nodes],
+                        Decline(
+                            Reason.UNSUPPORTED, "opset < 7: rebuilding a partial sum needs broadcasting Add"
+                        ),
+                    )
                 )
             failed |= terms
             continue
@@ -533,7 +584,9 @@ def merge_regions(index: _Index, graph: onnx.GraphProto, state: _State, declines
         rewrite.replace.setdefault(id(last), []).extend(new_nodes)
         rewrite.removed.update(id(n.origin[0]) for n in merge.nodes)
         state.merges += 1
-        state.report.merged(merge.kind, list(merge.sources), node.name, merge.before, merge.after, merge.note, merge.timing)
+        state.report.merged(
+            merge.kind, list(merge.sources), node.name, merge.before, merge.after, merge.note, merge.timing
+        )
     for resum in resums:
         roots = [n.origin[0] for n in resum.nodes]
         root = max(roots, key=lambda n: position[id(n)])
@@ -569,7 +622,6 @@ def _sum_nodes(resum: Resum, root: onnx.NodeProto, state: _State) -> list[onnx.N
 RULES: tuple[Rule, ...] = (drop_identities, merge_regions)
 
 
-
 # --------------------------------------------------------------------------- per graph
 def _visible_constants(
     graph: onnx.GraphProto, nodes: list[onnx.NodeProto], outer: dict[str, onnx.TensorProto], state: _State
@@ -577,7 +629,9 @@ def _visible_constants(
     return dict(_Index(nodes, graph, outer, state).constants)
 
 
-def _fuse_graph(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], state: _State, where: str) -> None:
+def _fuse_graph(
+    graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], state: _State, where: str
+) -> None:
     nodes: list[onnx.NodeProto] = []
     for original in graph.node:
         copy = onnx.NodeProto()
@@ -591,7 +645,8 @@ def _fuse_graph(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto], stat
             state.subgraphs += 1
             _fuse_graph(sub, visible, state, f"subgraph {sub.name or '?'} of {label(node)}")
     declines: _Declines = []
-    for round_no in range(1, _MAX_ROUNDS + 1):  # Identity removal until nothing changes
+    # Identity removal until nothing changes (the last round is reported after the loop)
+    for round_no in range(1, _MAX_ROUNDS + 1):  # noqa: B007
         declines = []
         rewritten = drop_identities(_Index(nodes, graph, outer, state), graph, state, declines)
         if rewritten is None:
@@ -762,7 +817,7 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
 
 def _size(model: onnx.ModelProto) -> int | None:
     """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB),
-    counted without serialising it (:func:`~convfuse.frontends.onnx_io.serialized_size`)."""
+    counted without serialising it (:func:`~convfuse.frontends.onnx.io.serialized_size`)."""
     try:
         size = serialized_size(model)
     except Exception:  # protobuf refuses messages over 2 GiB
@@ -773,7 +828,9 @@ def _size(model: onnx.ModelProto) -> int | None:
 def _summarise(report: Report) -> None:
     """Keep the ops a reader cares about: REPORTED_OPS and any op whose count changed."""
     before, after = report.before.op_counts, report.after.op_counts
-    keep = set(REPORTED_OPS) | {op for op in set(before) | set(after) if before.get(op, 0) != after.get(op, 0)}
+    keep = set(REPORTED_OPS) | {
+        op for op in set(before) | set(after) if before.get(op, 0) != after.get(op, 0)
+    }
     report.before.op_counts = {op: before.get(op, 0) for op in sorted(keep)}
     report.after.op_counts = {op: after.get(op, 0) for op in sorted(keep)}
 
@@ -792,7 +849,7 @@ def fuse_onnx(
     """Merge every linear run of ``model`` into single convolutions; return a new model and a report.
 
     ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``), a path (external data
-    beside it is read), or what :func:`~convfuse.frontends.onnx_io.read_model` returned (already
+    beside it is read), or what :func:`~convfuse.frontends.onnx.io.read_model` returned (already
     checked: the ONNX checker serialises every weight, so it runs once per model). ``policy``: ``"flops"`` merges only what does not increase MACs or
     parameters, ``"always"`` every exact merge, ``"latency"`` the merges ONNX Runtime measures
     faster on ``device`` (``"cpu"`` or ``"cuda"``), timing for at most ``latency_budget`` seconds
@@ -819,7 +876,9 @@ def fuse_onnx(
     except ValueError as exc:
         raise InvalidOptionError(str(exc)) from None
     say: Progress = progress or (lambda message: None)
-    meter = LatencyMeter(device, latency_budget, timer=timer, progress=say) if chosen is Policy.LATENCY else None
+    meter = (
+        LatencyMeter(device, latency_budget, timer=timer, progress=say) if chosen is Policy.LATENCY else None
+    )
     judge = Judge(chosen, meter)
     if inplace:
         fused = source

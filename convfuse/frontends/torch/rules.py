@@ -1,7 +1,7 @@
 """Which torch layers and calls are linear ops: tables from module type / function / method to
 a converter (rules as data; adding a layer means adding an entry).
 
-A module converter returns a :class:`~convfuse.frontends.torch_ir.LinearOp`, a ``Decline``
+A module converter returns a :class:`~convfuse.frontends.torch.ops.LinearOp`, a ``Decline``
 saying why this instance is not one (training-mode Dropout, ``ceil_mode`` pooling, ...), or
 None when the layer is simply not linear. A call converter sees a ``torch.fx`` node and
 returns a :class:`Unary` (one data input), a :class:`Terms` (a sum of graph tensors), a
@@ -11,18 +11,19 @@ returns a :class:`Unary` (one data input), a :class:`Terms` (a sum of graph tens
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..algebra import ChannelAffine
-from ..decline import Decline, Reason
-from ..spec import ConvSpec, same_pads
-from .torch_ir import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp
-from .torch_layers import affine_from_batchnorm, affine_tensors, spec_from_conv
+from ...algebra import ChannelAffine
+from ...decline import Decline, Reason
+from ...spec import ConvSpec, same_pads
+from .layers import affine_from_batchnorm, affine_tensors, spec_from_conv
+from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp
 
 __all__ = [
     "UNKNOWN",
@@ -65,8 +66,8 @@ class Cat:
     inputs: list[fx.Node]
 
 
-CallResult = Union[Unary, Terms, Cat, Decline, None]
-ModuleRule = Callable[[nn.Module, str], Union[LinearOp, Decline, None]]
+CallResult = Unary | Terms | Cat | Decline | None
+ModuleRule = Callable[[nn.Module, str], LinearOp | Decline | None]
 CallRule = Callable[[fx.Node, Resolve], CallResult]
 
 
@@ -100,7 +101,9 @@ def _identity_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
 
 def _dropout_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
     if m.training and m.p > 0:
-        return Decline(Reason.TRAINING_MODE, f"{name} is a Dropout in training mode (call .eval() to fuse through it)")
+        return Decline(
+            Reason.TRAINING_MODE, f"{name} is a Dropout in training mode (call .eval() to fuse through it)"
+        )
     return IdentityOp(name)
 
 
@@ -324,7 +327,9 @@ def _pad_rule(node: fx.Node, resolve: Resolve) -> CallResult:
     if not _is_graph(a) or not isinstance(bound["pad"], (tuple, list)):
         return None
     if bound["mode"] != "constant" or bound["value"] not in (None, 0, 0.0):
-        return Decline(Reason.UNSUPPORTED, f"{node.name} pads in mode {bound['mode']!r} with value {bound['value']}")
+        return Decline(
+            Reason.UNSUPPORTED, f"{node.name} pads in mode {bound['mode']!r} with value {bound['value']}"
+        )
     pairs = _pad_pairs(bound["pad"], node.name)
     return pairs if isinstance(pairs, Decline) else Unary(PadOp(node.name, pads=pairs), a)
 
@@ -337,13 +342,29 @@ def _dropout_rule(node: fx.Node, resolve: Resolve) -> CallResult:
     if not _is_graph(a):
         return None
     if bound["training"] is not False and bound["p"] != 0:
-        return Decline(Reason.TRAINING_MODE, f"{node.name} is a dropout call with training={bound['training']}")
+        return Decline(
+            Reason.TRAINING_MODE, f"{node.name} is a dropout call with training={bound['training']}"
+        )
     return Unary(IdentityOp(node.name), a)
 
 
 def _avgpool_rule(n: int) -> CallRule:
-    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-    defaults = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None}
+    names = (
+        "input",
+        "kernel_size",
+        "stride",
+        "padding",
+        "ceil_mode",
+        "count_include_pad",
+        "divisor_override",
+    )
+    defaults = {
+        "stride": None,
+        "padding": 0,
+        "ceil_mode": False,
+        "count_include_pad": True,
+        "divisor_override": None,
+    }
 
     def rule(node: fx.Node, resolve: Resolve) -> CallResult:
         bound = _bind(node, names[:-1] if n == 1 else names, defaults)
@@ -445,7 +466,9 @@ def _batchnorm_call(node: fx.Node, resolve: Resolve, bound: dict[str, Any] | Non
             continue
         value = resolve(value)
         if _is_graph(value):
-            return Decline(Reason.NON_CONSTANT, f"{node.name} reads its {key} from a tensor computed in the graph")
+            return Decline(
+                Reason.NON_CONSTANT, f"{node.name} reads its {key} from a tensor computed in the graph"
+            )
         if not isinstance(value, torch.Tensor):
             return None  # no running statistics: torch itself refuses training=False
         values[key] = value.detach()

@@ -16,17 +16,18 @@ and the ONNX reference disagree there (one pads, the other does not).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..decline import Decline, Reason
-from ..spec import InvalidSpecError
-from ..transpose import ConvTransposeSpec
-from .onnx_io import node_attributes
-from .onnx_nodes import cast_weights
+from ...decline import Decline, Reason
+from ...spec import InvalidSpecError
+from ...transpose import ConvTransposeSpec
+from .io import node_attributes
+from .nodes import cast_weights
 
 __all__ = ["transpose_from_attributes", "transpose_from_node", "transpose_node"]
 
@@ -55,14 +56,20 @@ def transpose_from_attributes(
     n = weight.ndim - 2
     kernel = [int(k) for k in weight.shape[2:]]
     if list(attrs.get("kernel_shape", kernel)) != kernel:
-        return refuse(f"kernel_shape {list(attrs['kernel_shape'])} does not match weight {list(weight.shape)}")
+        return refuse(
+            f"kernel_shape {list(attrs['kernel_shape'])} does not match weight {list(weight.shape)}"
+        )
     strides = [int(s) for s in attrs.get("strides", [1] * n)]
     dilations = [int(d) for d in attrs.get("dilations", [1] * n)]
     output_padding = [int(p) for p in attrs.get("output_padding", [0] * n)]
     if not len(strides) == len(dilations) == len(output_padding) == n:
-        return refuse(f"strides {strides}, dilations {dilations} or output_padding {output_padding} are not {n}D")
+        return refuse(
+            f"strides {strides}, dilations {dilations} or output_padding {output_padding} are not {n}D"
+        )
     if min(strides) < 1 or min(dilations) < 1 or min(output_padding) < 0:
-        return refuse(f"has strides {strides}, dilations {dilations}, output_padding {output_padding} out of range")
+        return refuse(
+            f"has strides {strides}, dilations {dilations}, output_padding {output_padding} out of range"
+        )
     auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
     if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         return refuse(f"has unknown auto_pad {auto_pad!r}")
@@ -73,7 +80,9 @@ def transpose_from_attributes(
         if len(output_shape) != n:
             return refuse(f"output_shape {list(attrs['output_shape'])} is not {n}D")
         if x_spatial is None or len(x_spatial) != n or any(v is None or v < 1 for v in x_spatial):
-            return refuse(f"output_shape {output_shape} sets its pads from the input size, which is not static here")
+            return refuse(
+                f"output_shape {output_shape} sets its pads from the input size, which is not static here"
+            )
         totals = [
             s * (size - 1) + op + x - out
             for s, size, op, x, out in zip(strides, x_spatial, output_padding, extents, output_shape)  # type: ignore[operator]

@@ -14,15 +14,16 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
-from ..errors import InvalidModelError, OutputError, one_line
+from ...errors import InvalidModelError, OutputError, one_line
 
 __all__ = [
     "MAX_PROTOBUF",
@@ -165,7 +166,8 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
         data_files[p.parent / location] = None
         if not (p.parent / location).is_file():
             raise InvalidModelError(
-                f"external data file {location!r} of tensor {tensor.name!r} does not exist beside the model", path=p
+                f"external data file {location!r} of tensor {tensor.name!r} does not exist beside the model",
+                path=p,
             )
         if not load_external_data:
             total += _check_external_range(tensor, p, location)
@@ -174,7 +176,8 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
             external_data_helper.load_external_data_for_tensor(tensor, str(p.parent))
         except Exception as exc:
             raise InvalidModelError(
-                f"cannot read external data of {tensor.name!r} from {location!r} ({one_line(exc, 300)})", path=p
+                f"cannot read external data of {tensor.name!r} from {location!r} ({one_line(exc, 300)})",
+                path=p,
             ) from None
         total += _tensor_bytes(tensor)  # from dims: reading raw_data would copy the bytes
     if checked:
@@ -227,12 +230,17 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 def check_model(model: onnx.ModelProto, path: Path | None = None) -> None:
     """Raise :class:`InvalidModelError` unless ``model`` is an ONNX model the checker accepts."""
     if not isinstance(model, onnx.ModelProto):
-        raise InvalidModelError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}", path=path)
+        raise InvalidModelError(
+            f"expected an onnx.ModelProto or a path, got {type(model).__name__}", path=path
+        )
     if not model.HasField("graph") or model.ir_version == 0:
-        raise InvalidModelError("a protobuf message but not an ONNX model (no graph or no IR version)", path=path)
+        raise InvalidModelError(
+            "a protobuf message but not an ONNX model (no graph or no IR version)", path=path
+        )
     if any(external_data_helper.uses_external_data(t) for t in _all_tensors(model)):
         raise InvalidModelError(
-            "external data is not loaded; pass the file path or load it with load_external_data=True", path=path
+            "external data is not loaded; pass the file path or load it with load_external_data=True",
+            path=path,
         )
     try:
         if not is_large(model):
@@ -313,7 +321,9 @@ class StagedModel:
         try:
             _commit(self._renames, self._scratch)
         except OSError as exc:
-            raise OutputError(f"cannot write ({exc.strerror or one_line(exc, 300)})", path=self.target) from None
+            raise OutputError(
+                f"cannot write ({exc.strerror or one_line(exc, 300)})", path=self.target
+            ) from None
 
     def discard(self) -> None:
         """Delete whatever is left of the temporary files."""
@@ -346,7 +356,9 @@ def stage_model(
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".convfuse-", dir=parent))
     except OSError as exc:
-        raise OutputError(f"cannot write in {parent} ({exc.strerror or one_line(exc, 300)})", path=target) from None
+        raise OutputError(
+            f"cannot write in {parent} ({exc.strerror or one_line(exc, 300)})", path=target
+        ) from None
     try:
         tmp_model = scratch / target.name
         renames = []
@@ -550,7 +562,9 @@ class _Layout:
 
     @property
     def total(self) -> int:
-        return self.head.ByteSize() + 1 + len(_varint(self.graph_size)) + self.graph_size + self.tail.ByteSize()
+        return (
+            self.head.ByteSize() + 1 + len(_varint(self.graph_size)) + self.graph_size + self.tail.ByteSize()
+        )
 
 
 def _layout(model: onnx.ModelProto) -> _Layout | None:

@@ -30,8 +30,9 @@ import inspect
 import operator
 import os
 from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Hashable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..decline import Decline, Reason
-from ..errors import (
+from ...decline import Decline, Reason
+from ...errors import (
     ConvfuseError,
     InternalError,
     InvalidModelError,
@@ -50,16 +51,12 @@ from ..errors import (
     internal_message,
     one_line,
 )
-from ..latency import DEFAULT_BUDGET, LatencyMeter, Timer
-from ..policy import Judge, Policy
-from ..report import ModelStats, Report
-from ..ir import LinearGraph, LinearNode, OpKind
-from ..planner import Merge, Plan, Resum, plan
-from .torch_import import op_node, parameter_sizes
-from .torch_ir import ConvOp, IdentityOp, LinearOp, numpy_dtype, weight_dtype_device
-from .torch_layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
-from .torch_rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
-from .torch_check import (
+from ...ir import LinearGraph, LinearNode, OpKind
+from ...latency import DEFAULT_BUDGET, LatencyMeter, Timer
+from ...planner import Merge, Plan, Resum, plan
+from ...policy import Judge, Policy
+from ...report import ModelStats, Report
+from .check import (
     Batches,
     Part,
     candidate_inputs,
@@ -70,8 +67,12 @@ from .torch_check import (
     run_quietly,
     sequentials_called_whole,
 )
-from .torch_surgery import absorbed as placeholder
-from .torch_surgery import (
+from .importer import op_node, parameter_sizes
+from .layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
+from .ops import ConvOp, IdentityOp, LinearOp, numpy_dtype, weight_dtype_device
+from .rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
+from .surgery import absorbed as placeholder
+from .surgery import (
     carry_attributes,
     get_path,
     graph_module,
@@ -208,9 +209,7 @@ def _fuse_with_report(
     _explain_remaining_convs(module, ctx)
     report.after, out = _stats(copy.deepcopy(fused) if inputs is not None else fused, inputs, report)
     if ctx.untraced:
-        report.notes.append(
-            f"not traced by torch.fx (children fused separately): {', '.join(ctx.untraced)}"
-        )
+        report.notes.append(f"not traced by torch.fx (children fused separately): {', '.join(ctx.untraced)}")
     if ctx.split:
         report.notes.append(
             "fused child by child, not called as a whole by their parent: " + ", ".join(ctx.split)
@@ -250,7 +249,9 @@ def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Repor
         if not ok:
             raise RuntimeError(f"it gives different outputs on the same input ({why})")
     except Exception as exc:  # noqa: BLE001 - the original itself does not run: nothing to check
-        report.notes.append(f"self-check: not run (the original module fails on {source}: {one_line(exc, 200)})")
+        report.notes.append(
+            f"self-check: not run (the original module fails on {source}: {one_line(exc, 200)})"
+        )
         return None
     return Batches(batch, refs, source)
 
@@ -275,7 +276,10 @@ def _self_check(
         ctx.report.merges = [m for m in ctx.report.merges if not _under(m.sources, part.path)]
         ctx.report.declined(
             (where,),
-            Decline(Reason.SELF_CHECK, f"the fused {type(part.original).__name__} {why}; it was put back as it was"),
+            Decline(
+                Reason.SELF_CHECK,
+                f"the fused {type(part.original).__name__} {why}; it was put back as it was",
+            ),
         )
         ctx.checked_back.append(part.path)
     ok, err, why = batches.check(copy.deepcopy(fused))  # copyable: put_back_failures checked a copy
@@ -335,7 +339,9 @@ def _explain_remaining_convs(module: nn.Module, ctx: _Context) -> None:
         if back:
             ctx.report.declined(
                 (shown,),
-                Decline(Reason.SELF_CHECK, f"{back[-1]} was put back as it was by the self-check (see that line)"),
+                Decline(
+                    Reason.SELF_CHECK, f"{back[-1]} was put back as it was by the self-check (see that line)"
+                ),
             )
             continue
         if split and (not untraced or ancestors.index(split[-1]) > ancestors.index(untraced[-1])):
@@ -421,7 +427,10 @@ def _relative_error(ref: Any, out: Any) -> float:
     out_leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
     if len(ref_leaves) != len(out_leaves) or any(a.shape != b.shape for a, b in zip(ref_leaves, out_leaves)):
         return float("inf")
-    err = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref_leaves, out_leaves) if a.numel()), default=0.0)
+    err = max(
+        (float((a.double() - b.double()).abs().max()) for a, b in zip(ref_leaves, out_leaves) if a.numel()),
+        default=0.0,
+    )
     scale = max((float(a.double().abs().max()) for a in ref_leaves if a.numel()), default=0.0)
     return err / scale if scale else err
 
@@ -450,7 +459,9 @@ def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _fuse_any(module: nn.Module, prefix: str, ctx: _Context, top: bool = False, whole: bool = True) -> nn.Module:
+def _fuse_any(
+    module: nn.Module, prefix: str, ctx: _Context, top: bool = False, whole: bool = True
+) -> nn.Module:
     """Fuse ``module`` (a private copy) in place by the route its type allows; returns it.
 
     ``whole``: the module's parent calls it as a whole (a Sequential whose children its parent
@@ -804,7 +815,9 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Context) -> nn.Seque
     out = [(str(i), m) for i, (_, m) in enumerate(out)] if numbered else _unique_keys(out)
     for index, piece in merges:
         target = _join(prefix, out[index][0]) if index >= 0 else "(removed)"
-        ctx.report.merged(piece.kind, piece.sources, target, piece.before, piece.after, piece.note, piece.timing)
+        ctx.report.merged(
+            piece.kind, piece.sources, target, piece.before, piece.after, piece.note, piece.timing
+        )
     new_key = {segments[id(child)][0]: key for key, child in out if id(child) in segments}
     for key, child in out:
         old_key, lines = segments.get(id(child), ("", None))
@@ -862,7 +875,9 @@ def _trace_mixed_runs(
             out += [(key, child, None) for key, child in seg]
         else:
             new_children, lines = fused
-            out += [(key, child, lines if j == 0 else Report()) for j, (key, child) in enumerate(new_children)]
+            out += [
+                (key, child, lines if j == 0 else Report()) for j, (key, child) in enumerate(new_children)
+            ]
     return out
 
 
@@ -914,7 +929,11 @@ def _explain_sequential(
         return f"{_join(prefix, key)} ({type(child).__name__})"
 
     def not_linear(n: int) -> str:
-        return "which convfuse does not read as a linear layer" if n == 1 else "neither read as linear by convfuse"
+        return (
+            "which convfuse does not read as a linear layer"
+            if n == 1
+            else "neither read as linear by convfuse"
+        )
 
     i = 0
     while i < len(items):
@@ -1154,7 +1173,9 @@ class _GraphFuser:
             node.op == "call_function" and node.target in _CONST_FUNCTIONS
         ):
             args = [self._const(a) if isinstance(a, fx.Node) else a for a in node.args]
-            if all(a is not UNKNOWN for a in args) and not any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            if all(a is not UNKNOWN for a in args) and not any(
+                isinstance(v, fx.Node) for v in node.kwargs.values()
+            ):
                 try:
                     if node.op == "call_method":
                         value = getattr(args[0], node.target)(*args[1:], **node.kwargs)
@@ -1419,7 +1440,9 @@ class _GraphFuser:
                         c *= float(op.scale)
                     coefs.append(c)
                 inputs = tuple(t.name for t, _ in entry.terms)
-                nodes.append(LinearNode(node.name, OpKind.SUM, inputs, node.name, coefs=tuple(coefs), origin=node))
+                nodes.append(
+                    LinearNode(node.name, OpKind.SUM, inputs, node.name, coefs=tuple(coefs), origin=node)
+                )
             elif isinstance(entry, Cat):
                 inputs = tuple(t.name for t in entry.inputs)
                 nodes.append(LinearNode(node.name, OpKind.CONCAT, inputs, node.name, origin=node))
@@ -1532,7 +1555,9 @@ class _GraphFuser:
         if node in self.entries or node.op not in ("call_module", "call_function", "call_method"):
             return text
         if _functional_form(node) is not None:
-            return text + ", an in-place write (a sum only when nothing but rank reads used its target before)"
+            return (
+                text + ", an in-place write (a sum only when nothing but rank reads used its target before)"
+            )
         return text if _shape_read(node) else text + ", which convfuse does not read as a linear op"
 
     # ------------------------------------------------------------------ write back
@@ -1542,7 +1567,9 @@ class _GraphFuser:
         by_name = self.by_name = {n.name: n for n in self.nodes}
         value: dict[str, fx.Node] = dict(by_name)
         for merges, resum in result.groups():
-            fx_nodes = {n.origin for m in merges for n in m.nodes} | ({n.origin for n in resum.nodes} if resum else set())
+            fx_nodes = {n.origin for m in merges for n in m.nodes} | (
+                {n.origin for n in resum.nodes} if resum else set()
+            )
             root = max(fx_nodes, key=self.order.__getitem__)
             names = tuple(self._node_name(n) for n in sorted(fx_nodes, key=self.order.__getitem__))
             hazard = self._inplace_hazard(root, fx_nodes)
@@ -1557,16 +1584,26 @@ class _GraphFuser:
             replaced: list[tuple[fx.Node, fx.Node]] = []
             for merge in merges:
                 last = max((n.origin for n in merge.nodes), key=self.order.__getitem__)
-                target = self.target_of[merge.sources[0]] if straight else self._new_module_name(merge.sources)
+                target = (
+                    self.target_of[merge.sources[0]] if straight else self._new_module_name(merge.sources)
+                )
                 types = layer_types(self.gm, merge.sources, self.prefix)
-                self.gm.add_submodule(target, layer_from_merge(merge, self._dtype_of(merge), self._written_as()[1], types))
+                self.gm.add_submodule(
+                    target, layer_from_merge(merge, self._dtype_of(merge), self._written_as()[1], types)
+                )
                 with self.graph.inserting_before(last):
                     new = self.graph.call_module(target, (value[merge.x],))
                 value[merge.y] = new
                 if merge.y in by_name:
                     replaced.append((by_name[merge.y], new))
                 self.ctx.report.merged(
-                    merge.kind, merge.sources, self._name(target), merge.before, merge.after, merge.note, merge.timing
+                    merge.kind,
+                    merge.sources,
+                    self._name(target),
+                    merge.before,
+                    merge.after,
+                    merge.note,
+                    merge.timing,
                 )
             if resum is not None:
                 sum_root = max((n.origin for n in resum.nodes), key=self.order.__getitem__)
@@ -1603,7 +1640,9 @@ class _GraphFuser:
             elif coef == -1:
                 acc = self.graph.call_function(operator.sub, (acc, term))
             else:
-                acc = self.graph.call_function(operator.add, (acc, self.graph.call_function(operator.mul, (term, coef))))
+                acc = self.graph.call_function(
+                    operator.add, (acc, self.graph.call_function(operator.mul, (term, coef)))
+                )
         return acc
 
     def _replace(self, root: fx.Node, nodes: set[fx.Node]) -> None:

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..compare import compare, tolerance_for
-from ..errors import one_line
-from ..sizes import Geometry, NoSizeError, choose_sizes
-from .torch_surgery import HOOK_TABLES
+from ...compare import compare, tolerance_for
+from ...errors import one_line
+from ...sizes import Geometry, NoSizeError, choose_sizes
+from .surgery import HOOK_TABLES
 
 __all__ = [
     "example_spatial_size",
@@ -77,7 +78,8 @@ def example_spatial_size(
 def _first_leaf_with_weights(module: nn.Module) -> nn.Module | None:
     for m in module.modules():
         if next(m.children(), None) is None and (
-            next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+            next(m.parameters(recurse=False), None) is not None
+            or next(m.buffers(recurse=False), None) is not None
         ):
             return m
     return None
@@ -175,7 +177,9 @@ def candidate_inputs(module: nn.Module, small: int = 8) -> list[tuple[torch.Tens
     if base is None:
         return []
     size = tuple(base[0].shape[2:])
-    out = [infer_example_input(module, spatial=derived) for derived in derived_spatial_sizes(module, len(size))]
+    out = [
+        infer_example_input(module, spatial=derived) for derived in derived_spatial_sizes(module, len(size))
+    ]
     n = small
     while n < max(size):
         out.append(infer_example_input(module, spatial=(n,) * len(size)))
@@ -298,8 +302,10 @@ def outputs_match(reference: Any, candidate: Any) -> tuple[bool, float, str]:
         result = compare(_array(r), _array(c), rtol=rtol, atol=atol, exact=exact)
         worst = max(worst, result.max_rel_error)
         if not result.passed:
-            return False, worst, (
-                f"output {i} differs by {result.max_rel_error:.2e} of its scale (tolerance {rtol:g})"
+            return (
+                False,
+                worst,
+                (f"output {i} differs by {result.max_rel_error:.2e} of its scale (tolerance {rtol:g})"),
             )
     return True, worst, ""
 
@@ -376,6 +382,7 @@ def put_back_failures(
     If the remaining whole still fails (parts that fail only together), the original model
     comes back, every remaining part named. Returns the model and ``(part, why)`` per part put back.
     """
+
     def on_copy(make: Callable[[], nn.Module]) -> tuple[bool, float, str]:
         """``check`` on a fresh copy (the returned module's state stays as built)."""
         try:

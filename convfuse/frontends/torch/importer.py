@@ -1,6 +1,6 @@
 """The torch importer: torch layers and fx nodes as the planner's IR (:mod:`convfuse.ir`).
 
-Plumbing only. A :class:`~convfuse.frontends.torch_ir.LinearOp` (what :mod:`.torch_rules`
+Plumbing only. A :class:`~convfuse.frontends.torch.ops.LinearOp` (what :mod:`.torch_rules`
 reads a layer or call as) becomes a :class:`~convfuse.ir.LinearNode` whose ``build`` gives the
 op as a float64 ConvSpec; a sum of graph tensors a SUM node; ``torch.cat`` on channels a CONCAT
 node. Parameters are keyed by the tensor's identity, so a module called twice is one weight.
@@ -8,16 +8,17 @@ node. Parameters are keyed by the tensor's identity, so a module called twice is
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..decline import Decline
-from ..ir import LinearNode, OpKind, TensorInfo
-from ..spec import ConvSpec
-from .torch_ir import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, as_spec
-from .torch_ir import TensorInfo as TorchInfo
+from ...decline import Decline
+from ...ir import LinearNode, OpKind, TensorInfo
+from ...spec import ConvSpec
+from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, as_spec
+from .ops import TensorInfo as TorchInfo
 
 __all__ = ["op_kind", "op_node", "parameter_sizes"]
 
@@ -79,5 +80,7 @@ def op_node(
         in_channels=op.in_channels() if trusted else None,
         weights=weights,
         origin=origin,
-        layout="last" if isinstance(op, DenseOp) else "first" if isinstance(op, AffineOp) and op.vector else None,
+        layout=(
+            "last" if isinstance(op, DenseOp) else "first" if isinstance(op, AffineOp) and op.vector else None
+        ),
     )

@@ -8,19 +8,17 @@ becomes ``Sequential(ConvTransposeNd(padding=0), Crop)``.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 from torch import nn
 
-from ..spec import InvalidSpecError
-from ..transpose import ConvTransposeSpec
+from ...spec import InvalidSpecError
+from ...transpose import ConvTransposeSpec
 
 __all__ = ["CONV_TRANSPOSE_TYPES", "Crop", "spec_from_conv_transpose", "conv_transpose_from_spec"]
 
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-ConvTransposeNd = Union[nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]
+ConvTransposeNd = nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
 
 
 def spec_from_conv_transpose(conv: ConvTransposeNd) -> ConvTransposeSpec:
@@ -71,7 +69,10 @@ def conv_transpose_from_spec(spec: ConvTransposeSpec, device: torch.device | str
     else:
         padding = [0] * spec.ndim
         output_padding = [max(op - e, 0) for (_, e), op in zip(spec.pads, spec.output_padding)]
-        crop = Crop(tuple(b for b, _ in spec.pads), tuple(max(e - op, 0) for (_, e), op in zip(spec.pads, spec.output_padding)))
+        crop = Crop(
+            tuple(b for b, _ in spec.pads),
+            tuple(max(e - op, 0) for (_, e), op in zip(spec.pads, spec.output_padding)),
+        )
         if any(o >= m for o, m in zip(output_padding, limit)):
             raise InvalidSpecError(
                 f"{spec!r} extends its output by {output_padding}, not below max(stride, dilation) = {limit} as torch needs"

@@ -8,14 +8,14 @@ Each records what it did and declined in the shared :class:`~convfuse.report.Rep
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import onnx
 
-from ..algebra import Cost
-from ..report import Report
-from .onnx_border import read_borders
-from .onnx_fold import fold_constants
+from ...algebra import Cost
+from ...report import Report
+from .border import read_borders
+from .fold import fold_constants
 
 __all__ = ["PREPASSES", "prepare"]
 

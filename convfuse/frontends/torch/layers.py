@@ -8,17 +8,18 @@ This is the torch edge of the numpy algebra: a spec holds numpy views of a layer
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..algebra import ChannelAffine
-from ..algebra_linear import as_matrix
-from ..decline import Decline, Reason
-from ..provenance import Provenance
-from ..spec import ConvSpec, same_pads
+from ...algebra import ChannelAffine
+from ...algebra_linear import as_matrix
+from ...decline import Decline, Reason
+from ...provenance import Provenance
+from ...spec import ConvSpec, same_pads
 
 __all__ = [
     "CONV_TYPES",
@@ -78,7 +79,10 @@ def to_tensor(array: np.ndarray, dtype: torch.dtype | None = None, device: Any =
 
 def affine_tensors(affine: ChannelAffine, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-channel affine's scale and shift as tensors of ``like``'s dtype and device."""
-    return (to_tensor(affine.scale, like.dtype, like.device), to_tensor(affine.shift, like.dtype, like.device))
+    return (
+        to_tensor(affine.scale, like.dtype, like.device),
+        to_tensor(affine.shift, like.dtype, like.device),
+    )
 
 
 def conv_from_spec(spec: ConvSpec, dtype: torch.dtype | None = None, device: Any = None) -> nn.Module:
@@ -118,7 +122,9 @@ def linear_from_spec(spec: ConvSpec, dtype: torch.dtype | None = None, device: A
     model's ``dtype`` and ``device`` (default: the spec's own dtype, on the CPU)."""
     matrix, vector = as_matrix(spec)
     weight = to_tensor(matrix, dtype, device)
-    layer = nn.Linear(spec.in_channels, spec.out_channels, bias=vector is not None, device=weight.device, dtype=weight.dtype)
+    layer = nn.Linear(
+        spec.in_channels, spec.out_channels, bias=vector is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         layer.weight.copy_(weight)
         if vector is not None:

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..algebra import ChannelAffine, affine_conv, average_pool, identity
-from ..algebra_linear import linear_spec
-from ..decline import Decline, Reason
-from ..spec import ConvSpec
+from ...algebra import ChannelAffine, affine_conv, average_pool, identity
+from ...algebra_linear import linear_spec
+from ...decline import Decline, Reason
+from ...spec import ConvSpec
 
 __all__ = [
     "TensorInfo",
@@ -56,7 +56,7 @@ class TensorInfo:
     spatial: tuple[int, ...] | None = None
 
 
-Math = Union[ConvSpec, ChannelAffine, None]  # None: the identity map
+Math = ConvSpec | ChannelAffine | None  # None: the identity map
 
 
 # --------------------------------------------------------------------------- ops
@@ -78,7 +78,6 @@ class LinearOp:
     def build(self, info: TensorInfo) -> Math | Decline:
         """The op as float64 math for an input described by ``info``."""
         raise NotImplementedError
-
 
 
 @dataclass(eq=False)
@@ -159,7 +158,9 @@ class PadOp(LinearOp):
 
     def build(self, info: TensorInfo) -> Math | Decline:
         if len(self.pads) > info.ndim:
-            return Decline(Reason.UNSUPPORTED, f"{self.name} pads {len(self.pads)} dims of a {info.ndim}D tensor")
+            return Decline(
+                Reason.UNSUPPORTED, f"{self.name} pads {len(self.pads)} dims of a {info.ndim}D tensor"
+            )
         pads = ((0, 0),) * (info.ndim - len(self.pads)) + tuple(self.pads)
         return identity(info.channels, info.ndim, _F64).replace(pads=pads)
 
@@ -177,7 +178,9 @@ class PoolOp(LinearOp):
 
     def build(self, info: TensorInfo) -> Math | Decline:
         if len(self.kernel) != info.ndim:
-            return Decline(Reason.RANK_MISMATCH, f"{self.name} pools {len(self.kernel)}D on a {info.ndim}D tensor")
+            return Decline(
+                Reason.RANK_MISMATCH, f"{self.name} pools {len(self.kernel)}D on a {info.ndim}D tensor"
+            )
         return average_pool(info.channels, self.kernel, self.stride, self.pads, _F64)
 
 
@@ -194,10 +197,13 @@ class DenseOp(LinearOp):
     def build(self, info: TensorInfo) -> Math | Decline:
         if int(self.weight.shape[1]) != info.channels:
             return Decline(
-                Reason.CHANNEL_MISMATCH, f"{self.name} expects {self.weight.shape[1]} features, gets {info.channels}"
+                Reason.CHANNEL_MISMATCH,
+                f"{self.name} expects {self.weight.shape[1]} features, gets {info.channels}",
             )
         if self.weight.dtype != info.dtype:
-            return Decline(Reason.DTYPE, f"{self.name} holds {self.weight.dtype} weights in a {info.dtype} region")
+            return Decline(
+                Reason.DTYPE, f"{self.name} holds {self.weight.dtype} weights in a {info.dtype} region"
+            )
         bias = None if self.bias is None else self.bias.detach().to("cpu", torch.float64).numpy()
         return linear_spec(self.weight.detach().to("cpu", torch.float64).numpy(), bias)
 
@@ -279,5 +285,3 @@ def as_spec(m: Math, info: TensorInfo) -> ConvSpec:
     if isinstance(m, ChannelAffine):
         return affine_conv(m, info.ndim)
     return m
-
-

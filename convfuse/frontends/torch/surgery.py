@@ -107,7 +107,8 @@ def _record(value: Any, into: dict[int, tuple[Any, Any, str]], key: str, depth: 
 def _plain_object(value: Any) -> bool:
     """An instance of a user class with its own attribute dict (not a class, function, module)."""
     return hasattr(value, "__dict__") and not isinstance(
-        value, (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType, fx.Proxy)
+        value,
+        (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType, fx.Proxy),
     )
 
 
@@ -179,7 +180,9 @@ def _changed(container: Any, contents: Any) -> bool:
     return {id(v) for v in container} != {id(v) for v in contents}
 
 
-def trace_restoring(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, Any], dict[str, list[str]]]:
+def trace_restoring(
+    tracer: fx.Tracer, module: nn.Module
+) -> tuple[fx.Graph, dict[str, Any], dict[str, list[str]]]:
     """``tracer.trace(module)`` with every module of ``module`` restored as it was afterwards.
 
     Returns the graph, the constants the tracer attached to the root (``_tensor_constant0``
@@ -196,7 +199,9 @@ def trace_restoring(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dic
     try:
         graph = tracer.trace(module)
         for table in ("_parameters", "_buffers"):
-            extras.update({k: v for k, v in module.__dict__[table].items() if k not in snaps[0].tables[table]})
+            extras.update(
+                {k: v for k, v in module.__dict__[table].items() if k not in snaps[0].tables[table]}
+            )
         extras.update({k: v for k, v in module.__dict__.items() if k not in before})
         for snap in snaps:
             written = _written(snap, set(extras) if snap is snaps[0] else set())
@@ -220,7 +225,9 @@ def graph_module(module: nn.Module, graph: fx.Graph, extras: dict[str, Any], nam
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in root:
-            root[node.target] = extras[node.target] if node.target in extras else get_path(module, node.target)
+            root[node.target] = (
+                extras[node.target] if node.target in extras else get_path(module, node.target)
+            )
     return fx.GraphModule(root, graph, name)
 
 
@@ -256,7 +263,9 @@ class FoldedBatchNorm(nn.Identity):
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
-        ref = next((t for t in (getattr(bn, k, None) for k in ("running_mean", "weight")) if t is not None), None)
+        ref = next(
+            (t for t in (getattr(bn, k, None) for k in ("running_mean", "weight")) if t is not None), None
+        )
         self.num_features = bn.num_features
         self.eps = 0.0
         self.momentum = bn.momentum

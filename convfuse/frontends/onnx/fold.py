@@ -25,18 +25,26 @@ construction: the runtime computes the folded values with the model's own kernel
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ..decline import Decline, Reason
-from .onnx_io import subgraphs
+from ...decline import Decline, Reason
+from .io import subgraphs
 
-__all__ = ["MAX_FOLDED_ELEMENTS", "Folded", "FoldResult", "fold_constants", "graph_reads", "prune", "static_shapes"]
+__all__ = [
+    "MAX_FOLDED_ELEMENTS",
+    "Folded",
+    "FoldResult",
+    "fold_constants",
+    "graph_reads",
+    "prune",
+    "static_shapes",
+]
 
 #: Largest folded tensor (elements) allowed when it is larger than the node's inputs.
 MAX_FOLDED_ELEMENTS = 2**24
@@ -46,11 +54,35 @@ _MAX_ROUNDS = 32
 _SMALL = 1024
 _SMALL_INT = 2**16
 
-_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 _QUANTIZATION = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 #: Ops whose output can be much larger than their inputs: their size must be known before folding.
-_EXPANDING = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "MatMul", "Gemm", "Einsum",
-              "OneHot", "EyeLike", "CumSum", "Loop", "Scan", "If", "ConvTranspose"}
+_EXPANDING = {
+    "ConstantOfShape",
+    "Expand",
+    "Tile",
+    "Range",
+    "Resize",
+    "Upsample",
+    "Pad",
+    "MatMul",
+    "Gemm",
+    "Einsum",
+    "OneHot",
+    "EyeLike",
+    "CumSum",
+    "Loop",
+    "Scan",
+    "If",
+    "ConvTranspose",
+}
 _DEFAULT = ("", "ai.onnx")
 
 Shapes = dict[str, tuple[int, tuple[int | None, ...] | None]]
@@ -123,7 +155,9 @@ def static_shapes(model: onnx.ModelProto) -> Shapes:
         elif init.name not in declared:
             g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            skeleton, check_type=False, strict_mode=False, data_prop=True
+        )
     except Exception:  # best effort: fall back to the model's own annotations
         inferred = skeleton
         inferred.graph.value_info.extend(src.value_info)
@@ -151,11 +185,21 @@ def _numel(shapes: Shapes, name: str) -> int | None:
 def _refusal(node: onnx.NodeProto, opset: int) -> Decline | None:
     """Why ``node`` must never fold, whatever its inputs."""
     if node.domain not in _DEFAULT:
-        return Decline(Reason.UNSUPPORTED, f"{_label(node)}: op {node.domain}:{node.op_type} of another domain is not folded")
+        return Decline(
+            Reason.UNSUPPORTED,
+            f"{_label(node)}: op {node.domain}:{node.op_type} of another domain is not folded",
+        )
     if node.op_type in _QUANTIZATION:
-        return Decline(Reason.QUANTIZED, f"{_label(node)}: a {node.op_type} of a constant is the runtime's quantization contract")
-    if node.op_type in _NONDETERMINISTIC or (node.op_type == "Dropout" and len(node.input) >= 3 and node.input[2]):
-        return Decline(Reason.NONDETERMINISTIC, f"{_label(node)}: {node.op_type} is not the same on every run")
+        return Decline(
+            Reason.QUANTIZED,
+            f"{_label(node)}: a {node.op_type} of a constant is the runtime's quantization contract",
+        )
+    if node.op_type in _NONDETERMINISTIC or (
+        node.op_type == "Dropout" and len(node.input) >= 3 and node.input[2]
+    ):
+        return Decline(
+            Reason.NONDETERMINISTIC, f"{_label(node)}: {node.op_type} is not the same on every run"
+        )
     return None
 
 
@@ -174,12 +218,20 @@ def _shape_value(node: onnx.NodeProto, shapes: Shapes) -> np.ndarray | None:
     return np.array(dims[slice(start, end)], dtype=np.int64)
 
 
-def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
-              outputs: list[str], shapes: Shapes) -> dict[str, np.ndarray] | str:
+def _evaluate(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    outputs: list[str],
+    shapes: Shapes,
+) -> dict[str, np.ndarray] | str:
     """Values of ``outputs`` computed by ``nodes`` from ``inits``: ONNX Runtime, else the reference evaluator."""
     graph = helper.make_graph(
-        nodes, "fold", [],
-        [helper.make_tensor_value_info(o, shapes.get(o, (0, None))[0], None) for o in outputs], inits,
+        nodes,
+        "fold",
+        [],
+        [helper.make_tensor_value_info(o, shapes.get(o, (0, None))[0], None) for o in outputs],
+        inits,
     )
     sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sub.functions.extend(model.functions)
@@ -269,11 +321,18 @@ def _round(model: onnx.ModelProto, result: FoldResult, final: bool) -> bool:
     extra = [numpy_helper.from_array(v, k) for k, v in shape_values.items() if k in feeds]
     values: dict[str, np.ndarray] = {}
     if needed:
-        kept_constants = [n for n in closure if n.op_type == "Constant" and id(n) not in {id(w) for w in work}]
+        kept_constants = [
+            n for n in closure if n.op_type == "Constant" and id(n) not in {id(w) for w in work}
+        ]
         evaluated = _evaluate(model, [*kept_constants, *work], inits + extra, needed, shapes)
         if isinstance(evaluated, str):
             if final:
-                result.declines.append(([_label(n) for n in work], Decline(Reason.UNSUPPORTED, f"could not evaluate: {evaluated}")))
+                result.declines.append(
+                    (
+                        [_label(n) for n in work],
+                        Decline(Reason.UNSUPPORTED, f"could not evaluate: {evaluated}"),
+                    )
+                )
             work, needed = [], []
         else:
             values.update(evaluated)
@@ -282,12 +341,16 @@ def _round(model: onnx.ModelProto, result: FoldResult, final: bool) -> bool:
     }
     if not removed:
         return False
-    still_read = {o.name for o in graph.output} | {r for n in nodes if id(n) not in removed for r in graph_reads(n)}
+    still_read = {o.name for o in graph.output} | {
+        r for n in nodes if id(n) not in removed for r in graph_reads(n)
+    }
     values.update({k: v for k, v in shape_values.items() if k in still_read})
     folded_nodes = [n for n in nodes if id(n) in removed]
     for group in _groups(folded_nodes):
         outs = tuple(o for n in group for o in n.output if o in values)
-        result.folded.append(Folded(tuple(_label(n) for n in group), outs, sum(int(values[o].size) for o in outs)))
+        result.folded.append(
+            Folded(tuple(_label(n) for n in group), outs, sum(int(values[o].size) for o in outs))
+        )
     keep = [n for n in nodes if id(n) not in removed]
     del graph.node[:]
     graph.node.extend(keep)
@@ -306,7 +369,9 @@ def _too_large(node: onnx.NodeProto, shapes: Shapes) -> Decline | None:
             continue
         size = _numel(shapes, out)
         if size is None and node.op_type in _EXPANDING:
-            return Decline(Reason.TOO_LARGE, f"{_label(node)}: the size of {out!r} is not known before evaluating it")
+            return Decline(
+                Reason.TOO_LARGE, f"{_label(node)}: the size of {out!r} is not known before evaluating it"
+            )
         if size is not None and size > MAX_FOLDED_ELEMENTS and size > inputs:
             return Decline(
                 Reason.TOO_LARGE,
@@ -328,8 +393,13 @@ def prune(graph: onnx.GraphProto, live_before: set[str]) -> int:
     while True:
         read = {o.name for o in graph.output} | {n for node in graph.node for n in graph_reads(node)}
         nodes = list(graph.node)
-        dead = [n for n in nodes if not any(o in read for o in n.output if o)
-                and any(o in live_before for o in n.output) and n.op_type not in _NONDETERMINISTIC]
+        dead = [
+            n
+            for n in nodes
+            if not any(o in read for o in n.output if o)
+            and any(o in live_before for o in n.output)
+            and n.op_type not in _NONDETERMINISTIC
+        ]
         if not dead:
             break
         ids = {id(n) for n in dead}

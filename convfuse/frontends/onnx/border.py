@@ -37,9 +37,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..decline import Decline, Reason
-from .onnx_fold import graph_reads, prune, static_shapes
-from .onnx_io import node_attributes
+from ...decline import Decline, Reason
+from .fold import graph_reads, prune, static_shapes
+from .io import node_attributes
 
 __all__ = ["BorderResult", "Moved", "read_borders", "zero_response"]
 
@@ -105,7 +105,9 @@ def zero_response(node: onnx.NodeProto, g: _Graph) -> tuple[np.ndarray, np.ndarr
         if w is None or any(d != 1 for d in w.dims[2:]):
             return f"{_label(node)} is not a 1x1 conv with a constant weight"
         n = len(w.dims) - 2
-        if any(s != 1 for s in attrs.get("strides", [1] * n)) or any(p != 0 for p in attrs.get("pads", [0] * 2 * n)):
+        if any(s != 1 for s in attrs.get("strides", [1] * n)) or any(
+            p != 0 for p in attrs.get("pads", [0] * 2 * n)
+        ):
             return f"{_label(node)} has a stride or padding"
         bias = g.value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(int(w.dims[0]))
         if bias is None:
@@ -161,8 +163,16 @@ def _writes(start: str, g: _Graph) -> list[onnx.NodeProto]:
         name = node.output[0]
 
 
-def _check_ring(shape: tuple[int, ...], pads: np.ndarray, fill: float, writes: list[onnx.NodeProto],
-                g: _Graph, z: np.ndarray, slack: np.ndarray, dtype: np.dtype) -> Decline | None:
+def _check_ring(
+    shape: tuple[int, ...],
+    pads: np.ndarray,
+    fill: float,
+    writes: list[onnx.NodeProto],
+    g: _Graph,
+    z: np.ndarray,
+    slack: np.ndarray,
+    dtype: np.dtype,
+) -> Decline | None:
     """Simulate the writes on the padded shape; the decline if the ring is not ``z`` everywhere."""
     rank = len(shape)
     if z.shape != (shape[1],):
@@ -182,10 +192,14 @@ def _check_ring(shape: tuple[int, ...], pads: np.ndarray, fill: float, writes: l
         if k > rank or np.any(flat < 0) or np.any(flat >= np.asarray(shape[:k])):
             return Decline(Reason.UNSUPPORTED, f"{_label(node)} has indices out of range")
         if len(np.unique(flat, axis=0)) != len(flat):
-            return Decline(Reason.UNSUPPORTED, f"{_label(node)} writes an element twice (the order is undefined)")
+            return Decline(
+                Reason.UNSUPPORTED, f"{_label(node)} writes an element twice (the order is undefined)"
+            )
         where = tuple(flat.T)
         if np.any(interior[where]):
-            return Decline(Reason.BORDER_INCOMPLETE, f"{_label(node)} writes inside the padded tensor, not only its ring")
+            return Decline(
+                Reason.BORDER_INCOMPLETE, f"{_label(node)} writes inside the padded tensor, not only its ring"
+            )
         written[where] = True
         values[where] = upd.reshape(flat.shape[0], *shape[k:]).astype(np.float64)
     channel = (1, -1) + (1,) * (rank - 2)
@@ -238,15 +252,27 @@ def read_borders(model: onnx.ModelProto) -> BorderResult:
                 result.declines.append((sources, Decline(Reason.UNSUPPORTED, f"border fill not moved: {z}")))
             continue
         if g.sole_reader(layer.output[0]) is not pad:
-            result.declines.append((sources, Decline(Reason.SHARED_TENSOR, f"{layer.output[0]!r} has other readers")))
+            result.declines.append(
+                (sources, Decline(Reason.SHARED_TENSOR, f"{layer.output[0]!r} has other readers"))
+            )
             continue
         entry = shapes.get(pad.output[0])
         rank = len(pads) // 2
-        if entry is None or entry[1] is None or len(entry[1]) != rank or any(d is None for d in entry[1]) or rank < 3:
-            result.declines.append((sources, Decline(Reason.UNSUPPORTED, "the padded tensor's shape is not static")))
+        if (
+            entry is None
+            or entry[1] is None
+            or len(entry[1]) != rank
+            or any(d is None for d in entry[1])
+            or rank < 3
+        ):
+            result.declines.append(
+                (sources, Decline(Reason.UNSUPPORTED, "the padded tensor's shape is not static"))
+            )
             continue
         if np.any(pads < 0) or np.any(pads[[0, 1, rank, rank + 1]] != 0):
-            result.declines.append((sources, Decline(Reason.UNSUPPORTED, f"{_label(pad)} pads batch/channels or crops")))
+            result.declines.append(
+                (sources, Decline(Reason.UNSUPPORTED, f"{_label(pad)} pads batch/channels or crops"))
+            )
             continue
         values, slack = z
         dtype = helper.tensor_dtype_to_np_dtype(entry[0])

@@ -14,19 +14,20 @@ is called for a run being merged: a numpy view of the initializer's bytes, cast 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
-from ..algebra_linear import as_matrix, linear_spec
-from ..decline import Decline, Reason
-from ..provenance import Provenance, describe
-from ..spec import ConvSpec, InvalidSpecError, same_pads
-from .onnx_io import node_attributes as _attrs
+from ...algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
+from ...algebra_linear import as_matrix, linear_spec
+from ...decline import Decline, Reason
+from ...provenance import Provenance, describe
+from ...spec import ConvSpec, InvalidSpecError, same_pads
+from .io import node_attributes as _attrs
 
 __all__ = [
     "FLOAT_TYPES",
@@ -103,7 +104,9 @@ class LinearOp:
         if self.refused is not None:
             return self.refused
         if self.ndim is not None and self.ndim != ndim:
-            return Decline(Reason.RANK_MISMATCH, f"{label(self.node)} is {self.ndim}D in a run of {ndim}D convs")
+            return Decline(
+                Reason.RANK_MISMATCH, f"{label(self.node)} is {self.ndim}D in a run of {ndim}D convs"
+            )
         assert self.resolve is not None
         try:
             return self.resolve(ndim, channels)
@@ -239,7 +242,9 @@ def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     attrs = _attrs(node)
     kernel = list(attrs.get("kernel_shape", dims[2:]))
     if kernel != dims[2:]:
-        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"kernel_shape {kernel} does not match weight {dims}")
+        return _refuse(
+            node, "conv", x, Reason.UNSUPPORTED, f"kernel_shape {kernel} does not match weight {dims}"
+        )
     strides = list(attrs.get("strides", [1] * n))
     dilations = list(attrs.get("dilations", [1] * n))
     group = int(attrs.get("group", 1))
@@ -256,9 +261,13 @@ def read_conv(node: onnx.NodeProto, env: Env) -> LinearOp | None:
             return _refuse(node, "conv", x, *found)
         b = found
         if list(b.dims) != [dims[0]]:
-            return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"bias of shape {list(b.dims)} for {dims[0]} outputs")
+            return _refuse(
+                node, "conv", x, Reason.UNSUPPORTED, f"bias of shape {list(b.dims)} for {dims[0]} outputs"
+            )
     if group < 1 or dims[0] % group:
-        return _refuse(node, "conv", x, Reason.UNSUPPORTED, f"group={group} does not divide {dims[0]} outputs")
+        return _refuse(
+            node, "conv", x, Reason.UNSUPPORTED, f"group={group} does not divide {dims[0]} outputs"
+        )
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
         # One float64 copy, the precision the algebra folds a run in (a float32 view would be
@@ -302,7 +311,9 @@ def read_batchnorm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         params.append(found)
     shapes = {tuple(p.dims) for p in params}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        return _refuse(node, "bn", x, Reason.UNSUPPORTED, f"statistics of shapes {sorted(shapes)} are not per channel")
+        return _refuse(
+            node, "bn", x, Reason.UNSUPPORTED, f"statistics of shapes {sorted(shapes)} are not per channel"
+        )
     channels = int(params[0].dims[0])
     eps = float(attrs.get("epsilon", 1e-5))
 
@@ -311,7 +322,11 @@ def read_batchnorm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
             return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} has {channels} channels, its input {c}")
         gamma, beta, mean, var = (_values(p).astype(np.float64) for p in params)
         bad = _non_finite(
-            node, *((what, p.name, t) for what, p, t in zip(("scale", "bias", "mean", "variance"), params, (gamma, beta, mean, var)))
+            node,
+            *(
+                (what, p.name, t)
+                for what, p, t in zip(("scale", "bias", "mean", "variance"), params, (gamma, beta, mean, var))
+            ),
         )
         if bad is not None:
             return bad
@@ -350,7 +365,9 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
         def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
             rank = ndim + 2
             if len(dims) > rank:
-                return Decline(Reason.UNSUPPORTED, f"{label(node)}: constant of shape {list(dims)} has rank over {rank}")
+                return Decline(
+                    Reason.UNSUPPORTED, f"{label(node)}: constant of shape {list(dims)} has rank over {rank}"
+                )
             padded = (1,) * (rank - len(dims)) + dims
             if padded[0] != 1 or any(d != 1 for d in padded[2:]):
                 return Decline(
@@ -359,7 +376,8 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
                 )
             if padded[1] not in (1, channels):
                 return Decline(
-                    Reason.CHANNEL_MISMATCH, f"{label(node)}: constant has {padded[1]} channels, tensor has {channels}"
+                    Reason.CHANNEL_MISMATCH,
+                    f"{label(node)}: constant has {padded[1]} channels, tensor has {channels}",
                 )
             c = np.broadcast_to(_values(const).astype(np.float64).reshape(-1), (channels,)).copy()
             one, zero = np.ones_like(c), np.zeros_like(c)
@@ -371,7 +389,9 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
                     "Div": (1.0 / c, zero),
                 }[op]
             if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
-                return Decline(Reason.NON_FINITE, f"{label(node)}: constant is not finite (or divides by zero)")
+                return Decline(
+                    Reason.NON_FINITE, f"{label(node)}: constant is not finite (or divides by zero)"
+                )
             return affine_conv(ChannelAffine(scale, shift), ndim)
 
         return LinearOp(node, kind, x, node.output[0], elem_type=const.data_type, resolve=resolve)
@@ -405,7 +425,11 @@ def read_gemm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     if isinstance(b, tuple):
         return _refuse(node, "linear", x, *b)
     if len(b.dims) != 2:
-        return None if not gemm else _refuse(node, "linear", x, Reason.UNSUPPORTED, f"weight of shape {list(b.dims)}")
+        return (
+            None
+            if not gemm
+            else _refuse(node, "linear", x, Reason.UNSUPPORTED, f"weight of shape {list(b.dims)}")
+        )
     trans_b = bool(attrs.get("transB", 0)) if gemm else False
     k, n = (int(b.dims[1]), int(b.dims[0])) if trans_b else (int(b.dims[0]), int(b.dims[1]))
     alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
@@ -416,12 +440,16 @@ def read_gemm(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         if isinstance(found, tuple):
             return _refuse(node, "linear", x, *found)
         if math.prod(found.dims) not in (1, n) or (len(found.dims) == 2 and found.dims[0] != 1):
-            return _refuse(node, "linear", x, Reason.UNSUPPORTED, f"bias of shape {list(found.dims)} for {n} outputs")
+            return _refuse(
+                node, "linear", x, Reason.UNSUPPORTED, f"bias of shape {list(found.dims)} for {n} outputs"
+            )
         c = found
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
         if channels != k:
-            return Decline(Reason.CHANNEL_MISMATCH, f"{label(node)} reads {k} features, its input has {channels}")
+            return Decline(
+                Reason.CHANNEL_MISMATCH, f"{label(node)} reads {k} features, its input has {channels}"
+            )
         weight = _values(b).astype(np.float64)
         weight = alpha * (weight if trans_b else weight.T)
         bias = None if c is None else beta * np.broadcast_to(_values(c).astype(np.float64).reshape(-1), (n,))
@@ -462,7 +490,9 @@ def read_pad(node: onnx.NodeProto, env: Env) -> LinearOp | None:
                 return _refuse(node, "pad", x, Reason.NON_CONSTANT, f"axes {node.input[3]!r} are {found}")
             axes = [int(a) for a in numpy_helper.to_array(found).reshape(-1)]
     if mode != "constant":
-        return _refuse(node, "pad", x, Reason.PADDING_MODE, f"pads in {mode!r} mode; ONNX Conv pads with zeros only")
+        return _refuse(
+            node, "pad", x, Reason.PADDING_MODE, f"pads in {mode!r} mode; ONNX Conv pads with zeros only"
+        )
     if value != 0.0:
         return _refuse(node, "pad", x, Reason.UNSUPPORTED, f"pads with the value {value:g}, not zero")
     if not pads or len(pads) % 2:
@@ -506,13 +536,19 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     if problem is not None:
         return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, problem)
     if attrs.get("ceil_mode", 0):
-        return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, "ceil_mode=1 windows past the border are not a conv")
+        return _refuse(
+            node, "avgpool", x, Reason.UNSUPPORTED, "ceil_mode=1 windows past the border are not a conv"
+        )
     pads = _explicit_pads(attrs, kernel, strides, dilations, env.shape(x))
     if isinstance(pads, str):
         return _refuse(node, "avgpool", x, Reason.UNSUPPORTED, pads)
     if any(b or e for b, e in pads) and not attrs.get("count_include_pad", 0):
         return _refuse(
-            node, "avgpool", x, Reason.UNSUPPORTED, "count_include_pad=0 averages border windows over fewer inputs"
+            node,
+            "avgpool",
+            x,
+            Reason.UNSUPPORTED,
+            "count_include_pad=0 averages border windows over fewer inputs",
         )
 
     def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
@@ -594,12 +630,18 @@ def cast_weights(
     overflow), is a decline."""
     dtype = FLOAT_TYPES.get(elem_type)
     if dtype is None:
-        return Decline(Reason.DTYPE, f"merged weights cannot be written as {onnx.TensorProto.DataType.Name(elem_type)}")
+        return Decline(
+            Reason.DTYPE, f"merged weights cannot be written as {onnx.TensorProto.DataType.Name(elem_type)}"
+        )
     with np.errstate(over="ignore"):  # float16 overflow is the decline below
         weight = np.ascontiguousarray(weight, dtype=dtype)
-        bias = None if bias is None or not bool(np.any(bias != 0)) else np.ascontiguousarray(bias, dtype=dtype)
+        bias = (
+            None if bias is None or not bool(np.any(bias != 0)) else np.ascontiguousarray(bias, dtype=dtype)
+        )
     if not bool(np.isfinite(weight).all()) or (bias is not None and not bool(np.isfinite(bias).all())):
-        return Decline(Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}")
+        return Decline(
+            Reason.NON_FINITE, f"merged weights overflow {onnx.TensorProto.DataType.Name(elem_type)}"
+        )
     return weight, bias
 
 
@@ -619,7 +661,9 @@ def conv_node(
     exact). A weight that does not fit the type (float16 overflow) is a decline.
     """
     if spec.padding_mode != "zeros" and spec.is_padded:
-        return Decline(Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros")
+        return Decline(
+            Reason.PADDING_MODE, f"merged conv pads in {spec.padding_mode!r} mode; ONNX Conv pads with zeros"
+        )
     cast = cast_weights(spec.weight, spec.bias, elem_type)
     if isinstance(cast, Decline):
         return cast
@@ -662,7 +706,6 @@ class NewTensor:
         tensor.raw_data = self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-
 def linear_nodes(
     spec: ConvSpec,
     *,
@@ -698,6 +741,8 @@ def linear_nodes(
         helper.make_node("Add", [mid, b_name], [y], name=fresh(f"{name}/bias")),
     ]
     return nodes, inits
+
+
 def mark_merged(node: onnx.NodeProto, detail: str, sources: Sequence[onnx.NodeProto]) -> None:
     """Record on the merged ``node`` the merge kind and the original nodes it replaces, in its
     ``metadata_props`` and ``doc_string`` (:mod:`convfuse.provenance`). A source that is itself

@@ -9,15 +9,15 @@ subgraph) ends the walk along its outputs: what lies beyond is left to the runti
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..sizes import Geometry
-from .onnx_io import node_attributes as _attrs
+from ...sizes import Geometry
+from .io import node_attributes as _attrs
 
 __all__ = ["geometries", "input_channels"]
 

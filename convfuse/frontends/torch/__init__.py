@@ -1,0 +1,1 @@
+"""The torch front end: trace a module into the planner's IR, write the plan back into the module."""
