@@ -18,6 +18,8 @@ from onnx import numpy_helper
 from torch import nn
 
 import convfuse
+from benchmarks.transpose_planner import Decoder
+from benchmarks.transpose_planner import randomise as _randomise
 from convfuse import maps
 from convfuse.algebra import identity
 from convfuse.decline import Decline, Reason
@@ -40,18 +42,6 @@ EXAMPLES = int(os.environ.get("TRANSPOSE_EXAMPLES", 60))
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, _BN):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return module.eval()
 
 
 def _leaves(module: nn.Module) -> list[nn.Module]:
@@ -220,24 +210,6 @@ def _channels(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- the decoder
-class Decoder(nn.Module):
-    """conv-BN-ReLU, ConvTranspose-BN-ReLU, ConvTranspose-1x1: a segmentation head's upsampler."""
-
-    def __init__(self, n: int = 2) -> None:
-        super().__init__()
-        self.conv = _CONV[n - 1](3, 8, 3, padding=1)
-        self.bn1 = _BN[n - 1](8)
-        self.up = _CONVT[n - 1](8, 8, 4, stride=2, padding=1)
-        self.bn2 = _BN[n - 1](8)
-        self.up2 = _CONVT[n - 1](8, 6, 2, stride=2)
-        self.head = _CONV[n - 1](6, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv(x)))
-        x = F.relu(self.bn2(self.up(x)))
-        return self.head(self.up2(x))
-
-
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_the_decoder_fuses_in_torch_to_one_layer_per_stage(n: int) -> None:
     model = _randomise(Decoder(n))

@@ -397,20 +397,31 @@ def _avgpool_rule(n: int) -> CallRule:
     return rule
 
 
+def _weighted_call(
+    node: fx.Node, resolve: Resolve, names: tuple[str, ...], defaults: dict[str, Any], n: int
+) -> tuple[dict[str, Any], fx.Node, torch.Tensor, torch.Tensor | None] | None:
+    """A conv-like call's arguments, graph input, constant ``n``-D weight and bias, or None."""
+    bound = _bind(node, names, defaults)
+    if bound is None:
+        return None
+    x, w = resolve(bound["input"]), resolve(bound["weight"])
+    b = None if bound["bias"] is None else resolve(bound["bias"])
+    if not _is_graph(x) or not isinstance(w, torch.Tensor) or w.dim() != n + 2:
+        return None
+    if b is not None and not isinstance(b, torch.Tensor):
+        return None
+    return bound, x, w, b
+
+
 def _conv_rule(n: int) -> CallRule:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
     def rule(node: fx.Node, resolve: Resolve) -> CallResult:
-        bound = _bind(node, names, defaults)
-        if bound is None:
+        found = _weighted_call(node, resolve, names, defaults, n)
+        if found is None:
             return None
-        x, w = resolve(bound["input"]), resolve(bound["weight"])
-        b = None if bound["bias"] is None else resolve(bound["bias"])
-        if not _is_graph(x) or not isinstance(w, torch.Tensor) or w.dim() != n + 2:
-            return None
-        if b is not None and not isinstance(b, torch.Tensor):
-            return None
+        bound, x, w, b = found
         dilation = _tuple(bound["dilation"], n)
         padding = bound["padding"]
         if padding == "same":
@@ -439,15 +450,10 @@ def _conv_transpose_rule(n: int) -> CallRule:
     defaults = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 
     def rule(node: fx.Node, resolve: Resolve) -> CallResult:
-        bound = _bind(node, names, defaults)
-        if bound is None:
+        found = _weighted_call(node, resolve, names, defaults, n)
+        if found is None:
             return None
-        x, w = resolve(bound["input"]), resolve(bound["weight"])
-        b = None if bound["bias"] is None else resolve(bound["bias"])
-        if not _is_graph(x) or not isinstance(w, torch.Tensor) or w.dim() != n + 2:
-            return None
-        if b is not None and not isinstance(b, torch.Tensor):
-            return None
+        bound, x, w, b = found
         if not all(isinstance(bound[k], (int, tuple, list)) for k in names[3:]):
             return None
         try:

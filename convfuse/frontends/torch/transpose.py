@@ -114,8 +114,9 @@ def conv_transpose_from_spec(
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A float64 numpy copy of a parameter (bfloat16 included, which numpy cannot view)."""
-    return t.detach().to("cpu", torch.float64).numpy()
+    """A parameter as numpy in its own dtype (bfloat16, which numpy has not, as float64)."""
+    t = t.detach().cpu()
+    return (t.double() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @dataclass(eq=False)
@@ -137,4 +138,4 @@ class ConvTransposeOp(ConvOp):
             )
         if str(self.dtype).removeprefix("torch.") != str(info.dtype).removeprefix("torch."):
             return Decline(Reason.DTYPE, f"{self.name} holds {self.dtype} weights in a {info.dtype} region")
-        return s  # type: ignore[no-any-return]
+        return s if s.dtype == np.float64 else s.astype(np.float64)  # the algebra's precision
