@@ -42,6 +42,7 @@ __all__ = [
     "CONCAT",
     "SCALED",
     "compose",
+    "identity",
     "add",
     "concat",
     "scaled",
@@ -301,6 +302,11 @@ _SCALED = {rule.pattern[0]: rule for rule in SCALED}
 def _no_rule(what: str, parts: Sequence[Map]) -> Decline:
     names = sorted({TYPES[type(p)].name if type(p) in TYPES else type(p).__name__ for p in parts})
     return Decline(Reason.UNSUPPORTED, f"convfuse has no rule for the {what} of {' and '.join(names)}")
+
+
+def identity(channels: int, ndim: int, dtype: Any) -> Map:
+    """The region's input as a map of itself (a Dirac conv): the start of every series."""
+    return algebra.identity(channels, ndim, dtype=dtype)
 
 
 def compose(a: Map, b: Map) -> Map | Decline:

@@ -17,9 +17,10 @@ through cut the region into a series of segments; a segment is one node or a par
 its own. Every tensor is a linear map of ``x`` (a ConvSpec, or a ConvTransposeSpec where a
 transposed conv is in the way): ``compose`` along a series, ``add`` of ``scaled`` branches for
 a sum, ``concat`` for a concatenation, all through the rule table of :mod:`convfuse.maps` (the
-planner never calls the algebra itself; a map's costs are the map type's own). Dynamic programming over the series picks the groups of consecutive segments
-that collapse to one conv (exact and allowed by the policy), a parallel block also trying to
-keep its sum with its branches planned alone, or with only some branches merged. Costs are
+planner never calls the algebra itself; a map's costs are the map type's own). Dynamic
+programming over the series picks the groups of consecutive segments that collapse to one
+conv (exact and allowed by the policy), a parallel block also trying to keep its sum with its
+branches planned alone, or with only some branches merged. Costs are
 MACs per output position of the region (earlier layers scaled by the strides after them) and
 the parameters a merge removes: a parameter also read outside the merge stays in the model,
 so a shared layer is not copied into each path under ``flops``. The key is MACs, parameters,
@@ -37,11 +38,11 @@ from typing import Any
 import numpy as np
 
 from . import maps
-from .algebra import Cost, identity
+from .algebra import Cost
 from .decline import Decline, Reason
 from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
 from .latency import Block, Candidate, Parallel, Timing
-from .maps import Map, add, compose, concat, scaled
+from .maps import Map, add, compose, concat, identity, scaled
 from .policy import Judge, Policy
 from .report import MergeKind
 from .spec import ConvSpec
