@@ -353,6 +353,9 @@ def test_sums_of_transposed_convs_merge_on_one_grid_and_mismatched_strides_are_d
     x = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         assert same(x).shape == other(x).shape == (1, 3, 10, 10)
+        with pytest.raises(RuntimeError):  # at another size the branches do not even add: no one layer
+            other(torch.randn(1, 4, 4, 4))
+        assert same(torch.randn(1, 4, 4, 4)).shape == (1, 3, 8, 8)
     for module, merges in ((same, 1), (other, 0)):
         if front == "torch":
             fused, report = convfuse.fuse(module.eval(), policy="always", return_report=True)
