@@ -16,16 +16,10 @@ from onnx import TensorProto
 from convfuse import runtime, verify
 from convfuse.compare import DEFAULT_RTOL, compare, locate, tolerance_for
 from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, NotRunnableError
-from convfuse.runtime import (
-    InputSpec,
-    cuda_in_ort,
-    generate_inputs,
-    load_inputs,
-    parse_shape,
-    resolve_devices,
-)
+from convfuse.runtime import cuda_in_ort
 from convfuse.testing import assert_equivalent
 from convfuse.verify import VerifyResult, attribute, verify_onnx
+from convfuse.verify.inputs import InputSpec, generate_inputs, load_inputs, parse_shape, resolve_devices
 
 from . import verify_models as vm
 
@@ -223,7 +217,7 @@ def test_attribution_runs_each_region_alone_so_noise_downstream_is_not_blamed(mo
     def cannot_run_alone(*args: object, **kwargs: object) -> None:
         raise ConvfuseError("forced")
 
-    monkeypatch.setattr(verify_module, "_region_alone", cannot_run_alone)
+    monkeypatch.setattr(verify_module.attribution, "_region_alone", cannot_run_alone)
     fallback = verify_onnx(ref, cand)
     assert len(fallback.suspects) > 1 and fallback.suspects[0].candidate_nodes == ("Conv 'conv9'",)
     assert any("could not run the region of 'c9' alone (forced)" in n for n in fallback.notes)

@@ -33,11 +33,12 @@ from ...algebra import Cost
 from ...decline import Decline, Reason
 from ...errors import InvalidModelError, InvalidOptionError
 from ...ir import LinearGraph, LinearNode, OpKind, TensorInfo
-from ...latency import DEFAULT_BUDGET, LatencyMeter, Timer
+from ...latency import judge_for
 from ...planner import Merge, Resum, plan
 from ...policy import Judge, Policy
 from ...report import ModelStats, Report
 from ...spec import ConvSpec
+from ...timing import DEFAULT_BUDGET, Timer
 from .io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size, subgraphs
 from .nodes import (
     FLOAT_TYPES,
@@ -876,10 +877,7 @@ def fuse_onnx(
     except ValueError as exc:
         raise InvalidOptionError(str(exc)) from None
     say: Progress = progress or (lambda message: None)
-    meter = (
-        LatencyMeter(device, latency_budget, timer=timer, progress=say) if chosen is Policy.LATENCY else None
-    )
-    judge = Judge(chosen, meter)
+    judge = judge_for(chosen, device, latency_budget, timer, progress=say)  # the ORT timer under latency
     if inplace:
         fused = source
     else:

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .errors import ConvfuseError, InvalidModelError
-from .frontends.onnx.geometry import geometries, input_channels
-from .runtime import InputSpec, Port, checked_dims, dims_text, fits
-from .sizes import (
+from ..errors import ConvfuseError, InvalidModelError
+from ..frontends.onnx.geometry import geometries, input_channels
+from ..sizes import (
     BATCH,
     Fit,
     Geometry,
@@ -34,6 +33,7 @@ from .sizes import (
     pick_second,
     progression,
 )
+from .inputs import InputSpec, Port, checked_dims, dims_text, fits
 
 __all__ = ["ATTEMPTS", "InputPlan"]
 
