@@ -69,6 +69,8 @@ if TYPE_CHECKING:
         check: bool = ...,
     ) -> tuple[nn.Module, Report]: ...
 
+    def fuse(*args: Any, **kwargs: Any) -> nn.Module | tuple[nn.Module, Report]: ...
+
 
 __version__ = "0.1.0"
 

@@ -29,6 +29,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -109,7 +110,7 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(self.values(values, shape).astype(self.np_type), name))
         return name
 
-    def node(self, op: str, inputs: Sequence[str], **attrs: object) -> str:
+    def node(self, op: str, inputs: Sequence[str], **attrs: Any) -> str:
         out = self.fresh(f"{op.lower()}_out")
         self.nodes.append(helper.make_node(op, list(inputs), [out], name=self.fresh(op), **attrs))
         return out

@@ -111,6 +111,7 @@ def attribute(
         if check.passed:
             continue
         cand_nodes, reached = _region(cand_graph, cand_producers, name, lambda t: t in checks)
+        alone: OutputCheck | None
         try:
             alone = _region_alone(
                 cand_model,

@@ -193,7 +193,7 @@ class InputPlan:
         specs = []
         for index, port in enumerate(self.ports):
             shape = tuple(
-                int(by_member.get((index, axis - 2), d if isinstance(d, int) else 1))  # type: ignore[arg-type]
+                int(by_member.get((index, axis - 2), d if isinstance(d, int) else 1))
                 for axis, d in enumerate(self.dims[index])
             )
             specs.append(InputSpec(port.name, port.dtype, shape))

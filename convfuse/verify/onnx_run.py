@@ -86,8 +86,9 @@ def verify_onnx(
     if inputs is not None:
         if shapes:
             raise ConvfuseError("give either inputs or shapes, not both: the inputs fix the shapes")
-        groups: list[list[dict[str, np.ndarray]]] | None = [given_feeds(inputs, ref_in, cand_in)]
-        notes.append(f"inputs given by the caller: {len(groups[0])} sample(s), none generated")
+        given = given_feeds(inputs, ref_in, cand_in)
+        groups: list[list[dict[str, np.ndarray]]] | None = [given]
+        notes.append(f"inputs given by the caller: {len(given)} sample(s), none generated")
     else:
         plan = InputPlan(ref_model, ref_in, cand_in, shapes)
         groups = None  # settled on the first device, where the reference first runs
@@ -143,7 +144,7 @@ def verify_onnx(
                 suspects = attribute(
                     ref_model,
                     cand_model,
-                    feeds=[f for group in groups for f in group],
+                    feeds=[f for group in groups or () for f in group],
                     device=dev,
                     rtol=rtol,
                     atol=atol,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -112,8 +112,8 @@ def _shape_list(input_shapes: Sequence[int] | Sequence[Sequence[int]]) -> list[t
     """One shape, or one per input, as a list of tuples."""
     items = list(input_shapes)
     if items and all(isinstance(d, int) for d in items):
-        return [tuple(int(d) for d in items)]  # type: ignore[arg-type]
-    return [tuple(int(d) for d in s) for s in items]  # type: ignore[union-attr]
+        return [tuple(int(d) for d in cast(Sequence[int], items))]
+    return [tuple(int(d) for d in s) for s in cast(Sequence[Sequence[int]], items)]
 
 
 def _module_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -816,6 +816,18 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
     return ModelStats(dict(counts), totals["params"], macs, _size(model))
 
 
+def _knows_conv_outputs(model: onnx.ModelProto, shapes: Shapes) -> bool:
+    """Whether ``shapes`` has every Conv output of ``model`` (all graphs), all ``model_stats`` reads."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.op_type == "Conv" and node.output and node.output[0] not in shapes:
+                return False
+            graphs.extend(subgraphs(node))
+    return True
+
+
 def _size(model: onnx.ModelProto) -> int | None:
     """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB),
     counted without serialising it (:func:`~convfuse.frontends.onnx.io.serialized_size`)."""
@@ -894,7 +906,11 @@ def fuse_onnx(
     state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")
-    report.after = model_stats(fused, infer_shapes(fused)[0])
+    # Merged convs write the tensors they replace: the shapes inferred before fusing cover them,
+    # so shape inference runs once per pass (again only if a Conv output is new to them).
+    report.after = model_stats(
+        fused, shapes if _knows_conv_outputs(fused, shapes) else infer_shapes(fused)[0]
+    )
     report.timings["fuse"] = time.monotonic() - started
     _summarise(report)
     if note:
