@@ -104,7 +104,8 @@ verbose_option = click.option(
     "-v",
     "--verbose",
     is_flag=True,
-    help="List every merge and decline, grouped by block in graph order [default: counts per kind and reason].",
+    help="List every merge and decline, grouped by block in graph order "
+    "[default: counts per kind and reason].",
 )
 
 
@@ -125,7 +126,8 @@ verify_option = click.option(
 in_place_option = click.option(
     "--in-place",
     is_flag=True,
-    help="Replace MODEL.onnx with the fused model (atomically, after verification; not with -o or --no-verify).",
+    help="Replace MODEL.onnx with the fused model "
+    "(atomically, after verification; not with -o or --no-verify).",
 )
 
 allow_unverified_option = click.option(

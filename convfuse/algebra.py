@@ -1,10 +1,11 @@
 """The exact rules that turn several linear convolutions into one.
 
-Arrays only (numpy; no torch, no graph types here). Every rule takes :class:`~convfuse.spec.ConvSpec` values and
-returns either a new ``ConvSpec`` that computes exactly the same function (in real arithmetic) or a
-:class:`~convfuse.decline.Decline` saying why it cannot. Arithmetic runs in float64 and the result
-is cast back to the first operand's dtype. See ``DESIGN.md`` section 2 for the derivations; each
-rule below restates its pattern, conditions and algebra.
+Arrays only (numpy; no torch, no graph types here). Every rule takes
+:class:`~convfuse.spec.ConvSpec` values and returns either a new ``ConvSpec`` that computes
+exactly the same function (in real arithmetic) or a :class:`~convfuse.decline.Decline` saying
+why it cannot. Arithmetic runs in float64 and the result is cast back to the first operand's
+dtype. See ``DESIGN.md`` section 2 for the derivations; each rule below restates its pattern,
+conditions and algebra.
 """
 
 from __future__ import annotations
@@ -236,8 +237,9 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     Algebra: stride ``sA*sB``; taps of ``a`` dilated by ``dA``, of ``b`` by ``dB*sA``;
     ``C[o, i] = sum_c fullconv(A[c, i], B[o, c])`` computed as tap products
     (:func:`_tap_products`: no multiplication by a zero tap); padding
-    ``pA + sA*pB`` per side in ``a``'s mode (``b``'s if only ``b`` pads); bias ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped
-    by ``gcd(gA, gB)`` then by whatever further block structure the weight has.
+    ``pA + sA*pB`` per side in ``a``'s mode (``b``'s if only ``b`` pads); bias
+    ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped by ``gcd(gA, gB)`` then by whatever further
+    block structure the weight has.
     """
     if a.ndim != b.ndim:
         return Decline(Reason.RANK_MISMATCH, f"{a.ndim}D conv feeds a {b.ndim}D conv")

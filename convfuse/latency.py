@@ -29,7 +29,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -66,6 +66,7 @@ __all__ = [
     "LatencyMeter",
     "OrtTimer",
     "Parallel",
+    "TimingModels",
     "Timing",
     "build_models",
     "cuda_available",
@@ -192,7 +193,14 @@ def _out_shape(candidate: Candidate) -> list[int]:
     return [int(d or 0) for d in advance(candidate.known_shape(), candidate.merged)]
 
 
-def build_models(candidate: Candidate, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+class TimingModels(NamedTuple):
+    """Both sides of a candidate as standalone models with the same input."""
+
+    original: onnx.ModelProto
+    merged: onnx.ModelProto
+
+
+def build_models(candidate: Candidate, seed: int = 0) -> TimingModels:
     """The original layers and the merged conv as two standalone models with the same input.
 
     ``candidate.input_shape`` must be fully known (see :meth:`Candidate.resolved`;
@@ -206,7 +214,9 @@ def build_models(candidate: Candidate, seed: int = 0) -> tuple[onnx.ModelProto, 
     y = original.block("x", candidate.original)
     merged = _Builder(elem, seed)
     z = merged.conv("x", candidate.merged)
-    return original.model("x", y, in_shape, out_shape), merged.model("x", z, in_shape, out_shape)
+    return TimingModels(
+        original.model("x", y, in_shape, out_shape), merged.model("x", z, in_shape, out_shape)
+    )
 
 
 # --------------------------------------------------------------------------- timing

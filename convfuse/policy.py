@@ -98,7 +98,8 @@ class Judge:
         if self.policy is Policy.LATENCY and meter is None:
             if timer is None:
                 raise InvalidOptionError(
-                    "the latency policy needs a timer (convfuse.latency.judge_for builds the ONNX Runtime one)"
+                    "the latency policy needs a timer "
+                    "(convfuse.latency.judge_for builds the ONNX Runtime one)"
                 )
             meter = LatencyMeter(timer=timer)
         self.meter = meter if self.policy is Policy.LATENCY else None

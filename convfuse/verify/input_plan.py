@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from ..errors import ConvfuseError, InvalidModelError
+from ..errors import ConvfuseError, InternalError, InvalidModelError
 from ..frontends.onnx.geometry import geometries, input_channels
 from ..sizes import (
     BATCH,
@@ -172,7 +172,8 @@ class InputPlan:
             if index == 0:
                 runs[key] = list(progression(group.status, group.first, ATTEMPTS))
                 continue
-            assert first is not None
+            if first is None:  # the first size is always settled before the second is planned
+                raise InternalError("the second input size was planned before the first")
             i, dim = group.members[0]
             ran = first[i].shape[dim + 2]
             second, note = pick_second(group.status, ran)
@@ -216,8 +217,8 @@ class InputPlan:
             spatial = [str(axis) for axis, h in symbolic if h == "spatial"]
             if spatial:
                 parts.append(
-                    f"ax{'es' if len(spatial) > 1 else 'is'} {', '.join(spatial)}: derived from the graph, the "
-                    "smallest size every layer accepts and a larger one of the other parity"
+                    f"ax{'es' if len(spatial) > 1 else 'is'} {', '.join(spatial)}: derived from the "
+                    "graph, the smallest size every layer accepts and a larger one of the other parity"
                 )
             how = "; ".join(parts)
             notes.append(

@@ -26,11 +26,14 @@ __all__ = [
     "DEVICES",
     "INT_INPUT_HIGH",
     "ONNX_DTYPES",
+    "Devices",
     "Dims",
     "Feeds",
     "InputSpec",
     "OnnxSource",
     "Port",
+    "RunnableModel",
+    "Signature",
     "check_same_names",
     "checked_dims",
     "dims_text",
@@ -133,9 +136,15 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto, what: str = "mo
         raise InvalidModelError(f"{what} '{path}': {e.message}") from None
 
 
-def load_for_run(
-    source: str | os.PathLike[str] | onnx.ModelProto, what: str = "model"
-) -> tuple[onnx.ModelProto, str | None]:
+class RunnableModel(NamedTuple):
+    """A model to run: the ModelProto, and the file ONNX Runtime loads it from (``None``: from
+    memory; set for files over 2 GiB, whose ``model`` then holds no tensor data)."""
+
+    model: onnx.ModelProto
+    path: str | None
+
+
+def load_for_run(source: str | os.PathLike[str] | onnx.ModelProto, what: str = "model") -> RunnableModel:
     """:func:`load_model`, except that a file over 2 GiB (external data) is checked but its data is
     not read: its model comes back without tensor data, with the path ONNX Runtime loads it from
     (``None`` for every other model)."""
@@ -144,15 +153,15 @@ def load_for_run(
             raise InvalidModelError(
                 f"{what} is over 2 GiB: pass the file path (ONNX Runtime loads its external data itself)"
             )
-        return load_model(source, what), None
+        return RunnableModel(load_model(source, what), None)
     path = os.fspath(source)
     try:
         header = read_model(path, load_external_data=False)
     except InvalidModelError as e:
         raise InvalidModelError(f"{what} '{path}': {e.message}") from None
     if header.total_bytes <= MAX_PROTOBUF - (64 << 20):
-        return load_model(path, what), None
-    return header.model, path
+        return RunnableModel(load_model(path, what), None)
+    return RunnableModel(header.model, path)
 
 
 def model_label(source: str | os.PathLike[str] | onnx.ModelProto) -> str:
@@ -191,27 +200,39 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
-def resolve_devices(
-    device: str, cuda_available: Callable[[], bool], absent: str
-) -> tuple[list[str], list[str]]:
+class Devices(NamedTuple):
+    """Devices to run on, and notes about the ones left out."""
+
+    devices: list[str]
+    notes: list[str]
+
+
+def resolve_devices(device: str, cuda_available: Callable[[], bool], absent: str) -> Devices:
     """Devices to run on, and notes. CUDA asked for but absent raises; ``all`` notes its absence."""
     if device not in DEVICES:
         raise ConvfuseError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
-        return ["cpu"], []
+        return Devices(["cpu"], [])
     if cuda_available():
-        return (["cpu", "cuda"] if device == "all" else ["cuda"]), []
+        return Devices(["cpu", "cuda"] if device == "all" else ["cuda"], [])
     if device == "cuda":
         raise DeviceUnavailableError(f"CUDA was requested but {absent}; use device 'cpu' or 'all'")
-    return ["cpu"], [f"cuda not checked: {absent}"]
+    return Devices(["cpu"], [f"cuda not checked: {absent}"])
 
 
 # =========================================================================== model signatures
-def signature(model: onnx.ModelProto) -> tuple[list[Port], list[Port]]:
+class Signature(NamedTuple):
+    """A model's ports as declared: the inputs a caller must feed, and the outputs."""
+
+    inputs: list[Port]
+    outputs: list[Port]
+
+
+def signature(model: onnx.ModelProto) -> Signature:
     """Inputs a caller must feed (initializers excluded) and outputs, as declared."""
     initialized = {t.name for t in model.graph.initializer}
     inputs = [Port.of(v) for v in model.graph.input if v.name not in initialized]
-    return inputs, [Port.of(v) for v in model.graph.output]
+    return Signature(inputs, [Port.of(v) for v in model.graph.output])
 
 
 def check_same_names(kind: str, reference: Sequence[Port], candidate: Sequence[Port]) -> None:

@@ -63,10 +63,11 @@ def verify_onnx(
     dims at two sizes derived from the graph (the smallest every layer accepts and a larger one of
     the other parity; one check per output per size), confirmed by running the reference there and
     searched upward where it does not run (noted). A reference that cannot run at all (or at any
-    size tried) raises :class:`~convfuse.errors.NotRunnableError`. On a mismatch with ``attribution`` on, :func:`attribute` names the
-    regions that are wrong on their own (not for files over 2 GiB, which ONNX Runtime runs from the
-    file, one model at a time). Raises :class:`~convfuse.errors.ConvfuseError` for unusable input
-    and :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
+    size tried) raises :class:`~convfuse.errors.NotRunnableError`. On a mismatch with
+    ``attribution`` on, :func:`attribute` names the regions that are wrong on their own (not for
+    files over 2 GiB, which ONNX Runtime runs from the file, one model at a time).
+    Raises :class:`~convfuse.errors.ConvfuseError` for unusable input and
+    :class:`~convfuse.errors.DeviceUnavailableError` for ``device="cuda"`` without CUDA.
     """
     if samples < 1:
         raise ConvfuseError(f"samples must be >= 1, got {samples}")
@@ -172,7 +173,10 @@ def verify_onnx(
 
 def _note_evaluator(sess: rt.Session, what: str, notes: list[str]) -> None:
     if isinstance(sess, rt.ReferenceSession):
-        note = f"{what}: onnxruntime has no CPU kernel for an op (float64 Conv?); ran the ONNX reference evaluator"
+        note = (
+            f"{what}: onnxruntime has no CPU kernel for an op (float64 Conv?); "
+            "ran the ONNX reference evaluator"
+        )
         if note not in notes:
             notes.append(note)
 
@@ -197,9 +201,9 @@ def _settle_sizes(
     notes: list[str],
 ) -> tuple[list[list[dict[str, np.ndarray]]], list[list[dict[str, np.ndarray]]]]:
     """Input sets per checked size, and the reference's outputs on them: each size is the plan's
-    first attempt the reference runs at with no output empty. Where the first size finds none, the reference cannot be
-    run (NotRunnableError, one line: the sizes tried and why); where only the second finds none,
-    the check runs at one size, noted."""
+    first attempt the reference runs at with no output empty. Where the first size finds none,
+    the reference cannot be run (NotRunnableError, one line: the sizes tried and why); where only
+    the second finds none, the check runs at one size, noted."""
     used: list[list[InputSpec]] = []
     groups, outputs = [], []
     for index in range(plan.sizes):

@@ -194,7 +194,8 @@ class VerifyResult:
         return f"verified: {self.finding()}"
 
     def inputs_text(self, dtypes: bool = False) -> str:
-        """The input shapes run, each input once: ``x 2x3x4x4 and 2x3x13x13`` (with dtypes: ``x float32 ...``)."""
+        """The input shapes run, each input once: ``x 2x3x4x4 and 2x3x13x13``
+        (with ``dtypes``: ``x float32 2x3x4x4 ...``)."""
         shapes: dict[tuple[str, str], list[str]] = {}
         for spec in self.inputs:
             shapes.setdefault((spec.name, spec.dtype), []).append(dims_text(spec.shape))
