@@ -74,6 +74,13 @@ def merge(
     (custom operators, or no input size it runs at), nothing written unless --allow-unverified.
     """
     try:
+        try:
+            shape_map = parse_shapes(shapes)
+        except click.UsageError:  # the files' own problems are reported first, as merge_file orders them
+            files.check_paths(
+                model, output, in_place=in_place, verify=verify, allow_unverified=allow_unverified
+            )
+            raise
         result = files.merge_file(
             model,
             output,
@@ -82,7 +89,7 @@ def merge(
             device=device,
             latency_budget=latency_budget,
             verify=verify,
-            shapes=parse_shapes(shapes),
+            shapes=shape_map,
             allow_unverified=allow_unverified,
             progress=_run.progress(),
         )

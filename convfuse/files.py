@@ -39,6 +39,7 @@ __all__ = [
     "Verdict",
     "Verification",
     "check_merge",
+    "check_paths",
     "default_output",
     "inspect_file",
     "merge_file",
@@ -168,6 +169,22 @@ def _target(model: Path, output: Path | None, in_place: bool, verify: bool, allo
     return target
 
 
+def check_paths(
+    src: Source,
+    dst: Source | None = None,
+    *,
+    in_place: bool = False,
+    verify: bool = True,
+    allow_unverified: bool = False,
+) -> Path:
+    """The checks :func:`merge_file` makes before reading anything, in its order: the input file
+    (exists, a readable non-empty model file), the options, then the output; the target path.
+    Raises what :func:`merge_file` raises for them."""
+    model = Path(src)
+    check_file(model)  # the input's own problems first, before the output's
+    return _target(model, None if dst is None else Path(dst), in_place, verify, allow_unverified)
+
+
 def _load(path: Path, progress: Progress | None) -> tuple[LoadedModel, Progress | None]:
     """Read ``path``, and the progress sink to use for it (``None`` for a small model)."""
     try:
@@ -284,8 +301,7 @@ def merge_file(
     other outcome is in the returned :class:`MergeResult`.
     """
     model = Path(src)
-    check_file(model)  # the input's own problems first, before the output's
-    target = _target(model, None if dst is None else Path(dst), in_place, verify, allow_unverified)
+    target = check_paths(model, dst, in_place=in_place, verify=verify, allow_unverified=allow_unverified)
     loaded, fused, report, say = _fuse(model, policy, device, latency_budget, verify, progress)
     if not in_place:
         data = target.parent / external_data_name(target)

@@ -73,3 +73,16 @@ def test_conflicting_options_and_unwritable_targets_raise(tmp_path: Path) -> Non
         convfuse.merge_file(src, src)
     assert caught.value.path == str(src)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_cli_reports_the_input_before_a_bad_shape(tmp_path: Path) -> None:
+    """As before the CLI became a caller of merge_file: a missing input wins over a bad --shape."""
+    from click.testing import CliRunner
+
+    from convfuse_cli.main import main
+
+    missing = CliRunner().invoke(main, ["merge", str(tmp_path / "no.onnx"), "--shape", "x1x3"])
+    assert missing.exit_code == 2 and "no.onnx: does not exist" in missing.stderr
+    bad_shape = CliRunner().invoke(main, ["merge", str(_model_file(tmp_path)), "--shape", "x1x3"])
+    assert bad_shape.exit_code == 2 and "is not NAME=DIMS" in bad_shape.stderr  # twin: a real input
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
