@@ -41,10 +41,10 @@ from .algebra import Cost, add, compose, concat, identity
 from .algebra_linear import scaled, without_zero_bias
 from .decline import Decline, Reason
 from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
-from .latency import Block, Candidate, Parallel, Timing
 from .policy import Judge, Policy
 from .report import MergeKind
 from .spec import ConvSpec
+from .timing import Block, Candidate, Parallel, Timing
 
 __all__ = ["MAX_CHAIN", "Merge", "Resum", "Plan", "plan"]
 
