@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from convfuse import files
+from convfuse.errors import ConvfuseError
+
 from . import _run
 from .options import json_option, model_argument, policy_option, verbose_option
 
@@ -21,5 +24,10 @@ def inspect(
     model: Path, policy: str, device: str, latency_budget: float, as_json: bool, verbose: bool
 ) -> None:
     """Show what `convfuse merge` would merge and decline in MODEL.onnx, without writing anything."""
-    _, _, report, _ = _run.fuse(model, policy, device, latency_budget, keep_input=False)
+    try:
+        report = files.inspect_file(
+            model, policy=policy, device=device, latency_budget=latency_budget, progress=_run.progress()
+        )
+    except ConvfuseError as exc:
+        _run.fail(model, exc)
     _run.emit(report, as_json, extra={"input": str(model), "output": None}, verbose=verbose)

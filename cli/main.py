@@ -49,7 +49,7 @@ class ConvfuseGroup(click.Group):
         except KeyboardInterrupt:
             raise _Interrupted() from None
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,

@@ -8,8 +8,10 @@ from typing import TypeVar
 
 import click
 
-from convfuse.latency import DEFAULT_BUDGET, LATENCY_DEVICES
+from convfuse.errors import ConvfuseError, ExitCode
 from convfuse.policy import Policy
+from convfuse.timing import DEFAULT_BUDGET, LATENCY_DEVICES
+from convfuse.verify.inputs import DEVICES, parse_shape
 
 __all__ = [
     "EXIT_OK",
@@ -28,14 +30,23 @@ __all__ = [
     "in_place_option",
     "allow_unverified_option",
     "shape_option",
+    "parse_shapes",
+    "verify_device_option",
+    "inputs_option",
+    "samples_option",
+    "seed_option",
+    "rtol_option",
+    "atol_option",
+    "attribution_option",
 ]
 
-EXIT_OK = 0
-EXIT_VERIFY_FAILED = 1  # the fused model does not compute what the input computes; nothing written
-EXIT_BAD_INPUT = 2  # unreadable model, unwritable output, bad usage (click uses 2 for usage too)
-EXIT_INTERNAL = 3  # a bug in convfuse (an exception it did not expect) or out of memory; never bad input
-EXIT_UNVERIFIED = 4  # the input cannot be run here (custom operators, no size it runs at): not verified
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); nothing written
+# The exit codes are the library's (convfuse.errors.ExitCode), one constant each.
+EXIT_OK = ExitCode.OK
+EXIT_VERIFY_FAILED = ExitCode.VERIFY_FAILED
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT
+EXIT_INTERNAL = ExitCode.INTERNAL
+EXIT_UNVERIFIED = ExitCode.UNVERIFIED
+EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 # The library checks the file itself (missing, directory, empty, corrupt) so that every bad
 # input gets the same one-line error; click only passes the path through.
@@ -82,18 +93,19 @@ def policy_option(f: _F) -> _F:
     )(f)
 
 
-json_option = click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help="Print the report as JSON (nothing else on stdout).",
-)
+def json_option(f: _F) -> _F:
+    """``--json``: the report (merge, inspect) or result (verify) as JSON, nothing else on stdout."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print the report (verify: the result) as JSON, nothing else."
+    )(f)
+
 
 verbose_option = click.option(
     "-v",
     "--verbose",
     is_flag=True,
-    help="List every merge and decline, grouped by block in graph order [default: counts per kind and reason].",
+    help="List every merge and decline, grouped by block in graph order "
+    "[default: counts per kind and reason].",
 )
 
 
@@ -114,7 +126,8 @@ verify_option = click.option(
 in_place_option = click.option(
     "--in-place",
     is_flag=True,
-    help="Replace MODEL.onnx with the fused model (atomically, after verification; not with -o or --no-verify).",
+    help="Replace MODEL.onnx with the fused model "
+    "(atomically, after verification; not with -o or --no-verify).",
 )
 
 allow_unverified_option = click.option(
@@ -131,4 +144,59 @@ shape_option = click.option(
     metavar="NAME=DIMS",
     help="Shape of an input with symbolic dims, e.g. input=1x3x224x224 (repeatable) "
     "[default: batch 2, spatial sizes derived from the graph].",
+)
+
+
+def parse_shapes(shapes: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    """``--shape NAME=DIMS`` values by input name (``None`` when none); a bad one is a usage error."""
+    try:
+        return dict(parse_shape(s) for s in shapes) or None
+    except ConvfuseError as exc:
+        raise click.UsageError(exc.message) from None
+
+
+# --------------------------------------------------------------------------- convfuse verify
+verify_device_option = click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="cpu",
+    show_default=True,
+    help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).",
+)
+
+inputs_option = click.option(
+    "--inputs",
+    "inputs_file",
+    type=click.Path(),
+    default=None,
+    help="Run on these inputs (.npz, one array per input name) instead of random ones.",
+)
+
+samples_option = click.option(
+    "--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Random input sets to run."
+)
+
+seed_option = click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."
+)
+
+rtol_option = click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Relative tolerance, as a fraction of max |reference output| [default: per dtype].",
+)
+
+atol_option = click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Absolute tolerance added to the relative one [default: 0].",
+)
+
+attribution_option = click.option(
+    "--attribution/--no-attribution",
+    default=True,
+    show_default=True,
+    help="On a mismatch, name the first diverging node(s) by comparing shared tensors.",
 )

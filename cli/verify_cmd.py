@@ -7,66 +7,43 @@ from pathlib import Path
 
 import click
 
-from convfuse.errors import ConvfuseError
+from convfuse.errors import ConvfuseError, ExitCode, one_line
 from convfuse.report_html import html_page, write_page
-from convfuse.runtime import DEVICES, load_inputs, parse_shape
 from convfuse.verify import verify_onnx
+from convfuse.verify.inputs import load_inputs, parse_shape
 
-from .options import html_option, shape_option
+from .options import (
+    atol_option,
+    attribution_option,
+    html_option,
+    inputs_option,
+    json_option,
+    rtol_option,
+    samples_option,
+    seed_option,
+    shape_option,
+    verify_device_option,
+)
 
 __all__ = ["verify"]
-
-#: Exit code for unusable input or an unavailable device (click uses 2 for usage errors too).
-EXIT_ERROR = 2
 
 
 @click.command("verify")
 @click.argument("reference", type=click.Path(readable=False))
 @click.argument("candidate", type=click.Path(readable=False))
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default="cpu",
-    show_default=True,
-    help="Where to run: cpu, cuda (error if absent), or all (cpu plus cuda when present).",
-)
-@click.option(
-    "--inputs",
-    "inputs_file",
-    type=click.Path(),
-    default=None,
-    help="Run on these inputs (.npz, one array per input name) instead of random ones.",
-)
+@verify_device_option
+@inputs_option
 @shape_option
-@click.option(
-    "--samples", type=click.IntRange(min=1), default=2, show_default=True, help="Random input sets to run."
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
-@click.option(
-    "--rtol",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Relative tolerance, as a fraction of max |reference output| [default: per dtype].",
-)
-@click.option(
-    "--atol",
-    type=click.FloatRange(min=0),
-    default=None,
-    help="Absolute tolerance added to the relative one [default: 0].",
-)
-@click.option(
-    "--attribution/--no-attribution",
-    default=True,
-    show_default=True,
-    help="On a mismatch, name the first diverging node(s) by comparing shared tensors.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@samples_option
+@seed_option
+@rtol_option
+@atol_option
+@attribution_option
+@json_option
 @html_option(
     "Also write the result as one self-contained HTML page (verdict, errors, attribution, error maps)."
 )
-@click.pass_context
 def verify(
-    ctx: click.Context,
     reference: str,
     candidate: str,
     device: str,
@@ -86,7 +63,7 @@ def verify(
     used or the device asked for is absent.
     """
     try:
-        shape_map = dict(parse_shape(s) for s in shapes)
+        shape_map = dict(parse_shape(s) for s in shapes) or None
         inputs = load_inputs(inputs_file) if inputs_file is not None else None
         result = verify_onnx(
             reference,
@@ -94,7 +71,7 @@ def verify(
             device=device,
             samples=samples,
             seed=seed,
-            shapes=shape_map or None,
+            shapes=shape_map,
             inputs=inputs,
             rtol=rtol,
             atol=atol,
@@ -102,11 +79,10 @@ def verify(
         )
         if html_path is not None:
             write_page(html_path, html_page(result))
-    except ConvfuseError as e:
-        message = " ".join(str(e).split())
-        click.echo(f"convfuse: error: {message}", err=True)
-        ctx.exit(EXIT_ERROR)
+    except ConvfuseError as exc:
+        click.echo(f"convfuse: error: {one_line(exc)}", err=True)
+        raise click.exceptions.Exit(int(ExitCode.BAD_INPUT)) from None
     click.echo(json.dumps(result.to_dict(), indent=2, allow_nan=False) if as_json else result.to_text())
     if html_path is not None and not as_json:
         click.echo(f"wrote {html_path}")
-    ctx.exit(result.exit_code)
+    raise click.exceptions.Exit(int(result.exit_code))

@@ -1,10 +1,11 @@
 """The exact rules that turn several linear convolutions into one.
 
-Arrays only (numpy; no torch, no graph types here). Every rule takes :class:`~convfuse.spec.ConvSpec` values and
-returns either a new ``ConvSpec`` that computes exactly the same function (in real arithmetic) or a
-:class:`~convfuse.decline.Decline` saying why it cannot. Arithmetic runs in float64 and the result
-is cast back to the first operand's dtype. See ``DESIGN.md`` section 2 for the derivations; each
-rule below restates its pattern, conditions and algebra.
+Arrays only (numpy; no torch, no graph types here). Every rule takes
+:class:`~convfuse.spec.ConvSpec` values and returns either a new ``ConvSpec`` that computes
+exactly the same function (in real arithmetic) or a :class:`~convfuse.decline.Decline` saying
+why it cannot. Arithmetic runs in float64 and the result is cast back to the first operand's
+dtype. See ``DESIGN.md`` section 2 for the derivations; each rule below restates its pattern,
+conditions and algebra.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _largest_groups(mag: np.ndarray, groups: int) -> int:
         if per_out % m or cig % m:
             continue
         blocks = mag.reshape(groups, m, per_out // m, m, cig // m)
-        off = blocks.any(axis=(0, 2, 4))  # [m, m]
+        off = np.asarray(blocks.any(axis=(0, 2, 4)))  # [m, m]
         np.fill_diagonal(off, False)
         if not bool(off.any()):
             best = m
@@ -166,14 +167,14 @@ def simplify(spec: ConvSpec) -> ConvSpec:
     """
     w = spec.weight
     if w.size == 0 or np.count_nonzero(w) == w.size:  # dense: nothing to trim, no blocks to find
-        dilation = tuple(1 if k == 1 else d for k, d in zip(spec.kernel_size, spec.dilation))
-        return spec.replace(weight=np.ascontiguousarray(w), dilation=dilation)
+        dense = tuple(1 if k == 1 else d for k, d in zip(spec.kernel_size, spec.dilation))
+        return spec.replace(weight=np.ascontiguousarray(w), dilation=dense)
     co, cig = w.shape[0], w.shape[1]
     nonzero = (w != 0).reshape(co * cig, -1)
     taps = nonzero.any(axis=0).reshape(w.shape[2:])  # [*k]: taps non-zero in some channel pair
     mag = nonzero.any(axis=1).reshape(co, cig)  # channel pairs with some non-zero tap
-    pads = list(spec.pads)
-    dilation = list(spec.dilation)
+    pads: list[tuple[int, int]] = list(spec.pads)
+    dilation: list[int] = list(spec.dilation)
     for dim in range(spec.ndim):
         axis = dim + 2
         others = tuple(a for a in range(taps.ndim) if a != dim)
@@ -236,8 +237,9 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     Algebra: stride ``sA*sB``; taps of ``a`` dilated by ``dA``, of ``b`` by ``dB*sA``;
     ``C[o, i] = sum_c fullconv(A[c, i], B[o, c])`` computed as tap products
     (:func:`_tap_products`: no multiplication by a zero tap); padding
-    ``pA + sA*pB`` per side in ``a``'s mode (``b``'s if only ``b`` pads); bias ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped
-    by ``gcd(gA, gB)`` then by whatever further block structure the weight has.
+    ``pA + sA*pB`` per side in ``a``'s mode (``b``'s if only ``b`` pads); bias
+    ``bB + sum_{c,j} B[o, c, j] * bA[c]``; grouped by ``gcd(gA, gB)`` then by whatever further
+    block structure the weight has.
     """
     if a.ndim != b.ndim:
         return Decline(Reason.RANK_MISMATCH, f"{a.ndim}D conv feeds a {b.ndim}D conv")
@@ -255,12 +257,15 @@ def compose(a: ConvSpec, b: ConvSpec) -> ConvSpec | Decline:
     if a.is_padded:
         mode = a.padding_mode
     keep_bias = a.bias is not None or b.bias is not None  # as the general route below
+    merged: ConvSpec | Decline | None
     if _is_channel_scale(b):  # conv then BN: no dense C x C intermediate
         merged = then_affine(a, _scale_of(b))
     elif _is_channel_scale(a):  # BN then conv (padding already checked above)
         merged = _scale_inputs(_scale_of(a), b).replace(padding_mode=mode)
     else:
         merged = None
+    if isinstance(merged, Decline):
+        return merged
     if merged is not None:
         return simplify(merged.replace(bias=merged.bias if keep_bias else None)).to(a.dtype)
 

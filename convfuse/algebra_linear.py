@@ -23,7 +23,7 @@ import numpy as np
 
 from .algebra import ChannelAffine, then_affine
 from .decline import Decline
-from .spec import ConvSpec
+from .spec import ConvSpec, InvalidSpecError
 
 __all__ = ["scaled", "without_zero_bias", "linear_spec", "as_matrix"]
 
@@ -49,7 +49,7 @@ def linear_spec(weight: Any, bias: Any = None) -> ConvSpec:
 def as_matrix(spec: ConvSpec) -> tuple[Any, Any]:
     """The dense ``[Co, Ci]`` matrix and bias of a 1D pointwise conv (block diagonal when grouped)."""
     if spec.ndim != 1 or not spec.is_pointwise or spec.is_padded or spec.stride != (1,):
-        raise ValueError(f"{spec!r} is not a Linear layer")
+        raise InvalidSpecError(f"{spec!r} is not a Linear layer")
     w = spec.weight[:, :, 0]
     if spec.groups == 1:
         return w, spec.bias

@@ -11,9 +11,11 @@ the file as the command line does (``convfuse: error: PATH: MESSAGE``).
 from __future__ import annotations
 
 import os
+from enum import IntEnum
 
 __all__ = [
     "one_line",
+    "ExitCode",
     "ConvfuseError",
     "InvalidModelError",
     "InvalidOptionError",
@@ -106,3 +108,20 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
+
+
+class ExitCode(IntEnum):
+    """How a command ends, one code per outcome (``convfuse merge/inspect/verify``; the library's
+    :class:`~convfuse.files.MergeResult` and :class:`~convfuse.verify.VerifyResult` carry theirs)."""
+
+    OK = 0
+    #: The candidate does not compute what the reference computes; nothing written.
+    VERIFY_FAILED = 1
+    #: Unreadable model, unwritable output, bad usage (click uses 2 for usage errors too).
+    BAD_INPUT = 2
+    #: A bug in convfuse (an exception it did not expect) or out of memory; never bad input.
+    INTERNAL = 3
+    #: The input cannot be run here (custom operators, no size it runs at): not verified.
+    UNVERIFIED = 4
+    #: Ctrl-C (128 + SIGINT, as shells report it); nothing written.
+    INTERRUPTED = 130

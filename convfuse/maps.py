@@ -114,11 +114,14 @@ def _transposed_unwritable(m: ConvTransposeSpec, pad_layer: bool) -> Decline | N
     limit = [max(s, d) if pad_layer else s for s, d in zip(m.stride, m.dilation)]
     if all(x < lim for x, lim in zip(extend, limit)):
         return None
+    needs = (
+        "torch needs that below max(stride, dilation)"
+        if pad_layer
+        else "ONNX Runtime needs that below the stride"
+    )
     return Decline(
         Reason.UNSUPPORTED,
-        f"the merged transposed conv extends its output by {extend} past its full size; "
-        f"{'torch needs that below max(stride, dilation)' if pad_layer else 'ONNX Runtime needs that below the stride'} "
-        f"= {limit}",
+        f"the merged transposed conv extends its output by {extend} past its full size; {needs} = {limit}",
     )
 
 

@@ -41,11 +41,11 @@ from . import maps
 from .algebra import Cost
 from .decline import Decline, Reason
 from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
-from .latency import Block, Candidate, Parallel, Timing
 from .maps import Map, add, compose, concat, identity, scaled
 from .policy import Judge, Policy
 from .report import MergeKind
 from .spec import ConvSpec
+from .timing import Block, Candidate, Parallel, Timing
 
 __all__ = ["MAX_CHAIN", "Merge", "Resum", "Plan", "plan"]
 

@@ -1,9 +1,11 @@
 """When a merge pays (DESIGN.md section 3). Shared by both front ends.
 
 ``flops`` (default) merges only what does not increase MACs or parameters; ``always`` every
-exact merge; ``latency`` times each candidate on ONNX Runtime (:mod:`convfuse.latency`) and
-keeps the merges that measure faster. :func:`judge` and :func:`judge_latency` are the rules;
-a :class:`Judge` applies one policy to candidates and carries the timings.
+exact merge; ``latency`` times each candidate with the :class:`~convfuse.timing.Timer` it is
+given (the front ends pass ONNX Runtime's, :class:`convfuse.latency.OrtTimer`) and keeps the
+merges that measure faster. :func:`judge` and :func:`judge_latency` are the rules; a
+:class:`Judge` applies one policy to candidates and carries the timings. Core: this module
+imports no runtime and no front end.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from enum import Enum
 
 from .algebra import Cost
 from .decline import Decline, Reason
-from .latency import Candidate, LatencyMeter, Timing, ms
+from .errors import InvalidOptionError
+from .timing import Candidate, LatencyMeter, Timer, Timing, ms
 
 __all__ = ["MAX_LATENCY_MAC_RATIO", "Policy", "Decision", "Judge", "judge", "judge_latency"]
 
@@ -36,7 +39,7 @@ class Policy(str, Enum):
             return cls(value)
         except ValueError:
             names = ", ".join(p.value for p in cls)
-            raise ValueError(f"unknown policy {value!r}; choose one of {names}") from None
+            raise InvalidOptionError(f"unknown policy {value!r}; choose one of {names}") from None
 
 
 def judge(policy: Policy | str, before: Cost, after: Cost) -> Decline | None:
@@ -77,15 +80,28 @@ class Judge:
     """One policy applied to candidate merges; under ``latency`` it times them with ``meter``.
 
     Front ends call :meth:`decide` with the costs and, under ``latency``, the
-    :class:`~convfuse.latency.Candidate` (the layers and the merged conv). A candidate that
+    :class:`~convfuse.timing.Candidate` (the layers and the merged conv). A candidate that
     cannot be timed (budget spent, no kernel for its type) is judged by the flops rule and the
-    decision says so.
+    decision says so. ``latency`` needs a ``meter``, or a ``timer`` to build one with the
+    default budget and margin: the judge owns no runtime (:func:`convfuse.latency.judge_for`
+    builds the ONNX Runtime one).
     """
 
-    def __init__(self, policy: Policy | str = Policy.FLOPS, meter: LatencyMeter | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy | str = Policy.FLOPS,
+        meter: LatencyMeter | None = None,
+        *,
+        timer: Timer | None = None,
+    ) -> None:
         self.policy = Policy.parse(policy)
         if self.policy is Policy.LATENCY and meter is None:
-            meter = LatencyMeter()
+            if timer is None:
+                raise InvalidOptionError(
+                    "the latency policy needs a timer "
+                    "(convfuse.latency.judge_for builds the ONNX Runtime one)"
+                )
+            meter = LatencyMeter(timer=timer)
         self.meter = meter if self.policy is Policy.LATENCY else None
 
     @classmethod
@@ -95,7 +111,7 @@ class Judge:
 
     @property
     def times(self) -> bool:
-        """Whether decisions need a :class:`~convfuse.latency.Candidate` (the latency policy)."""
+        """Whether decisions need a :class:`~convfuse.timing.Candidate` (the latency policy)."""
         return self.meter is not None
 
     def decide(self, before: Cost, after: Cost, candidate: Candidate | None = None) -> Decision:

@@ -38,7 +38,7 @@ class MergeKind(str, Enum):
     OTHER = "other"  # a kind this table does not know yet
 
     __str__ = str.__str__  # the value, in reports and f-strings
-    __format__ = str.__format__
+    __format__ = str.__format__  # type: ignore[assignment]
 
     @classmethod
     def of(cls, kind: str) -> MergeKind:

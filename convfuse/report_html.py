@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import InvalidOptionError, OutputError
 
 if TYPE_CHECKING:
     from .verify import OutputCheck, VerifyResult
@@ -44,7 +44,7 @@ _MAX_SCALE = 32
 def png(rgb: np.ndarray) -> bytes:
     """An ``[H, W, 3]`` uint8 array as PNG bytes (8-bit RGB, no filtering)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"png needs an [H, W, 3] uint8 array, got {rgb.dtype} {rgb.shape}")
+        raise InvalidOptionError(f"png needs an [H, W, 3] uint8 array, got {rgb.dtype} {rgb.shape}")
     h, w, _ = rgb.shape
     rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1)
 

@@ -86,7 +86,7 @@ class Geometry:
         if fixed is not None:
             return int(fixed)  # type: ignore[call-overload]
         k, s, d = (int(self._at(v, dim, 1)) for v in (self.kernel, self.stride, self.dilation))  # type: ignore[call-overload]
-        begin, end = self._at(self.pads, dim, (0, 0))  # type: ignore[misc]
+        begin, end = (int(x) for x in self._at(self.pads, dim, (0, 0)))  # type: ignore[attr-defined]
         extent = d * (k - 1) + 1
         if self.transposed:
             out = s * (size - 1) + int(self._at(self.output_padding, dim, 0)) + extent - begin - end  # type: ignore[call-overload]

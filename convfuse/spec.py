@@ -205,7 +205,7 @@ class ConvSpec:
         bias = None if self.bias is None else self.bias.astype(dt, copy=False)
         return replace(self, weight=self.weight.astype(dt, copy=False), bias=bias)
 
-    def replace(self, **changes: object) -> ConvSpec:
+    def replace(self, **changes: Any) -> ConvSpec:
         """A copy with ``changes`` applied (the spec itself is immutable)."""
         return replace(self, **changes)
 

@@ -59,7 +59,12 @@ class ExpandNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
         self.blocks = nn.Sequential(
-            ExpandBlock(16), nn.ReLU(), ExpandBlock(16), nn.ReLU(), ExpandBlock(16, expand_bias=True), nn.ReLU()
+            ExpandBlock(16),
+            nn.ReLU(),
+            ExpandBlock(16),
+            nn.ReLU(),
+            ExpandBlock(16, expand_bias=True),
+            nn.ReLU(),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
@@ -87,7 +92,11 @@ class RepVGG(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            RepVGGBlock(3, 16, 2), RepVGGBlock(16, 16), RepVGGBlock(16, 32, 2), RepVGGBlock(32, 32), RepVGGBlock(32, 32)
+            RepVGGBlock(3, 16, 2),
+            RepVGGBlock(16, 16),
+            RepVGGBlock(16, 32, 2),
+            RepVGGBlock(32, 32),
+            RepVGGBlock(32, 32),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
@@ -141,7 +150,9 @@ def export(name: str) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed files instead of writing"
+    )
     args = parser.parse_args()
     stale = []
     for name in SAMPLES:

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import convfuse
+from convfuse import files
 from convfuse.errors import ConvfuseError, InvalidModelError, InvalidOptionError, OutputError
-from convfuse_cli import _run
 from convfuse_cli.main import main
 
 from .onnx_builders import Graph
@@ -409,7 +409,7 @@ def test_in_place_failed_verification_leaves_the_input(
     model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = _digests(model_file.parent)
-    real = _run.fuse_onnx
+    real = files.fuse_onnx
 
     def wrong(model, **kwargs):  # type: ignore[no-untyped-def]
         fused, report = real(model, **kwargs)
@@ -420,7 +420,7 @@ def test_in_place_failed_verification_leaves_the_input(
         init.CopyFrom(numpy_helper.from_array(w, init.name))
         return fused, report
 
-    monkeypatch.setattr(_run, "fuse_onnx", wrong)
+    monkeypatch.setattr(files, "fuse_onnx", wrong)
     result = _invoke("merge", str(model_file), "--in-place")
     assert result.exit_code == 1
     assert "verification failed" in _one_error_line(result)
@@ -462,7 +462,7 @@ def test_an_unexpected_exception_is_an_internal_error_not_a_traceback(
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("unexpected\nstate")
 
-    monkeypatch.setattr(_run, "fuse_onnx", boom)
+    monkeypatch.setattr(files, "fuse_onnx", boom)
     before = _digests(model_file.parent)
     result = _invoke("merge", str(model_file))
     assert result.exit_code == 3
@@ -478,7 +478,7 @@ def test_interrupt_is_exit_130_and_writes_nothing(model_file: Path, monkeypatch:
     def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_run, "fuse_onnx", interrupted)
+    monkeypatch.setattr(files, "fuse_onnx", interrupted)
     before = _digests(model_file.parent)
     result = _invoke("merge", str(model_file))
     assert result.exit_code == 130

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from convfuse_cli import merge as merge_module
+from convfuse import files
 from convfuse_cli.main import main
 
 from .onnx_builders import Graph, check_fused, ops
@@ -100,14 +100,14 @@ def _break_first_conv(fused: onnx.ModelProto) -> None:
 
 def break_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``convfuse merge`` fuse subtly wrongly (:func:`_break_first_conv` on every result)."""
-    real_fuse = merge_module._run.fuse_onnx
+    real_fuse = files.fuse_onnx
 
     def wrong_fuse(model, **kwargs):  # type: ignore[no-untyped-def]
         fused, report = real_fuse(model, **kwargs)
         _break_first_conv(fused)
         return fused, report
 
-    monkeypatch.setattr(merge_module._run, "fuse_onnx", wrong_fuse)
+    monkeypatch.setattr(files, "fuse_onnx", wrong_fuse)
 
 
 def test_failed_verification_exits_1_and_writes_nothing(
@@ -138,7 +138,7 @@ def test_no_verify_skips_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def boom(ref, cand):  # type: ignore[no-untyped-def]
         raise AssertionError("must not verify")
 
-    monkeypatch.setattr(merge_module, "_verify", boom)
+    monkeypatch.setattr(files, "verify_onnx", boom)
     result = _invoke("merge", str(src), "--no-verify")
     assert result.exit_code == 0
     assert "verification skipped (--no-verify)" in result.stdout

@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import convfuse
+from convfuse import files
 from convfuse.errors import OutputError
 from convfuse.frontends.onnx import io as onnx_io
 from convfuse.frontends.onnx.io import save_model, stage_model
-from convfuse_cli import _run
 from convfuse_cli.main import main
 
 from .onnx_builders import Graph, check_fused
@@ -76,8 +76,8 @@ def test_input_unchanged_by_merge_inspect_and_verify(
     assert (
         _invoke("merge", str(src), "-o", str(tmp_path / "nodir" / "x.onnx")).exit_code == 2
     )  # merge failure
-    real = _run.fuse_onnx
-    monkeypatch.setattr(_run, "fuse_onnx", lambda m, **kw: (lambda f, r: (_perturbed(f), r))(*real(m, **kw)))
+    real = files.fuse_onnx
+    monkeypatch.setattr(files, "fuse_onnx", lambda m, **kw: (lambda f, r: (_perturbed(f), r))(*real(m, **kw)))
     assert _invoke("merge", str(src), "-o", str(tmp_path / "bad.onnx")).exit_code == 1  # verification failure
     assert not (tmp_path / "bad.onnx").exists()
     assert _digests(src.parent) == inputs

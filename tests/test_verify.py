@@ -16,16 +16,10 @@ from onnx import TensorProto
 from convfuse import runtime, verify
 from convfuse.compare import DEFAULT_RTOL, compare, locate, tolerance_for
 from convfuse.errors import ConvfuseError, DeviceUnavailableError, InvalidModelError, NotRunnableError
-from convfuse.runtime import (
-    InputSpec,
-    cuda_in_ort,
-    generate_inputs,
-    load_inputs,
-    parse_shape,
-    resolve_devices,
-)
+from convfuse.runtime import cuda_in_ort
 from convfuse.testing import assert_equivalent
 from convfuse.verify import VerifyResult, attribute, verify_onnx
+from convfuse.verify.inputs import InputSpec, generate_inputs, load_inputs, parse_shape, resolve_devices
 
 from . import verify_models as vm
 
@@ -68,9 +62,37 @@ def test_integer_and_bool_outputs_match_exactly_whatever_the_tolerance() -> None
     assert compare(ref, ref.copy(), rtol=0.0, atol=0.0, exact=True).passed
 
 
-def test_default_tolerances_per_dtype() -> None:
-    assert DEFAULT_RTOL == {"float64": 1e-9, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
-    assert tolerance_for("float32") == (1e-5, 0.0, False)
+def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """``values`` stored in ``dtype`` and read back as float64 (bfloat16 through its bits)."""
+    if dtype == "bfloat16":
+        return runtime.bfloat16_values(runtime.bfloat16_bits(values)).astype(np.float64)
+    return values.astype(dtype).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", sorted(DEFAULT_RTOL))
+def test_default_tolerance_passes_rounding_and_fails_a_real_error(dtype: str) -> None:
+    """Each dtype's default: a sum of 64 products rounded to the dtype at every step passes; one
+    element off by twice the tolerance fails (the default is neither too tight nor too loose)."""
+    rtol, atol, exact = tolerance_for(dtype)
+    assert rtol == DEFAULT_RTOL[dtype] and atol == 0.0 and not exact
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 64)), rng.standard_normal(64)
+    ref = a @ b
+    acc = np.zeros(256)
+    for j in range(64):  # accumulate in the dtype, as a kernel of that type does
+        acc = _rounded(acc + _rounded(_rounded(a[:, j], dtype) * _rounded(b[j : j + 1], dtype), dtype), dtype)
+    assert compare(ref, acc, rtol=rtol, atol=0.0, exact=False).passed
+    wrong = ref.copy()
+    wrong[7] += 2 * rtol * np.abs(ref).max()
+    assert not compare(ref, wrong, rtol=rtol, atol=0.0, exact=False).passed
+
+
+def test_default_tolerances_order_by_precision() -> None:
+    """Twin of the above: a wider type never gets a looser default than a narrower one."""
+    order = ["float64", "float32", "float16", "bfloat16"]  # by significand bits: 53, 24, 11, 8
+    assert sorted(DEFAULT_RTOL) == sorted(order)
+    assert [DEFAULT_RTOL[d] for d in order] == sorted(DEFAULT_RTOL[d] for d in order)
+    assert tolerance_for("float32") == (DEFAULT_RTOL["float32"], 0.0, False)
     assert tolerance_for("float16", rtol=0.1, atol=1e-3) == (0.1, 1e-3, False)
 
 
@@ -223,7 +245,7 @@ def test_attribution_runs_each_region_alone_so_noise_downstream_is_not_blamed(mo
     def cannot_run_alone(*args: object, **kwargs: object) -> None:
         raise ConvfuseError("forced")
 
-    monkeypatch.setattr(verify_module, "_region_alone", cannot_run_alone)
+    monkeypatch.setattr(verify_module.attribution, "_region_alone", cannot_run_alone)
     fallback = verify_onnx(ref, cand)
     assert len(fallback.suspects) > 1 and fallback.suspects[0].candidate_nodes == ("Conv 'conv9'",)
     assert any("could not run the region of 'c9' alone (forced)" in n for n in fallback.notes)

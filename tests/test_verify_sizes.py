@@ -17,10 +17,10 @@ from torch import nn
 import convfuse
 from convfuse.errors import NotRunnableError
 from convfuse.frontends.onnx.geometry import geometries
-from convfuse.input_plan import InputPlan
-from convfuse.runtime import signature
 from convfuse.sizes import Geometry
 from convfuse.verify import verify_onnx
+from convfuse.verify.input_plan import InputPlan
+from convfuse.verify.inputs import signature
 from convfuse_cli.main import main
 
 from . import dynamic_models as dm

@@ -33,11 +33,12 @@ from ...algebra import Cost
 from ...decline import Decline, Reason
 from ...errors import InvalidModelError, InvalidOptionError
 from ...ir import LinearGraph, LinearNode, OpKind, TensorInfo
-from ...latency import DEFAULT_BUDGET, LatencyMeter, Timer
+from ...latency import judge_for
 from ...planner import Merge, Resum, plan
 from ...policy import Judge, Policy
 from ...report import ModelStats, Report
 from ...spec import ConvSpec
+from ...timing import DEFAULT_BUDGET, Timer
 from ...transpose import ConvTransposeSpec
 from .io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size, subgraphs
 from .nodes import (
@@ -831,6 +832,18 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
     return ModelStats(dict(counts), totals["params"], macs, _size(model))
 
 
+def _knows_conv_outputs(model: onnx.ModelProto, shapes: Shapes) -> bool:
+    """Whether ``shapes`` has every Conv output of ``model`` (all graphs), all ``model_stats`` reads."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.op_type == "Conv" and node.output and node.output[0] not in shapes:
+                return False
+            graphs.extend(subgraphs(node))
+    return True
+
+
 def _size(model: onnx.ModelProto) -> int | None:
     """Bytes of the model serialised with its weights inline (None past protobuf's 2 GiB),
     counted without serialising it (:func:`~convfuse.frontends.onnx.io.serialized_size`)."""
@@ -893,10 +906,7 @@ def fuse_onnx(
     except ValueError as exc:
         raise InvalidOptionError(str(exc)) from None
     say: Progress = progress or (lambda message: None)
-    meter = (
-        LatencyMeter(device, latency_budget, timer=timer, progress=say) if chosen is Policy.LATENCY else None
-    )
-    judge = Judge(chosen, meter)
+    judge = judge_for(chosen, device, latency_budget, timer, progress=say)  # the ORT timer under latency
     if inplace:
         fused = source
     else:
@@ -913,7 +923,11 @@ def fuse_onnx(
     state = _State(judge, shapes, _opset(fused), report, say, _Names(fused))
     _fuse_graph(fused.graph, {}, state, "main graph")
     say("computing statistics of the result")
-    report.after = model_stats(fused, infer_shapes(fused)[0])
+    # Merged convs write the tensors they replace: the shapes inferred before fusing cover them,
+    # so shape inference runs once per pass (again only if a Conv output is new to them).
+    report.after = model_stats(
+        fused, shapes if _knows_conv_outputs(fused, shapes) else infer_shapes(fused)[0]
+    )
     report.timings["fuse"] = time.monotonic() - started
     _summarise(report)
     if note:

@@ -52,10 +52,11 @@ from ...errors import (
     one_line,
 )
 from ...ir import LinearGraph, LinearNode, OpKind
-from ...latency import DEFAULT_BUDGET, LatencyMeter, Timer
+from ...latency import judge_for
 from ...planner import Merge, Plan, Resum, plan
 from ...policy import Judge, Policy
 from ...report import ModelStats, Report
+from ...timing import DEFAULT_BUDGET, Timer
 from ...transpose import ConvTransposeSpec
 from .check import (
     Batches,
@@ -179,8 +180,7 @@ def _fuse_with_report(
         policy = Policy.parse(policy)
     except ValueError as exc:
         raise InvalidOptionError(str(exc)) from None
-    meter = LatencyMeter(device, latency_budget, timer=timer) if policy is Policy.LATENCY else None
-    judge = Judge(policy, meter)
+    judge = judge_for(policy, device, latency_budget, timer)  # the ORT timer under latency
     _refuse_training_batchnorm(module)
     inputs = _as_inputs(example_inputs)
     report = Report()

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .errors import ConvfuseError, InvalidModelError
-from .frontends.onnx.geometry import geometries, input_channels
-from .runtime import InputSpec, Port, checked_dims, dims_text, fits
-from .sizes import (
+from ..errors import ConvfuseError, InternalError, InvalidModelError
+from ..frontends.onnx.geometry import geometries, input_channels
+from ..sizes import (
     BATCH,
     Fit,
     Geometry,
@@ -34,6 +33,7 @@ from .sizes import (
     pick_second,
     progression,
 )
+from .inputs import InputSpec, Port, checked_dims, dims_text, fits
 
 __all__ = ["ATTEMPTS", "InputPlan"]
 
@@ -172,7 +172,8 @@ class InputPlan:
             if index == 0:
                 runs[key] = list(progression(group.status, group.first, ATTEMPTS))
                 continue
-            assert first is not None
+            if first is None:  # the first size is always settled before the second is planned
+                raise InternalError("the second input size was planned before the first")
             i, dim = group.members[0]
             ran = first[i].shape[dim + 2]
             second, note = pick_second(group.status, ran)
@@ -193,7 +194,7 @@ class InputPlan:
         specs = []
         for index, port in enumerate(self.ports):
             shape = tuple(
-                int(by_member.get((index, axis - 2), d if isinstance(d, int) else 1))  # type: ignore[arg-type]
+                int(by_member.get((index, axis - 2), d if isinstance(d, int) else 1))
                 for axis, d in enumerate(self.dims[index])
             )
             specs.append(InputSpec(port.name, port.dtype, shape))
@@ -216,8 +217,8 @@ class InputPlan:
             spatial = [str(axis) for axis, h in symbolic if h == "spatial"]
             if spatial:
                 parts.append(
-                    f"ax{'es' if len(spatial) > 1 else 'is'} {', '.join(spatial)}: derived from the graph, the "
-                    "smallest size every layer accepts and a larger one of the other parity"
+                    f"ax{'es' if len(spatial) > 1 else 'is'} {', '.join(spatial)}: derived from the "
+                    "graph, the smallest size every layer accepts and a larger one of the other parity"
                 )
             how = "; ".join(parts)
             notes.append(
