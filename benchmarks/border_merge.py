@@ -11,8 +11,11 @@ registry's own blocks leave it off so that case 1 applies), and ``samples/expand
 - ``case 1 only``: convfuse with :func:`convfuse.border_map.border_merges` off;
 - ``border``: convfuse as shipped (static size: ``Conv + Add(ring initializer)``; torch with
   ``example_inputs``: a ``BorderConv`` with the dense ring);
-- ``border dyn``: spatial dims dynamic (ONNX: the ring built from a ones map of the input's
-  shape; torch without ``example_inputs``: the ones-map conv in the module's forward).
+- ``border dyn``: spatial dims dynamic (ONNX: ``flops`` declines the ring built from the input's
+  shape, 6 nodes for 2 removed; torch without ``example_inputs``: the ones-map conv in the
+  module's forward);
+- ``dyn always`` (ONNX): the same under ``always``, i.e. the run-time ring (Shape ..
+  ConstantOfShape -> Conv -> Add), against declining it (``border dyn``).
 
 Timed round-robin in one process (:mod:`benchmarks.timing`), one thread, batch 1.
 
@@ -118,6 +121,7 @@ def _onnx_rows(
     models = {"original": static, "case 1 only": case1, "border": border}
     if dynamic is not None:
         models["border dyn"] = convfuse.fuse_onnx(dynamic)[0]
+        models["dyn always"] = convfuse.fuse_onnx(dynamic, policy="always")[0]  # the run-time ring
     feed = {static.graph.input[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     sessions = {k: _session(m) for k, m in models.items()}
     ref = sessions["original"].run(None, feed)[0]

@@ -240,9 +240,10 @@ def concat_maps(parts: Sequence[Map]) -> Map | Decline:
 @dataclass(frozen=True, eq=False)
 class Correction:
     """How a merge writes its ring: ``form`` ``"dense"`` (a constant ``[1, Co, *out]`` for input
-    size ``spatial``, added) or ``"ones"`` (``convs`` of a ones map of ``x``'s shape, built at run
-    time, added); ``cost``: what it adds per output position (MACs: the Add's elements and the
-    ones-map convs; parameters: the constant, or the ones-map conv weights)."""
+    size ``spatial``, added) or ``"ones"`` (``convs`` of a ones map of ``x``'s shape, added: a
+    constant ones map of size ``spatial`` where it is set, else built at run time); ``cost``: what
+    it adds per output position (MACs: the Add's elements and the ones-map convs; parameters: the
+    constant, or the ones-map conv weights and the constant ones map)."""
 
     map: BorderMap
     form: str
@@ -252,9 +253,12 @@ class Correction:
 
     @property
     def nodes(self) -> int:
-        """Graph nodes the ring adds where it is written as nodes (ONNX): the Add; the run-time
-        form also Shape, Slice, Concat, ConstantOfShape, and a Conv and an Add per ring conv."""
-        return 1 if self.form == "dense" else 4 + 2 * len(self.convs)
+        """Graph nodes the ring adds where it is written as nodes (ONNX): the Add; the ones-map
+        form a Conv and an Add per ring conv, and when the size is dynamic Shape, Slice, Concat and
+        ConstantOfShape."""
+        if self.form == "dense":
+            return 1
+        return 2 * len(self.convs) + (4 if self.spatial is None else 0)
 
     @property
     def note(self) -> str:
@@ -263,28 +267,38 @@ class Correction:
             out = self.map.terms[0].merge.out_size(self.spatial or ())
             shape = "x".join(str(d) for d in (co, *out))
             return f"padding case 2: merged with a border correction (a constant {shape} ring, added)"
+        ones = "a constant ones map" if self.spatial is not None else "a ones map of the input's shape"
         return (
-            "padding case 2: merged with a border correction (the ring built at run time by "
-            f"{len(self.convs)} one-channel conv(s) of a ones map, added)"
+            f"padding case 2: merged with a border correction (the ring as {len(self.convs)} "
+            f"one-channel conv(s) of {ones}, added)"
         )
 
 
-def correction_options(m: BorderMap, spatial: Sequence[int | None] | None) -> list[Correction] | Decline:
+def correction_options(
+    m: BorderMap, spatial: Sequence[int | None] | None, as_nodes: bool = False
+) -> list[Correction] | Decline:
     """The ways to write ``m``'s ring, best first: dense when the input size is known, then the
-    run-time ones-map form where it exists. A decline when neither is available (dynamic size
-    after a first conv that is not pointwise and unpadded)."""
+    ones-map form where it exists. A decline when neither is available (dynamic size after a
+    first conv that is not pointwise and unpadded).
+
+    ``as_nodes`` (the ring written as graph nodes, ONNX): for a known size the ones map is a
+    constant ``[1, 1, *x.spatial]`` (its elements counted as parameters; a runtime folds the
+    ring convs of it at load), else built from the input's shape at run time."""
     co = m.spec.out_channels
     options: list[Correction] = []
     static = spatial is not None and all(d is not None for d in spatial)
+    size = tuple(int(d) for d in spatial) if static else ()  # type: ignore[union-attr, arg-type]
     if static:
-        size = tuple(int(d) for d in spatial)  # type: ignore[union-attr, arg-type]
         out = m.terms[0].merge.out_size(size)
         options.append(Correction(m, "dense", Cost(co, co * math.prod(out)), size))
     convs = m.ring_convs()
     if not isinstance(convs, Decline):
         macs = co + sum(c.macs_per_position() for c in convs)
         params = sum(c.params() for c in convs)
-        options.append(Correction(m, "ones", Cost(macs, params), None, tuple(convs)))
+        if static and as_nodes:
+            params += math.prod(size)
+        at = size if static and as_nodes else None
+        options.append(Correction(m, "ones", Cost(macs, params), at, tuple(convs)))
     elif not options:
         return Decline(
             Reason.PADDED_AFTER_BIASED_POINTWISE,

@@ -782,7 +782,7 @@ class _Region:
             return Decline(Reason.NOTHING_TO_MERGE, "no convolution among these layers")
         options: list[Correction | None] = [None]
         if isinstance(spec, BorderMap):
-            found = correction_options(spec, self.info[x].spatial)
+            found = correction_options(spec, self.info[x].spatial, self.g.ring_nodes)
             if isinstance(found, Decline):
                 return found
             options = list(found)

@@ -192,6 +192,21 @@ def test_expansion_block_with_default_biases_onnx() -> None:
     assert "padding case 2" in report.merges[0].note
 
 
+def test_large_input_takes_the_constant_ones_map_form_onnx() -> None:
+    """At 64x64 the dense ring (8x64x64) outweighs the weights the merge saves under ``flops``:
+    the ring is a one-channel Conv of a constant ones map instead (two nodes, 4K + 80 numbers)."""
+    g = Graph([1, 8, 64, 64])
+    y = g.conv("x", 8, 32, 1)
+    y = g.conv(y, 32, 32, 3, pads=[1, 1, 1, 1])
+    y = g.conv(y, 32, 8, 1)
+    fused, report = fuse_checked(g.model([y]))
+    assert ops(fused) == {"Conv": 2, "Add": 1}
+    (ones,) = [t for t in fused.graph.initializer if "border_ones" in t.name]
+    assert list(ones.dims) == [1, 1, 64, 64] and "constant ones map" in report.merges[0].note
+    (m,) = report.merges
+    assert m.after.macs <= m.before.macs and m.after.params <= m.before.params
+
+
 def test_expansion_block_dynamic_onnx() -> None:
     """Dynamic size: the run-time ring (Shape .. ConstantOfShape, Conv, Add) under ``always``;
     under ``flops`` it would grow the graph (6 nodes for 2 removed): declined as case 2."""
@@ -207,6 +222,26 @@ def test_expansion_block_dynamic_onnx() -> None:
 
 
 # ----------------------------------------------------------------------------- what follows the ring
+def test_fusing_a_fused_model_again_keeps_the_border_conv() -> None:
+    """A BorderConv is a leaf for torch.fx: a second pass traces its parent and leaves it whole."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _expansion()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.body(x) + x)
+
+    block = Block().eval()
+    once = convfuse.fuse(block)
+    twice, report = convfuse.fuse_with_report(once)
+    assert not any(d.reason is Reason.UNTRACEABLE for d in report.declines), report.to_text(True)
+    assert sum(isinstance(m, BorderConv) for m in twice.modules()) == 1
+    x = torch.randn(1, 8, 10, 10)
+    assert rel_err(block(x), twice(x)) < 1e-5
+
+
 def test_residual_and_bn_after_the_ring_torch() -> None:
     """A sum with the input (a plain branch on the same grid) and a BN after it carry the ring."""
 

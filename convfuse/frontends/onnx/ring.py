@@ -4,10 +4,11 @@ A plan's :class:`~convfuse.planner.Merge` with a ``ring`` (:class:`~convfuse.bor
 is written as its Conv into a fresh tensor, then an ``Add`` of the ring:
 
 - ``dense`` (static input size): the ring as an initializer ``[1, Co, *out]`` in the model's type;
-- ``ones`` (any size): ``Shape(x) -> Slice[2:] -> Concat([1, 1], .) -> ConstantOfShape(1)``, the
-  ones map of ``x``'s grid, then one ``Conv`` per ring geometry (``Co`` outputs, one input
-  channel, the merge's geometry on ``x``'s grid), summed into the ``Add``. Needs opset 10 (Slice
-  with inputs); older opsets decline.
+- ``ones``: a ones map of ``x``'s grid, then one ``Conv`` per ring geometry (``Co`` outputs, one
+  input channel, the merge's geometry on ``x``'s grid), summed into the ``Add``. For a static
+  size the ones map is an initializer ``[1, 1, *x.spatial]`` (two nodes, few bytes; ONNX Runtime
+  folds the ring Conv at load); for a dynamic one it is ``Shape(x) -> Slice[2:] -> Concat([1, 1],
+  .) -> ConstantOfShape(1)``, which needs opset 10 (Slice with inputs; older opsets decline).
 
 Not to be confused with :mod:`.border` (bias-filled borders read as zero pads, issue 16).
 """
@@ -54,10 +55,6 @@ def ring_nodes(
         r_name = fresh(f"{name}.border_ring")
         add = helper.make_node("Add", [conv_out, r_name], [y], name=fresh(f"{name}/border"))
         return [add], [NewTensor(r_name, array, elem_type)]
-    if opset < 10:
-        return Decline(
-            Reason.UNSUPPORTED, "opset < 10: building the border ring from the input's shape needs Slice-10"
-        )
     nodes: list[onnx.NodeProto] = []
     inits: list[NewTensor] = []
 
@@ -65,6 +62,14 @@ def ring_nodes(
         n = fresh(f"{name}.{base}")
         inits.append(NewTensor(n, array, elem))
         return n
+
+    if ring.spatial is not None:  # a known size: the ones map is a constant
+        ones = const("border_ones", np.ones((1, 1, *ring.spatial), dtype), elem_type)
+        return _ring_convs(ring, name, ones, conv_out, y, elem_type, fresh, nodes, inits)
+    if opset < 10:
+        return Decline(
+            Reason.UNSUPPORTED, "opset < 10: building the border ring from the input's shape needs Slice-10"
+        )
 
     i64 = onnx.TensorProto.INT64
     shape, spatial, ones_shape, ones = (
@@ -86,6 +91,21 @@ def ring_nodes(
             "ConstantOfShape", [ones_shape], [ones], value=one, name=fresh(f"{name}/border_ones")
         )
     )
+    return _ring_convs(ring, name, ones, conv_out, y, elem_type, fresh, nodes, inits)
+
+
+def _ring_convs(
+    ring: Correction,
+    name: str,
+    ones: str,
+    conv_out: str,
+    y: str,
+    elem_type: int,
+    fresh: Callable[[str], str],
+    nodes: list[onnx.NodeProto],
+    inits: list[NewTensor],
+) -> tuple[list[onnx.NodeProto], list[NewTensor]] | Decline:
+    """``y = conv_out + sum_k Conv_k(ones)``, appended to ``nodes``/``inits``."""
     parts = []
     for k, spec in enumerate(ring.convs):
         part = fresh(f"{name}/border_ring{k}")

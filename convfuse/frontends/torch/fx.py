@@ -70,7 +70,7 @@ from .check import (
 from .importer import op_node, parameter_sizes
 from .layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
 from .ops import ConvOp, IdentityOp, LinearOp, numpy_dtype, weight_dtype_device
-from .ring import border_conv
+from .ring import BorderConv, border_conv
 from .rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
 from .surgery import absorbed as placeholder
 from .surgery import (
@@ -498,7 +498,8 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or has_module_rule(m) or has_hooks(m)
+        leaf = super().is_leaf_module(m, module_qualified_name) or has_module_rule(m) or has_hooks(m)
+        return leaf or isinstance(m, BorderConv)  # a fused case-2 merge: kept whole, never re-traced
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
