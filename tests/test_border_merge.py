@@ -180,12 +180,17 @@ def test_expansion_block_with_default_biases_torch(example: bool) -> None:
     assert rel_err(block(x), double(x)) < TOL
 
 
-def test_expansion_block_with_default_biases_onnx() -> None:
-    g = Graph([1, 8, 14, 14])
+def _expansion_onnx(shape: list[int | str]) -> onnx.ModelProto:
+    """The expansion block as ONNX: 1x1 (8 -> 32) -> 3x3 padded -> 1x1 (32 -> 8), all biased."""
+    g = Graph(shape)
     y = g.conv("x", 8, 32, 1)
     y = g.conv(y, 32, 32, 3, pads=[1, 1, 1, 1])
     y = g.conv(y, 32, 8, 1)
-    fused, report = fuse_checked(g.model([y]))
+    return g.model([y])
+
+
+def test_expansion_block_with_default_biases_onnx() -> None:
+    fused, report = fuse_checked(_expansion_onnx([1, 8, 14, 14]))
     assert ops(fused) == {"Conv": 1, "Add": 1}
     ring = [t for t in fused.graph.initializer if "border_ring" in t.name]
     assert len(ring) == 1 and list(ring[0].dims) == [1, 8, 14, 14]
@@ -195,11 +200,7 @@ def test_expansion_block_with_default_biases_onnx() -> None:
 def test_large_input_takes_the_constant_ones_map_form_onnx() -> None:
     """At 64x64 the dense ring (8x64x64) outweighs the weights the merge saves under ``flops``:
     the ring is a one-channel Conv of a constant ones map instead (two nodes, 4K + 80 numbers)."""
-    g = Graph([1, 8, 64, 64])
-    y = g.conv("x", 8, 32, 1)
-    y = g.conv(y, 32, 32, 3, pads=[1, 1, 1, 1])
-    y = g.conv(y, 32, 8, 1)
-    fused, report = fuse_checked(g.model([y]))
+    fused, report = fuse_checked(_expansion_onnx([1, 8, 64, 64]))
     assert ops(fused) == {"Conv": 2, "Add": 1}
     (ones,) = [t for t in fused.graph.initializer if "border_ones" in t.name]
     assert list(ones.dims) == [1, 1, 64, 64] and "constant ones map" in report.merges[0].note
@@ -210,13 +211,10 @@ def test_large_input_takes_the_constant_ones_map_form_onnx() -> None:
 def test_expansion_block_dynamic_onnx() -> None:
     """Dynamic size: the run-time ring (Shape .. ConstantOfShape, Conv, Add) under ``always``;
     under ``flops`` it would grow the graph (6 nodes for 2 removed): declined as case 2."""
-    g = Graph(["n", 8, "h", "w"])
-    y = g.conv("x", 8, 32, 1)
-    y = g.conv(y, 32, 32, 3, pads=[1, 1, 1, 1])
-    y = g.conv(y, 32, 8, 1)
-    fused, _ = fuse_checked(g.model([y]), policy="always")
+    model = _expansion_onnx(["n", 8, "h", "w"])
+    fused, _ = fuse_checked(model, policy="always")
     assert ops(fused)["Conv"] == 2 and ops(fused)["ConstantOfShape"] == 1
-    fused, report = fuse_checked(g.model([y]))
+    fused, report = fuse_checked(model)
     assert ops(fused) == {"Conv": 2} and Reason.PADDED_AFTER_BIASED_POINTWISE in reasons(report)
     assert any("adds 6 nodes" in d.decline.message for d in report.declines)
 
