@@ -120,7 +120,9 @@ class LinearGraph:
         front end knows; ``fresh`` hands out unused tensor names (for partial sums); ``describe``
     names the readers of a tensor that are not nodes of this graph (for report lines);
     ``pad_layer``: the front end writes a conv with asymmetric padding as a pad layer and a conv
-    (torch convs pad symmetrically), so such a merge must replace more than two layers.
+    (torch convs pad symmetrically), so such a merge must replace more than two layers;
+    ``ring_nodes``: the front end writes a case-2 border ring as graph nodes (ONNX: an Add, and
+    the run-time form's shape plumbing and convs), not inside the merged layer (torch).
     """
 
     nodes: list[LinearNode]
@@ -130,6 +132,7 @@ class LinearGraph:
     fresh: Callable[[str], str] | None = None
     describe: Callable[[str], str] | None = None
     pad_layer: bool = False
+    ring_nodes: bool = False
 
     def __post_init__(self) -> None:
         self.producer: dict[str, LinearNode] = {n.output: n for n in self.nodes}

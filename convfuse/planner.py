@@ -37,8 +37,17 @@ from typing import Any
 import numpy as np
 
 from . import estimate
-from .algebra import Cost, add, compose, concat, identity
-from .algebra_linear import scaled, without_zero_bias
+from .algebra import Cost, identity
+from .algebra_linear import without_zero_bias
+from .border_map import (
+    BorderMap,
+    Correction,
+    add_maps,
+    compose_maps,
+    concat_maps,
+    correction_options,
+    scale_map,
+)
 from .decline import Decline, Reason
 from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
 from .policy import Judge, Policy
@@ -66,6 +75,7 @@ class Merge:
     note: str = ""
     timing: Timing | None = None
     linear: bool = False  # a Linear layer on the last dim: ``spec`` is 1D pointwise [Co, Ci, 1]
+    ring: Correction | None = None  # case 2: ``y = spec(x) + ring`` (convfuse.border_map)
 
     @property
     def group(self) -> MergeKind:
@@ -146,6 +156,7 @@ class _Option:
 
 
 _NONE = _Option(0.0, 0, 0)
+_FREE = Cost(0, 0)  # no border correction
 
 
 class _Retry(Exception):
@@ -499,7 +510,7 @@ class _Region:
         for n in nodes:
             self._build(n)
         self.factor = self._factors(y)
-        self._maps: dict[tuple[str, str, tuple[int, ...]], ConvSpec | Decline] = {}
+        self._maps: dict[tuple[str, str, tuple[int, ...]], ConvSpec | BorderMap | Decline] = {}
         self._best: dict[tuple[str, str, tuple[int, ...]], _Option] = {}
 
     # ------------------------------------------------------------------ building
@@ -663,29 +674,29 @@ class _Region:
         return False
 
     # ------------------------------------------------------------------ maps
-    def map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | Decline:
+    def map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | BorderMap | Decline:
         """``y`` as one conv of ``x`` (``nodes``: the sub-region between them)."""
         key = (x, y, tuple(id(n) for n in nodes))
         if key not in self._maps:
             self._maps[key] = self._compute_map(x, y, nodes)
         return self._maps[key]
 
-    def _compute_map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | Decline:
+    def _compute_map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | BorderMap | Decline:
         if not nodes:  # the input itself, in the precision the layers were built in (float64)
             dtype = next(spec.dtype for spec in self.spec.values())
             return identity(self.info[x].channels, self.info[x].ndim, dtype=dtype)
-        acc: ConvSpec | Decline | None = None
+        acc: ConvSpec | BorderMap | Decline | None = None
         for seg_in, seg in self._series(x, nodes):
             m = self.segment_map(seg_in, seg)
             if isinstance(m, Decline):
                 return m
-            acc = m if acc is None else compose(acc, m)
+            acc = m if acc is None else compose_maps(acc, m)
             if isinstance(acc, Decline):
                 return acc
         assert acc is not None
         return acc
 
-    def segment_map(self, a: str, seg: tuple[LinearNode, ...]) -> ConvSpec | Decline:
+    def segment_map(self, a: str, seg: tuple[LinearNode, ...]) -> ConvSpec | BorderMap | Decline:
         last = seg[-1]
         if last.kind.is_unary:
             return self.spec[id(last)]
@@ -695,17 +706,30 @@ class _Region:
             if isinstance(m, Decline):
                 return m
             if last.kind is OpKind.SUM:
-                m = scaled(m, br.coef)
+                m = scale_map(m, br.coef)
                 if isinstance(m, Decline):
                     return m
             parts.append(m)
-        return add(parts) if last.kind is OpKind.SUM else concat(parts)
+        return add_maps(parts) if last.kind is OpKind.SUM else concat_maps(parts)
 
     # ------------------------------------------------------------------ policy
-    def decide(self, nodes: Sequence[LinearNode], merged: ConvSpec, x: str, y: str, block: Block | None):
+    def decide(
+        self,
+        nodes: Sequence[LinearNode],
+        merged: ConvSpec,
+        x: str,
+        y: str,
+        block: Block | None,
+        extra: Cost = _FREE,
+    ):
+        """The policy's decision on one merge (``extra``: a border correction's cost per output
+        position of ``y``, added to the merged conv's)."""
         macs, params = self.before(nodes)
         before = Cost(int(round(macs)), params)
-        after = Cost(int(round(merged.macs_per_position() * self.factor.get(y, 1))), merged.params())
+        after = Cost(
+            int(round((merged.macs_per_position() + extra.macs) * self.factor.get(y, 1))),
+            merged.params() + extra.params,
+        )
         candidate = None
         if self.p.judge.times and block is not None and not self.features:
             candidate = Candidate(block, merged, self.info[x].shape, self.p.dtype or _default_dtype())
@@ -746,27 +770,58 @@ class _Region:
         nodes: tuple[LinearNode, ...],
         x: str,
         y: str,
-        spec: ConvSpec,
+        spec: ConvSpec | BorderMap,
         block: Block | None,
         adds: int = 0,
     ) -> _Option | Decline:
-        """One conv for ``nodes`` (and ``adds`` terms of a sum) if the policy allows it; else why not."""
+        """One conv for ``nodes`` (and ``adds`` terms of a sum) if the policy allows it; else why not.
+
+        A :class:`~convfuse.border_map.BorderMap` (case 2) is one conv plus its ring: the first
+        form of :func:`~convfuse.border_map.correction_options` the policy allows, its cost added."""
         if not any(n.kind.is_anchor for n in nodes):
             return Decline(Reason.NOTHING_TO_MERGE, "no convolution among these layers")
+        options: list[Correction | None] = [None]
+        if isinstance(spec, BorderMap):
+            found = correction_options(spec, self.info[x].spatial, self.g.ring_nodes)
+            if isinstance(found, Decline):
+                return found
+            options = list(found)
+            spec = spec.spec
         spec = without_zero_bias(spec)
         written = 2 if self.g.pad_layer and any(b != e for b, e in spec.pads) else 1
         pads = sum(1 for n in nodes if n.kind is OpKind.PAD)
         if len(nodes) + adds - pads <= 1 and len(nodes) + adds <= written:
             return Decline(Reason.NOTHING_TO_MERGE, "the merged conv would be written as as many layers")
-        decision, before, after = self.decide(nodes, spec, x, y, block)
-        if decision.decline is not None:
-            return decision.decline
-        note = "; ".join(s for s in (self.note(nodes), decision.note) if s)
-        merge = Merge(_kind(nodes), nodes, x, y, spec, before, after, note, decision.timing, self.features)
-        return _Option(after.macs, after.params, written, (merge,))
+        refused: Decline | None = None
+        for ring in options:
+            extra = ring.cost if ring is not None else _FREE
+            grows = ring is not None and self.g.ring_nodes and written + ring.nodes > len(nodes) + adds
+            if ring is not None and grows and not self.p.layers_first:  # flops: never grow the graph
+                refused = refused or Decline(
+                    Reason.PADDED_AFTER_BIASED_POINTWISE,
+                    f"padding case 2: exact only with a border correction, whose {ring.form} form adds "
+                    f"{ring.nodes} nodes where the merge removes {len(nodes) + adds - written}",
+                )
+                continue
+            decision, before, after = self.decide(nodes, spec, x, y, block, extra)
+            if decision.decline is not None:
+                refused = refused or decision.decline
+                continue
+            note = "; ".join(s for s in (self.note(nodes, ring), decision.note) if s)
+            merge = Merge(
+                _kind(nodes), nodes, x, y, spec, before, after, note, decision.timing, self.features, ring
+            )
+            return _Option(after.macs, after.params, written, (merge,))  # a ring's Add is no layer
+        assert refused is not None
+        if options[0] is not None and refused.reason is Reason.NOT_PROFITABLE:  # still case 2 in the report
+            return Decline(
+                Reason.PADDED_AFTER_BIASED_POINTWISE,
+                f"padding case 2: exact only with a border correction, which does not pay here: {refused.message}",
+            )
+        return refused
 
-    def note(self, nodes: Sequence[LinearNode]) -> str:
-        notes = []
+    def note(self, nodes: Sequence[LinearNode], ring: Correction | None = None) -> str:
+        notes = [] if ring is None else [ring.note]
         if any(n.kind is OpKind.PAD for n in nodes):
             notes.append("zero Pad folded into the conv padding")
         produced = {n.output: n for n in nodes}
@@ -782,6 +837,7 @@ class _Region:
                     todo += list(p.inputs)
             if (
                 before
+                and ring is None
                 and all(
                     p.kind.is_unary and self.spec[id(p)].is_pointwise and not self.spec[id(p)].is_padded
                     for p in before
@@ -814,9 +870,9 @@ class _Region:
         # results[(i, j)]: collapsing segments i..j-1 into one conv (an option or why not)
         results: dict[tuple[int, int], _Option | Decline] = {}
         for i in range(k):
-            acc: ConvSpec | Decline | None = None
+            acc: ConvSpec | BorderMap | Decline | None = None
             geo: ConvSpec | None = None
-            pending: list[ConvSpec] = []
+            pending: list[ConvSpec | BorderMap] = []
             nodes_ij: tuple[LinearNode, ...] = ()
             for j in range(i + 1, min(k, i + MAX_CHAIN) + 1):
                 a, seg = segments[j - 1]
@@ -827,9 +883,9 @@ class _Region:
                     break
                 nodes_ij = nodes_ij + seg
                 if j == i + 1:
-                    acc, geo = m, m
+                    acc, geo = m, _conv_part(m)
                     continue
-                geo = _shape(geo, m) if geo is not None else None
+                geo = _shape(geo, _conv_part(m)) if geo is not None else None
                 pending.append(m)
                 if not any(n.kind.is_anchor for n in nodes_ij):
                     continue
@@ -841,7 +897,7 @@ class _Region:
                         results[(i, j)] = refused.decline
                         continue
                 for step in pending:
-                    acc = compose(acc, step)  # type: ignore[arg-type]
+                    acc = compose_maps(acc, step)  # type: ignore[arg-type]
                     if isinstance(acc, Decline):
                         break
                 pending = []
@@ -948,7 +1004,7 @@ class _Region:
         maps = []
         for br in branches:
             m = self.map(a, br.tensor, br.nodes)
-            maps.append(scaled(m, br.coef) if not isinstance(m, Decline) else m)
+            maps.append(scale_map(m, br.coef) if not isinstance(m, Decline) else m)
         groups: list[list[int]] = []
         merged: list[_Option | None] = []
         for bi, m in enumerate(maps):
@@ -956,7 +1012,7 @@ class _Region:
                 for gi, group in enumerate(groups):
                     if isinstance(maps[group[0]], Decline):
                         continue
-                    cand = add([maps[i] for i in group + [bi]])
+                    cand = add_maps([maps[i] for i in group + [bi]])
                     members = tuple(n for i in group + [bi] for n in branches[i].nodes)
                     if isinstance(cand, Decline) or not members:
                         continue
@@ -995,10 +1051,10 @@ class _Region:
                 terms.append((br.tensor, br.coef))
                 continue
             assert option is not None
-            (m,) = option.merges
-            y = self.g.new_name(f"{last.output}/{m.sources[0]}")
+            (one,) = option.merges
+            y = self.g.new_name(f"{last.output}/{one.sources[0]}")
             self.p.out.fresh.add(y)
-            total = total + _Option(option.macs, option.params, 1, (replace(m, kind="sum", y=y),))
+            total = total + _Option(option.macs, option.params, 1, (replace(one, kind="sum", y=y),))
             terms.append((y, 1.0))
         adds = max(len(terms) - 1, 1)  # the rebuilt sum: one add fewer per term merged away
         return total + _Option(0, 0, adds - len(tree), resums=(Resum(tree, tuple(terms), last.output),))
@@ -1011,6 +1067,11 @@ class _Branch:
     tensor: str
     coef: float
     nodes: tuple[LinearNode, ...]
+
+
+def _conv_part(m: ConvSpec | BorderMap) -> ConvSpec:
+    """The conv of a map (a border map's ring costs extra, judged when it merges)."""
+    return m.spec if isinstance(m, BorderMap) else m
 
 
 def _shape(acc: ConvSpec, m: ConvSpec) -> ConvSpec | None:

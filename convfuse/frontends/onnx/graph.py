@@ -54,6 +54,7 @@ from .nodes import (
     unread_nodes,
 )
 from .prepass import prepare
+from .ring import ring_nodes
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
@@ -505,7 +506,7 @@ def _linear_graph(index: _Index, state: _State) -> LinearGraph:
         for t in {n.output for n in nodes} | {i for n in nodes for i in n.inputs}
         if (dims := index.shape(t)) is not None
     }
-    return LinearGraph(nodes, external, set(index.output_set), shapes, state.names.fresh)
+    return LinearGraph(nodes, external, set(index.output_set), shapes, state.names.fresh, ring_nodes=True)
 
 
 def _elem_type(merge: Merge) -> int | None:
@@ -546,10 +547,23 @@ def merge_regions(
                 rank2=rank2,
             )
         else:
+            conv_out = state.names.fresh(f"{merge.y}/conv") if merge.ring is not None else merge.y
             made = conv_node(
-                merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh
+                merge.spec, name=name, x=merge.x, y=conv_out, elem_type=elem_type, fresh=state.names.fresh
             )
             made = made if isinstance(made, Decline) else ([made[0]], made[1])
+            if merge.ring is not None and not isinstance(made, Decline):  # case 2: Conv + Add(ring)
+                extra = ring_nodes(
+                    merge.ring,
+                    name=name,
+                    x=merge.x,
+                    conv_out=conv_out,
+                    y=merge.y,
+                    elem_type=elem_type,
+                    opset=state.opset,
+                    fresh=state.names.fresh,
+                )
+                made = extra if isinstance(extra, Decline) else (made[0] + extra[0], made[1] + extra[1])
         if isinstance(made, Decline):
             declines.append((list(merge.sources), made))
             failed.add(merge.y)

@@ -71,6 +71,7 @@ from .check import (
 from .importer import op_node, parameter_sizes
 from .layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
 from .ops import ConvOp, IdentityOp, LinearOp, numpy_dtype, weight_dtype_device
+from .ring import BorderConv, border_conv
 from .rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
 from .surgery import absorbed as placeholder
 from .surgery import (
@@ -189,7 +190,7 @@ def _fuse_with_report(
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot work on a copy
         raise InvalidModelError(f"cannot copy {type(module).__name__} to fuse it: {exc}") from exc
     report.before, ref_out = _stats(reference, inputs, report)
-    shapes = _input_shapes(reference, inputs) if judge.times and inputs is not None else {}
+    shapes = _input_shapes(reference, inputs) if inputs is not None else {}  # latency, border rings
     batches = _batches(reference, inputs, report) if check else None
     if not check:
         report.notes.append("self-check: skipped (check=False)")
@@ -497,7 +498,8 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or has_module_rule(m) or has_hooks(m)
+        leaf = super().is_leaf_module(m, module_qualified_name) or has_module_rule(m) or has_hooks(m)
+        return leaf or isinstance(m, BorderConv)  # a fused case-2 merge: kept whole, never re-traced
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
@@ -981,6 +983,8 @@ def layer_from_merge(merge: Merge, dtype: torch.dtype, device: Any, types: dict[
     a region of Linear layers, marked with the layers it replaces (``types``: their class names)."""
     make = linear_from_spec if merge.linear else conv_from_spec
     layer = make(merge.spec, dtype, device)
+    if merge.ring is not None:  # case 2: the conv plus its border ring
+        layer = border_conv(layer, merge.ring, dtype, device)
     return mark_provenance(layer, merge.sources, merge.kind, types)
 
 
