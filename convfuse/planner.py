@@ -40,7 +40,7 @@ from . import estimate
 from .algebra import Cost, add, compose, concat, identity
 from .algebra_linear import scaled, without_zero_bias
 from .decline import Decline, Reason
-from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
+from .ir import REGROUP, LinearGraph, LinearNode, OpKind, TensorInfo
 from .latency import Block, Candidate, Parallel, Timing
 from .policy import Judge, Policy
 from .report import MergeKind
@@ -401,7 +401,24 @@ class _Planner:
         return list(best.merges), list(best.resums)
 
     def _input_info(self, x: str, nodes: list[LinearNode]) -> TensorInfo | Decline:
-        """Channels and rank of ``x``: its known shape, else what the nodes reading it fix."""
+        """Channels and rank of ``x``: its known shape, else what the nodes reading it fix.
+
+        A reshape that regroups the dims before the last (``REGROUP``) is the identity only on
+        a Linear layer's features: among convolutions it moves the channels, so the region is
+        cut there (each side planned on its own)."""
+        regroup = [n for n in nodes if n.layout == REGROUP]
+        if regroup:
+            for n in regroup:
+                self._decline(
+                    [n.name, *(m.name for m in nodes if m.kind.is_anchor)],
+                    Decline(
+                        Reason.RANK_MISMATCH,
+                        f"{n.name} regroups the dims before the last; convolutions read channels at dim 1",
+                    ),
+                )
+            cut = {t for n in regroup for t in (*n.inputs, n.output)}
+            if not cut <= self.materialized:
+                raise _Retry(tensors=cut)
         shape = self.g.shapes.get(x)
         ndims = {n.ndim for n in nodes if n.ndim is not None}
         if shape is not None and len(shape) >= 3 and shape[1] is not None:

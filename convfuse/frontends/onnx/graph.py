@@ -26,13 +26,14 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ...algebra import Cost
 from ...decline import Decline, Reason
 from ...errors import InvalidModelError, InvalidOptionError
-from ...ir import LinearGraph, LinearNode, OpKind, TensorInfo
+from ...ir import REGROUP, LinearGraph, LinearNode, OpKind, TensorInfo
 from ...latency import DEFAULT_BUDGET, LatencyMeter, Timer
 from ...planner import Merge, Resum, plan
 from ...policy import Judge, Policy
@@ -429,6 +430,7 @@ _OP_KINDS = {
     "linear": OpKind.LINEAR,
     "pad": OpKind.PAD,
     "avgpool": OpKind.POOL,
+    "reshape": OpKind.IDENTITY,
 }
 
 
@@ -459,7 +461,7 @@ def _unary_node(node: onnx.NodeProto, op: LinearOp, index: _Index) -> LinearNode
         weights=_param_sizes(node, index, op.x),
         refused=op.refused,
         origin=(node, op),
-        layout={"linear": "last", "bn": "first"}.get(op.kind),
+        layout={"linear": "last", "bn": "first", "reshape": REGROUP}.get(op.kind),
         tag=op.kind,
     )
 
@@ -535,15 +537,22 @@ def merge_regions(
         elem_type = elem_type or onnx.TensorProto.FLOAT
         if merge.linear:
             rank2 = len(index.shape(merge.x) or ()) == 2
-            made = linear_nodes(
-                merge.spec,
-                name=name,
-                x=merge.x,
-                y=merge.y,
-                elem_type=elem_type,
-                fresh=state.names.fresh,
-                rank2=rank2,
+            regroup = _regroup_back(index, merge, state.names.fresh)
+            made = (
+                regroup
+                if isinstance(regroup, Decline)
+                else linear_nodes(
+                    merge.spec,
+                    name=name,
+                    x=merge.x,
+                    y=merge.y if regroup is None else regroup[0].input[0],
+                    elem_type=elem_type,
+                    fresh=state.names.fresh,
+                    rank2=rank2,
+                )
             )
+            if regroup is not None and not isinstance(made, Decline):
+                made = ([*made[0], regroup[0]], [*made[1], *regroup[1]])
         else:
             made = conv_node(
                 merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh
@@ -593,6 +602,33 @@ def merge_regions(
         rewrite.replace.setdefault(id(root), []).extend(_sum_nodes(resum, root, state))
         rewrite.removed.update(id(n) for n in roots)
     return rewrite.apply(index.nodes)
+
+
+def _regroup_back(
+    index: _Index, merge: Merge, fresh: Callable[[str], str]
+) -> tuple[onnx.NodeProto, list[NewTensor]] | Decline | None:
+    """A merged Linear keeps the leading dims of its input; when the reshapes it replaces end
+    with other leading dims (``bn(linear(x).flatten(0, 1))`` read as it is), the node that gives
+    them back: ``Flatten`` to a ``[N, C]`` output, else ``Reshape`` to the output's static shape.
+    None when nothing is needed; a decline when the output's shape is not known."""
+    if not any(n.layout == REGROUP for n in merge.nodes):
+        return None
+    before, after = index.shape(merge.x), index.shape(merge.y)
+    if before is not None and after is not None and before[:-1] == after[:-1]:
+        if sum(d is None for d in before[:-1]) <= 1:  # the leading products agree: one unknown is equal
+            return None
+    mid = fresh(f"{merge.y}/linear")
+    name = fresh(f"{merge.y}/regroup")
+    if before is not None and after is not None and len(after) == 2:
+        return helper.make_node("Flatten", [mid], [merge.y], name=name, axis=len(before) - 1), []
+    if after is not None and None not in after:
+        shape = NewTensor(fresh(f"{merge.y}/shape"), np.array(after, dtype=np.int64), onnx.TensorProto.INT64)
+        return helper.make_node("Reshape", [mid, shape.name], [merge.y], name=name), [shape]
+    return Decline(
+        Reason.RANK_MISMATCH,
+        f"the merged Linear layer keeps the leading dims of {merge.x!r}, which the reshapes it replaces "
+        f"regroup, and the shape of {merge.y!r} is not known",
+    )
 
 
 def _sum_nodes(resum: Resum, root: onnx.NodeProto, state: _State) -> list[onnx.NodeProto]:
