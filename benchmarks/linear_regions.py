@@ -4,8 +4,8 @@ Each block (:mod:`benchmarks.region_blocks`) is fused by the torch front end (th
 ONNX to count its ops) and exported to ONNX then fused by the ONNX front end; the table gives
 Conv / BatchNormalization / Add (+Sub, Sum) / Gemm (+MatMul) counts, parameters, Conv MACs, the
 seconds each fuse took, the output error against the original and, with ``--time``, the
-milliseconds per call before -> after (torch rows: eager torch; ONNX rows: ONNX Runtime, one
-thread), timed round-robin in one process (:func:`benchmarks.timing.interleaved`)::
+milliseconds per call before -> after (torch rows: eager torch; ONNX rows: ONNX Runtime; one
+thread each), timed round-robin in one process (:func:`benchmarks.timing.interleaved`)::
 
     python -m benchmarks.linear_regions [--policy flops|always] [--only SUBSTRING] [--time]
 """
@@ -114,7 +114,12 @@ def _times(
 
     variants = {"torch before": eager(module), "torch after": eager(fused)}
     variants |= {k: ort_run(k) for k in sessions}
-    return {k: t.median * 1e3 for k, t in interleaved(variants, reps=15).items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like ONNX Runtime here: one thread each, less noise from others
+    try:
+        return {k: t.median * 1e3 for k, t in interleaved(variants, reps=15).items()}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rows(name: str, built: Built, policy: str, timed: bool = False) -> list[str]:

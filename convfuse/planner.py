@@ -404,21 +404,12 @@ class _Planner:
         """Channels and rank of ``x``: its known shape, else what the nodes reading it fix.
 
         A reshape that regroups the dims before the last (``REGROUP``) is the identity only on
-        a Linear layer's features: among convolutions it moves the channels, so the region is
-        cut there (each side planned on its own)."""
-        regroup = [n for n in nodes if n.layout == REGROUP]
-        if regroup:
-            for n in regroup:
-                self._decline(
-                    [n.name, *(m.name for m in nodes if m.kind.is_anchor)],
-                    Decline(
-                        Reason.RANK_MISMATCH,
-                        f"{n.name} regroups the dims before the last; convolutions read channels at dim 1",
-                    ),
-                )
-            cut = {t for n in regroup for t in (*n.inputs, n.output)}
-            if not cut <= self.materialized:
-                raise _Retry(tensors=cut)
+        a Linear layer's features: among convolutions it moves the channels (a channel shuffle's
+        ``[N, C, H, W] -> [N, g, C/g, H, W]``), so it ends the region there like a non-linear op
+        (each side planned on its own)."""
+        cut = {t for n in nodes if n.layout == REGROUP for t in (*n.inputs, n.output)}
+        if not cut <= self.materialized:
+            raise _Retry(tensors=cut)
         shape = self.g.shapes.get(x)
         ndims = {n.ndim for n in nodes if n.ndim is not None}
         if shape is not None and len(shape) >= 3 and shape[1] is not None:

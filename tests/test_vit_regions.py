@@ -23,6 +23,7 @@ from benchmarks.linear_regions import counts, export
 from benchmarks.region_blocks import BLOCKS, TWINS, randomize
 from convfuse import Reason
 from convfuse.errors import TrainingModeError
+from convfuse.frontends.onnx.graph import model_stats
 from tests.helpers import rel_err
 from tests.test_region_properties import _run
 from tests.vit_models import HybridViT, LinearNorm
@@ -232,3 +233,63 @@ def test_linear_norm_alone_needs_shapes_in_torch() -> None:
     with torch.no_grad():
         assert rel_err(module(x), fused(x)) <= 1e-5
     assert counts(export(fused, x))["BN"] == 0
+
+
+def _export_dynamic(module: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    """Exported with a symbolic batch: ``reshape_as(t)`` stays ``Reshape(v, Shape(t))``."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (x,), buf, opset_version=17, dynamo=False, do_constant_folding=False,
+            input_names=["x"], dynamic_axes={"x": {0: "batch"}},
+        )  # fmt: skip
+    return onnx.load_from_string(buf.getvalue())
+
+
+def test_hybrid_vit_with_a_symbolic_batch_in_onnx() -> None:
+    module, x = _vit()
+    original = _export_dynamic(module, x)
+    assert any(n.op_type == "Shape" for n in original.graph.node)
+    fused, _ = convfuse.fuse_onnx(original)
+    assert _groups(counts(fused)) == (3, 0, 16, 17)
+    for batch in (2, 3):
+        xb = torch.randn(batch, *x.shape[1:])
+        with torch.no_grad():
+            assert rel_err(module(xb), torch.as_tensor(_run(fused, xb))) <= 1e-5
+
+
+class _ShapeKept(nn.Module):
+    """Twin: ``reshape_as(t)`` also reshapes ``relu(u)``, a tensor no merge replaces, so ``t``
+    (the Linear's output) must stay computed for its shape; only ``u`` is a merge's output."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(3, c, 1)
+        self.c = nn.Linear(c, c, bias=False)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.c(torch.relu(self.stem(x)).transpose(1, 2))
+        u = self.bn(t.flatten(0, 1))
+        return u.reshape_as(t) + torch.relu(u).reshape_as(t)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-batch"])
+def test_a_shape_read_of_a_replaced_tensor_keeps_it(dynamic: bool) -> None:
+    module = randomize(_ShapeKept(), 18)
+    x = torch.randn(2, 3, 5)
+    with torch.no_grad():
+        ref = module(x)
+    fused, report = convfuse.fuse(module, example_inputs=x, return_report=True)
+    with torch.no_grad():
+        assert rel_err(ref, fused(x)) <= 1e-5
+    assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1  # no copy of the Linear
+    assert Reason.SHARED_TENSOR in {d.reason for d in report.declines}  # torch sizes vary: kept
+    original = (_export_dynamic if dynamic else export)(module, x)
+    fused_onnx, o_report = convfuse.fuse_onnx(original)
+    assert rel_err(ref, torch.as_tensor(_run(fused_onnx, x))) <= 1e-5
+    assert model_stats(fused_onnx).params <= model_stats(original).params
+    if dynamic:  # Shape(t) stays: the Linear and its BN stay as they are
+        assert counts(fused_onnx)["BN"] == 1
+        assert Reason.SHARED_TENSOR in {d.reason for d in o_report.declines}

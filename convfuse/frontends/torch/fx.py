@@ -193,16 +193,22 @@ def _fuse_with_report(
     if not check:
         report.notes.append("self-check: skipped (check=False)")
     probe = batches.inputs[0] if batches is not None else inputs or infer_example_input(reference)
-    # Shapes on the example inputs, else on the input inferred from the first conv (which fixes
-    # the input's rank, so the ranks seen inside hold at every size; the sizes are not used).
-    shapes = _input_shapes(reference, inputs or probe) if (inputs or probe) is not None else {}
+    # Linear layers need ranks (BatchNorm1d and reshapes next to them): shapes on the example
+    # inputs, else on the input inferred from the first conv (which fixes the input's rank, so
+    # the ranks seen inside hold at every size; its sizes are not used).
+    ranks = any(isinstance(m, nn.Linear) for m in reference.modules())
+    shapes: dict[str, _Args] = {}
+    if (judge.times and inputs is not None) or (ranks and (inputs or probe) is not None):
+        shapes = _input_shapes(reference, inputs or probe)
     whole = None  # which Sequentials their parents call as a whole: seen on a run of a copy
     if probe is not None:
         paths = sequentials_called_whole(reference, probe)
         if paths is not None:
             named = dict(work.named_modules())
             whole = {id(named[p]) for p in paths if p in named}
-    ctx = _Context(judge, report, inputs or probe, shapes, whole=whole, inferred=inputs is None)
+    ctx = _Context(
+        judge, report, inputs or (probe if ranks else None), shapes, whole=whole, inferred=inputs is None
+    )
     originals = {id(w): (o, name) for (name, o), w in zip(module.named_modules(), work.modules())}
     with torch.no_grad():
         fused = _fuse_any(work, "", ctx, top=True)
@@ -1583,7 +1589,7 @@ class _GraphFuser:
             )
             root = max(fx_nodes, key=self.order.__getitem__)
             names = tuple(self._node_name(n) for n in sorted(fx_nodes, key=self.order.__getitem__))
-            hazard = self._inplace_hazard(root, fx_nodes) or self._regrouped(merges)
+            hazard = self._inplace_hazard(root, fx_nodes) or self._regrouped(merges, fx_nodes)
             if hazard is not None:
                 self.ctx.report.declined(names, hazard)
                 continue
@@ -1643,10 +1649,20 @@ class _GraphFuser:
         before, after = (tuple(m.shape) for m in metas)
         return None if before[:-1] == after[:-1] else (len(before), len(after))
 
-    def _regrouped(self, merges: list[Merge]) -> Decline | None:
+    def _regrouped(self, merges: list[Merge], fx_nodes: set[fx.Node]) -> Decline | None:
         """Why a merge's output cannot be given back its leading dims (only a ``[N, C]`` output
-        can: ``flatten(0, -2)`` of the Linear's, at every size)."""
+        can: ``flatten(0, -2)`` of the Linear's, at every size), or why a tensor it replaces
+        must stay: ``u.reshape_as(t)`` reads ``t``'s shape (not its values, so ``t`` is not
+        external to the planner) and is not replaced with it."""
         for merge in merges:
+            for node in {n.origin for n in merge.nodes} - {self.by_name[merge.y]}:
+                kept = [u for u in node.users if u not in fx_nodes and not self._rank_read(u)]
+                if kept:
+                    return Decline(
+                        Reason.SHARED_TENSOR,
+                        f"{self._describe(kept[0])} reads the shape of {self._node_name(node)}, "
+                        "which this merge replaces",
+                    )
             ranks = self._leading(merge)
             if ranks is not None and (ranks[1] != 2 or ranks[0] < 2):
                 return Decline(
