@@ -1643,7 +1643,9 @@ class _GraphFuser:
         None: the Linear keeps its input's leading dims, so the writer flattens them back."""
         if not merge.linear or not any(n.layout == REGROUP for n in merge.nodes):
             return None
-        metas = [self.by_name[t].meta.get("tensor_meta") for t in (merge.x, merge.y)]
+        metas = [
+            self.by_name[t].meta.get("tensor_meta") if t in self.by_name else None for t in (merge.x, merge.y)
+        ]
         if not all(isinstance(m, TensorMetadata) for m in metas):
             return (0, 0)
         before, after = (tuple(m.shape) for m in metas)
@@ -1655,7 +1657,7 @@ class _GraphFuser:
         must stay: ``u.reshape_as(t)`` reads ``t``'s shape (not its values, so ``t`` is not
         external to the planner) and is not replaced with it."""
         for merge in merges:
-            for node in {n.origin for n in merge.nodes} - {self.by_name[merge.y]}:
+            for node in {n.origin for n in merge.nodes} - {self.by_name.get(merge.y)}:
                 kept = [u for u in node.users if u not in fx_nodes and not self._rank_read(u)]
                 if kept:
                     return Decline(
