@@ -181,14 +181,19 @@ class _Unflattened(_Flattened):
         return self.bn(self.c(t).flatten(0, 1)).view(5, 2, 8)
 
 
-def test_merge_ending_in_another_leading_shape_keeps_its_layers_in_torch() -> None:
-    module = randomize(_Unflattened(), 16)
-    x = torch.randn(2, 3, 5)
+def _fused_in_torch(module: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-def]
+    """The reference output, the module fused with ``x`` as example inputs (checked), its report."""
     with torch.no_grad():
         ref = module(x)
     fused, report = convfuse.fuse(module, example_inputs=x, return_report=True)
     with torch.no_grad():
         assert rel_err(ref, fused(x)) <= 1e-5
+    return ref, fused, report
+
+
+def test_merge_ending_in_another_leading_shape_keeps_its_layers_in_torch() -> None:
+    module, x = randomize(_Unflattened(), 16), torch.randn(2, 3, 5)
+    ref, fused, report = _fused_in_torch(module, x)
     assert counts(export(fused, x))["BN"] == 1
     assert Reason.RANK_MISMATCH in {d.reason for d in report.declines}
     fused_onnx, _ = convfuse.fuse_onnx(export(module, x))  # static shapes: a Reshape gives it back
@@ -259,15 +264,9 @@ def test_hybrid_vit_with_a_symbolic_batch_in_onnx() -> None:
             assert rel_err(module(xb), torch.as_tensor(_run(fused, xb))) <= 1e-5
 
 
-class _ShapeKept(nn.Module):
+class _ShapeKept(_Flattened):
     """Twin: ``reshape_as(t)`` also reshapes ``relu(u)``, a tensor no merge replaces, so ``t``
     (the Linear's output) must stay computed for its shape; only ``u`` is a merge's output."""
-
-    def __init__(self, c: int = 8) -> None:
-        super().__init__()
-        self.stem = nn.Conv1d(3, c, 1)
-        self.c = nn.Linear(c, c, bias=False)
-        self.bn = nn.BatchNorm1d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.c(torch.relu(self.stem(x)).transpose(1, 2))
@@ -277,13 +276,8 @@ class _ShapeKept(nn.Module):
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic-batch"])
 def test_a_shape_read_of_a_replaced_tensor_keeps_it(dynamic: bool) -> None:
-    module = randomize(_ShapeKept(), 18)
-    x = torch.randn(2, 3, 5)
-    with torch.no_grad():
-        ref = module(x)
-    fused, report = convfuse.fuse(module, example_inputs=x, return_report=True)
-    with torch.no_grad():
-        assert rel_err(ref, fused(x)) <= 1e-5
+    module, x = randomize(_ShapeKept(), 18), torch.randn(2, 3, 5)
+    ref, fused, report = _fused_in_torch(module, x)
     assert sum(isinstance(m, nn.Linear) for m in fused.modules()) == 1  # no copy of the Linear
     assert Reason.SHARED_TENSOR in {d.reason for d in report.declines}  # torch sizes vary: kept
     original = (_export_dynamic if dynamic else export)(module, x)
