@@ -49,7 +49,7 @@ from .border_map import (
     scale_map,
 )
 from .decline import Decline, Reason
-from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
+from .ir import REGROUP, LinearGraph, LinearNode, OpKind, TensorInfo
 from .policy import Judge, Policy
 from .report import MergeKind
 from .spec import ConvSpec
@@ -412,7 +412,15 @@ class _Planner:
         return list(best.merges), list(best.resums)
 
     def _input_info(self, x: str, nodes: list[LinearNode]) -> TensorInfo | Decline:
-        """Channels and rank of ``x``: its known shape, else what the nodes reading it fix."""
+        """Channels and rank of ``x``: its known shape, else what the nodes reading it fix.
+
+        A reshape that regroups the dims before the last (``REGROUP``) is the identity only on
+        a Linear layer's features: among convolutions it moves the channels (a channel shuffle's
+        ``[N, C, H, W] -> [N, g, C/g, H, W]``), so it ends the region there like a non-linear op
+        (each side planned on its own)."""
+        cut = {t for n in nodes if n.layout == REGROUP for t in (*n.inputs, n.output)}
+        if not cut <= self.materialized:
+            raise _Retry(tensors=cut)
         shape = self.g.shapes.get(x)
         ndims = {n.ndim for n in nodes if n.ndim is not None}
         if shape is not None and len(shape) >= 3 and shape[1] is not None:
