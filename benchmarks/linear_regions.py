@@ -3,9 +3,11 @@
 Each block (:mod:`benchmarks.region_blocks`) is fused by the torch front end (then exported to
 ONNX to count its ops) and exported to ONNX then fused by the ONNX front end; the table gives
 Conv / BatchNormalization / Add (+Sub, Sum) / Gemm (+MatMul) counts, parameters, Conv MACs, the
-seconds each fuse took and the output error against the original, side by side in one run::
+seconds each fuse took, the output error against the original and, with ``--time``, the
+milliseconds per call before -> after (torch rows: eager torch; ONNX rows: ONNX Runtime; one
+thread each), timed round-robin in one process (:func:`benchmarks.timing.interleaved`)::
 
-    python -m benchmarks.linear_regions [--policy flops|always] [--only SUBSTRING]
+    python -m benchmarks.linear_regions [--policy flops|always] [--only SUBSTRING] [--time]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from convfuse.frontends.onnx.fold import fold_constants
 from convfuse.frontends.onnx.graph import model_stats
 
 from .region_blocks import BLOCKS, CASES, TWINS, Built
+from .timing import interleaved
 
 __all__ = ["export", "counts", "main"]
 
@@ -80,7 +83,46 @@ def _onnx_err(model: onnx.ModelProto, x: torch.Tensor, ref: object) -> float:
     return _err(ref, got)
 
 
-def rows(name: str, built: Built, policy: str) -> list[str]:
+def _session(model: onnx.ModelProto):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _times(
+    module: nn.Module,
+    fused: nn.Module,
+    original: onnx.ModelProto,
+    fused_onnx: onnx.ModelProto,
+    x: torch.Tensor,
+) -> dict[str, float]:
+    """Milliseconds per call of the four variants, timed round-robin."""
+    sessions = {k: _session(m) for k, m in (("onnx before", original), ("onnx after", fused_onnx))}
+    feed = {sessions["onnx before"].get_inputs()[0].name: x.numpy()}
+
+    def eager(m: nn.Module):  # type: ignore[no-untyped-def]
+        def run() -> object:
+            with torch.no_grad():
+                return m(x)
+
+        return run
+
+    def ort_run(name: str):  # type: ignore[no-untyped-def]
+        return lambda: sessions[name].run(None, feed)
+
+    variants = {"torch before": eager(module), "torch after": eager(fused)}
+    variants |= {k: ort_run(k) for k in sessions}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like ONNX Runtime here: one thread each, less noise from others
+    try:
+        return {k: t.median * 1e3 for k, t in interleaved(variants, reps=15).items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rows(name: str, built: Built, policy: str, timed: bool = False) -> list[str]:
     """Two table rows (torch, ONNX) for one block."""
     module, x = built
     with torch.no_grad():
@@ -98,6 +140,7 @@ def rows(name: str, built: Built, policy: str) -> list[str]:
     t_onnx = time.perf_counter() - start
     after_onnx = counts(fused_onnx)
     onnx_err = _onnx_err(fused_onnx, x, ref)
+    ms = _times(module, fused_torch, original, fused_onnx, x) if timed else {}
 
     def cell(key: str, after: dict[str, int | None]) -> str:
         a, b = before[key], after[key]
@@ -109,6 +152,8 @@ def rows(name: str, built: Built, policy: str) -> list[str]:
         ("onnx", after_onnx, t_onnx, onnx_err),
     ):
         cells = [cell(k, after) for k in ("Conv", "BN", "Add", "Gemm", "params", "MACs")]
+        if timed:
+            cells.append(f"{ms[front + ' before']:.3f} -> {ms[front + ' after']:.3f}")
         out.append(f"| {name} | {front} | " + " | ".join(cells) + f" | {secs:.2f} | {err:.1e} |")
     return out
 
@@ -117,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="flops", choices=["flops", "always"])
     parser.add_argument("--only", default="", help="run the blocks whose name contains this")
+    parser.add_argument("--time", action="store_true", help="also time each block before and after")
     args = parser.parse_args(argv)
     print(f"policy: {args.policy}\n")
-    print("| block | front end | Conv | BN | Add | Gemm | params | Conv MACs | fuse s | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    ms = " ms (eager torch / ORT) |" if args.time else ""
+    print(f"| block | front end | Conv | BN | Add | Gemm | params | Conv MACs |{ms} fuse s | rel err |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.time else "") + "---|---|")
     for table in (BLOCKS, TWINS, CASES):
         for name, build in table.items():
             if args.only in name:
-                for row in rows(name, build(), args.policy):
+                for row in rows(name, build(), args.policy, args.time):
                     print(row)
     return 0
 

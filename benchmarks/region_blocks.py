@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.vit_models import HybridViT, LinearActNorm, LinearNormOtherDim, LinearNormTransposed
+
 __all__ = ["BLOCKS", "TWINS", "CASES", "randomize"]
 
 Built = tuple[nn.Module, torch.Tensor]
@@ -187,6 +189,9 @@ BLOCKS: dict[str, Callable[[], Built]] = {
         lambda: nn.Sequential(PaddedSRBlock(8), nn.ReLU(), PaddedSRBlock(8)), (1, 8, 16, 16), 2
     ),
     "distilled head (head(x) + head_dist(x)) / 2": _seeded(lambda: DistilledHead(32, 10), (4, 32), 3),
+    "hybrid ViT: Linear+BN1d via flatten(0, 1)/reshape_as, conv+BN stem": _seeded(
+        lambda: HybridViT(32, depth=2), (2, 3, 32, 32), 10
+    ),
 }
 
 #: Negative twins: name -> builder (each must keep what its positive block merges).
@@ -197,6 +202,15 @@ TWINS: dict[str, Callable[[], Built]] = {
     ),
     "padded branch with pad value 1": _seeded(lambda: PaddedSRBlock(8, value=1.0), (1, 8, 12, 12), 6),
     "head with a ReLU before the average": _seeded(lambda: DistilledHead(16, 6, relu=True), (4, 16), 7),
+    "ViT block with an activation between Linear and BN": _seeded(
+        lambda: HybridViT(16, depth=0, block=LinearActNorm(16, 16)), (2, 3, 32, 32), 11
+    ),
+    "ViT block with x.transpose(1, 2) before the BN": _seeded(
+        lambda: HybridViT(16, depth=0, block=LinearNormTransposed(16, 16, tokens=16)), (2, 3, 32, 32), 12
+    ),
+    "ViT block whose BN reads flatten(1) (tokens x features)": _seeded(
+        lambda: HybridViT(16, depth=0, block=LinearNormOtherDim(16, 16, tokens=16)), (2, 3, 32, 32), 13
+    ),
 }
 
 #: The cases where the two planners used to disagree.

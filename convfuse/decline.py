@@ -21,6 +21,7 @@ class Reason(str, Enum):
     PADDED_AFTER_SPATIAL = "padded-after-spatial"  # case 3
     PADDING_MODE = "padding-mode"  # the later conv pads with reflect/replicate/circular
     MIXED_PADDING_MODES = "mixed-padding-modes"
+    BORDER_RING = "border-ring"  # a layer after a case-2 merge that its constant ring does not pass
     # Shapes and geometry.
     RANK_MISMATCH = "rank-mismatch"
     CHANNEL_MISMATCH = "channel-mismatch"

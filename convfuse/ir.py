@@ -28,7 +28,11 @@ from .decline import Decline
 from .spec import ConvSpec
 from .transpose import ConvTransposeSpec
 
-__all__ = ["OpKind", "TensorInfo", "LinearNode", "LinearGraph"]
+__all__ = ["OpKind", "TensorInfo", "LinearNode", "LinearGraph", "REGROUP", "regroups"]
+
+#: ``LinearNode.layout`` of a reshape that keeps the last dim and regroups the others
+#: (:func:`regroups`): the identity on a Linear layer's features, not on a conv's channels.
+REGROUP = "regroup"
 
 
 class OpKind(str, Enum):
@@ -97,7 +101,9 @@ class LinearNode:
     linear but cannot be merged (a non-constant weight, training-mode BN): it ends regions and
     its reason is reported next to the anchors it touches. ``origin`` is the front end's handle.
     ``layout``: ``"last"`` for a layer on the last dim (Linear, Gemm, MatMul), ``"first"`` for
-    one that reads channels at dim 1 without fixing the rank (BatchNorm1d), None otherwise.
+    one that reads channels at dim 1 without fixing the rank (BatchNorm1d), :data:`REGROUP` for
+    a reshape that keeps the last dim (an IDENTITY only where every layer reads the last dim),
+    None otherwise.
     """
 
     name: str
@@ -111,7 +117,7 @@ class LinearNode:
     weights: dict[Hashable, int] = field(default_factory=dict)
     refused: Decline | None = None
     origin: Any = field(default=None, repr=False)
-    layout: str | None = None  # "last": acts on the last dim (Linear); "first": channels at dim 1
+    layout: str | None = None  # "last": on the last dim (Linear); "first": channels at dim 1; REGROUP
     tag: str = ""  # the front end's word for the op in merge details ("bn", "mul"); default: kind
 
 
@@ -123,7 +129,9 @@ class LinearGraph:
         front end knows; ``fresh`` hands out unused tensor names (for partial sums); ``describe``
     names the readers of a tensor that are not nodes of this graph (for report lines);
     ``pad_layer``: the front end writes a conv with asymmetric padding as a pad layer and a conv
-    (torch convs pad symmetrically), so such a merge must replace more than two layers.
+    (torch convs pad symmetrically), so such a merge must replace more than two layers;
+    ``ring_nodes``: the front end writes a case-2 border ring as graph nodes (ONNX: an Add, and
+    the run-time form's shape plumbing and convs), not inside the merged layer (torch).
     """
 
     nodes: list[LinearNode]
@@ -133,6 +141,7 @@ class LinearGraph:
     fresh: Callable[[str], str] | None = None
     describe: Callable[[str], str] | None = None
     pad_layer: bool = False
+    ring_nodes: bool = False
 
     def __post_init__(self) -> None:
         self.producer: dict[str, LinearNode] = {n.output: n for n in self.nodes}
@@ -156,3 +165,14 @@ class LinearGraph:
             name, k = f"{base}_{k}", k + 1
         self._taken.add(name)
         return name
+
+
+def regroups(before: Sequence[int | None] | None, after: Sequence[int | None] | None) -> bool:
+    """Whether a reshape from ``before`` to ``after`` keeps the last dim and only regroups (or
+    adds, or drops) the dims before it: ``flatten(0, 1)`` of ``[B, N, C]``, ``reshape_as`` back,
+    a unit dim squeezed or unsqueezed before the last. Row-major order maps index ``(i, c)`` to
+    ``(j, c)`` whenever the last sizes agree, so the last coordinate is untouched. Both shapes
+    must be known to rank 2 or more and their last sizes known and equal."""
+    if before is None or after is None or len(before) < 2 or len(after) < 2:
+        return False
+    return before[-1] is not None and before[-1] == after[-1]

@@ -1,7 +1,8 @@
 """The one place the planner combines linear maps: a table of rules, dispatched on map types.
 
 Inside a region every tensor is a linear map of the region's input (DESIGN.md section 5): a
-:class:`~convfuse.spec.ConvSpec` or a :class:`~convfuse.transpose.ConvTransposeSpec`. The
+:class:`~convfuse.spec.ConvSpec`, a :class:`~convfuse.transpose.ConvTransposeSpec`, or a
+:class:`~convfuse.border_map.BorderMap` (a conv plus a constant border ring, padding case 2). The
 planner combines maps in four ways, and each way is a table here whose entries state their
 pattern (the map types they take), their conditions and the algebra that computes them:
 
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import algebra, algebra_linear, estimate
+from . import border_map as bm
 from . import transpose as tr
+from .border_map import BorderMap
 from .decline import Decline, Reason
 from .spec import ConvSpec
 from .transpose import ConvTransposeSpec
@@ -58,7 +61,7 @@ __all__ = [
 ]
 
 #: A tensor of a region as a linear map of the region's input.
-Map = ConvSpec | ConvTransposeSpec
+Map = ConvSpec | ConvTransposeSpec | BorderMap
 
 
 # --------------------------------------------------------------------------- map types
@@ -83,6 +86,7 @@ class MapType:
     layers: Callable[[Any, bool], int]
     timed: bool = False
     unwritable: Callable[[Any, bool], Decline | None] = lambda m, pad_layer: None
+    conv_part: Callable[[Any], ConvSpec | None] = lambda m: None  # what the shape predictor reads
 
 
 def _conv_positions(m: ConvSpec) -> float:
@@ -135,6 +139,18 @@ TYPES: dict[type, MapType] = {
         without_zero_bias=algebra_linear.without_zero_bias,
         layers=_conv_layers,
         timed=True,
+        conv_part=lambda m: m,
+    ),
+    # The merge of a border map is judged on its conv, the ring's cost added by the planner
+    # (border_map.correction_options): these are the conv's figures.
+    BorderMap: MapType(
+        "conv with a border ring",
+        macs=lambda m: m.spec.macs_per_position(),
+        params=lambda m: m.spec.params(),
+        input_positions=lambda m: _conv_positions(m.spec),
+        without_zero_bias=lambda m: m,
+        layers=lambda m, pad_layer: _conv_layers(m.spec, pad_layer),
+        conv_part=lambda m: m.spec,
     ),
     ConvTransposeSpec: MapType(
         "transposed conv",
@@ -211,14 +227,54 @@ def _transposed_twice(a: ConvTransposeSpec, b: ConvTransposeSpec) -> Decline:
     )
 
 
+def _ring_and_transposed(a: Map, b: Map) -> Decline:
+    return Decline(
+        Reason.UNSUPPORTED,
+        "a conv with a border ring (padding case 2) next to a transposed conv: convfuse has no rule "
+        "moving the ring through a transposed conv",
+    )
+
+
 COMPOSE: list[Rule] = [
     Rule(
         "conv then conv",
         (ConvSpec, ConvSpec),
         "ranks and channels agree; where b pads, a is pointwise with zero bias (DESIGN.md 2, padding "
-        "cases 1-3); one padding mode",
-        algebra.compose,
+        "cases 1-3); one padding mode; case 2 (a biased pointwise before a padded conv), where border "
+        "merges are on, becomes a conv plus a border ring (border_map.compose_maps over algebra.compose)",
+        bm.compose_maps,
         shape=estimate.compose_shape,
+    ),
+    Rule(
+        "conv with a border ring then 1x1 conv / BN / affine",
+        (BorderMap, ConvSpec),
+        "b pointwise, stride 1, unpadded (else border-ring): the ring is mixed by b's weight",
+        bm.compose_maps,
+        shape=estimate.compose_shape,
+    ),
+    Rule(
+        "anything then a conv with a border ring",
+        (ConvSpec, BorderMap),
+        "none: declined (border-ring; the ring lives on its own input's grid)",
+        bm.compose_maps,
+    ),
+    Rule(
+        "a conv with a border ring then a transposed conv",
+        (BorderMap, ConvTransposeSpec),
+        "no rule: declined (unsupported)",
+        _ring_and_transposed,
+    ),
+    Rule(
+        "a transposed conv then a conv with a border ring",
+        (ConvTransposeSpec, BorderMap),
+        "no rule: declined (unsupported)",
+        _ring_and_transposed,
+    ),
+    Rule(
+        "a conv with a border ring then another",
+        (BorderMap, BorderMap),
+        "none: declined (border-ring)",
+        bm.compose_maps,
     ),
     Rule(
         "transposed conv then 1x1 conv / BN / affine",
@@ -252,6 +308,13 @@ ADD: list[Rule] = [
         algebra.add,
     ),
     Rule(
+        "sum of convs with border rings (and convs)",
+        (BorderMap, ConvSpec),
+        "those of algebra.add on the convs; the ring terms carried",
+        bm.add_maps,
+    ),
+    Rule("sum of convs with border rings", (BorderMap,), "as above", bm.add_maps),
+    Rule(
         "sum of transposed convs",
         (ConvTransposeSpec,),
         "equal ranks, channels and strides; equal output grids (slack)",
@@ -273,6 +336,13 @@ CONCAT: list[Rule] = [
         algebra.concat,
     ),
     Rule(
+        "concat of convs with border rings (and convs)",
+        (BorderMap, ConvSpec),
+        "those of algebra.concat; each ring term placed in its rows",
+        bm.concat_maps,
+    ),
+    Rule("concat of convs with border rings", (BorderMap,), "as above", bm.concat_maps),
+    Rule(
         "concat of transposed convs",
         (ConvTransposeSpec,),
         "as the sum of transposed convs, output channels free",
@@ -289,6 +359,7 @@ CONCAT: list[Rule] = [
 SCALED: list[Rule] = [
     Rule("scaled conv", (ConvSpec,), "none (a per-channel affine with one scale)", algebra_linear.scaled),
     Rule("scaled transposed conv", (ConvTransposeSpec,), "none", tr.scaled_transposed),
+    Rule("scaled conv with a border ring", (BorderMap,), "none (the ring terms scaled too)", bm.scale_map),
 ]
 
 
@@ -324,9 +395,12 @@ def predicted(a: Map, b: Map) -> ConvSpec | None:
     """The shape of ``compose(a, b)`` predicted from geometry (weights not built), where the
     rule has a predictor and the operands fit; else None (the merge is judged once built)."""
     rule = _COMPOSE.get((type(a), type(b)))
-    if rule is None or rule.shape is None or a.ndim != b.ndim or a.out_channels != b.in_channels:
+    if rule is None or rule.shape is None:
         return None
-    return rule.shape(a, b)
+    pa, pb = _type(a).conv_part(a), _type(b).conv_part(b)
+    if pa is None or pb is None or pa.ndim != pb.ndim or pa.out_channels != pb.in_channels:
+        return None
+    return rule.shape(pa, pb)
 
 
 def add(parts: Sequence[Map]) -> Map | Decline:

@@ -14,13 +14,13 @@ summed) or is cut at the node where its inputs meet. Refused nodes end regions.
 **Plan of a region** (series-parallel). The tensors every path from ``x`` to the output goes
 through cut the region into a series of segments; a segment is one node or a parallel block
 (branches of the segment's input combined by a SUM or CONCAT node), each branch a region of
-its own. Every tensor is a linear map of ``x`` (a ConvSpec, or a ConvTransposeSpec where a
-transposed conv is in the way): ``compose`` along a series, ``add`` of ``scaled`` branches for
-a sum, ``concat`` for a concatenation, all through the rule table of :mod:`convfuse.maps` (the
-planner never calls the algebra itself; a map's costs are the map type's own). Dynamic
-programming over the series picks the groups of consecutive segments that collapse to one
-conv (exact and allowed by the policy), a parallel block also trying to keep its sum with its
-branches planned alone, or with only some branches merged. Costs are
+its own. Every tensor is a linear map of ``x`` (a ConvSpec, a ConvTransposeSpec where a
+transposed conv is in the way, a BorderMap for padding case 2): ``compose`` along a series,
+``add`` of ``scaled`` branches for a sum, ``concat`` for a concatenation, all through the rule
+table of :mod:`convfuse.maps` (the planner never calls the algebra itself; a map's costs are
+the map type's own). Dynamic programming over the series picks the groups of consecutive segments
+that collapse to one conv (exact and allowed by the policy), a parallel block also trying to
+keep its sum with its branches planned alone, or with only some branches merged. Costs are
 MACs per output position of the region (earlier layers scaled by the strides after them) and
 the parameters a merge removes: a parameter also read outside the merge stays in the model,
 so a shared layer is not copied into each path under ``flops``. The key is MACs, parameters,
@@ -39,8 +39,13 @@ import numpy as np
 
 from . import maps
 from .algebra import Cost
+from .border_map import (
+    BorderMap,
+    Correction,
+    correction_options,
+)
 from .decline import Decline, Reason
-from .ir import LinearGraph, LinearNode, OpKind, TensorInfo
+from .ir import REGROUP, LinearGraph, LinearNode, OpKind, TensorInfo
 from .maps import Map, add, compose, concat, identity, scaled
 from .policy import Judge, Policy
 from .report import MergeKind
@@ -55,19 +60,19 @@ MAX_CHAIN = 12
 
 @dataclass(frozen=True, eq=False)
 class Merge:
-    """``nodes`` become one layer ``spec`` (float64; a :data:`~convfuse.maps.Map`: a conv or a
-    transposed conv) reading ``x`` and writing ``y``."""
+    """``nodes`` become one conv ``spec`` (float64) reading ``x`` and writing ``y``."""
 
     kind: str  # detail: the op tags of a chain joined by "+" ("bn+conv"), "sum", "concat", "sum+chain"
     nodes: tuple[LinearNode, ...]
     x: str
     y: str
-    spec: Map
+    spec: ConvSpec
     before: Cost
     after: Cost
     note: str = ""
     timing: Timing | None = None
     linear: bool = False  # a Linear layer on the last dim: ``spec`` is 1D pointwise [Co, Ci, 1]
+    ring: Correction | None = None  # case 2: ``y = spec(x) + ring`` (convfuse.border_map)
 
     @property
     def group(self) -> MergeKind:
@@ -148,6 +153,7 @@ class _Option:
 
 
 _NONE = _Option(0.0, 0, 0)
+_FREE = Cost(0, 0)  # no border correction
 
 
 class _Retry(Exception):
@@ -403,7 +409,15 @@ class _Planner:
         return list(best.merges), list(best.resums)
 
     def _input_info(self, x: str, nodes: list[LinearNode]) -> TensorInfo | Decline:
-        """Channels and rank of ``x``: its known shape, else what the nodes reading it fix."""
+        """Channels and rank of ``x``: its known shape, else what the nodes reading it fix.
+
+        A reshape that regroups the dims before the last (``REGROUP``) is the identity only on
+        a Linear layer's features: among convolutions it moves the channels (a channel shuffle's
+        ``[N, C, H, W] -> [N, g, C/g, H, W]``), so it ends the region there like a non-linear op
+        (each side planned on its own)."""
+        cut = {t for n in nodes if n.layout == REGROUP for t in (*n.inputs, n.output)}
+        if not cut <= self.materialized:
+            raise _Retry(tensors=cut)
         shape = self.g.shapes.get(x)
         ndims = {n.ndim for n in nodes if n.ndim is not None}
         if shape is not None and len(shape) >= 3 and shape[1] is not None:
@@ -497,7 +511,7 @@ class _Region:
         self.ids = {id(n) for n in nodes}
         self.producer = {n.output: n for n in nodes}
         self.info: dict[str, TensorInfo] = {x: info}
-        self.spec: dict[int, Map] = {}
+        self.spec: dict[int, ConvSpec] = {}
         for n in nodes:
             self._build(n)
         self.factor = self._factors(y)
@@ -540,10 +554,9 @@ class _Region:
         self.p._decline([*near, n.name], decline)
         raise _Retry(tensors=[*n.inputs, n.output], barrier=n)
 
-    def _factors(self, y: str) -> dict[str, float]:
-        """Positions of each tensor per output position of the region (product of later strides;
-        a transposed conv divides by its stride: its input has fewer positions than its output)."""
-        f: dict[str, float] = {y: 1}
+    def _factors(self, y: str) -> dict[str, int]:
+        """Positions of each tensor per output position of the region (product of later strides)."""
+        f = {y: 1}
         for n in reversed(self.nodes):
             if n.output not in f:
                 f[n.output] = 1
@@ -705,10 +718,23 @@ class _Region:
         return add(parts) if last.kind is OpKind.SUM else concat(parts)
 
     # ------------------------------------------------------------------ policy
-    def decide(self, nodes: Sequence[LinearNode], merged: Map, x: str, y: str, block: Block | None):
+    def decide(
+        self,
+        nodes: Sequence[LinearNode],
+        merged: Map,
+        x: str,
+        y: str,
+        block: Block | None,
+        extra: Cost = _FREE,
+    ):
+        """The policy's decision on one merge (``extra``: a border correction's cost per output
+        position of ``y``, added to the merged conv's)."""
         macs, params = self.before(nodes)
         before = Cost(int(round(macs)), params)
-        after = Cost(int(round(maps.macs(merged) * self.factor.get(y, 1))), maps.params(merged))
+        after = Cost(
+            int(round((maps.macs(merged) + extra.macs) * self.factor.get(y, 1))),
+            maps.params(merged) + extra.params,
+        )
         candidate = None
         if self.p.judge.times and block is not None and not self.features and maps.timed(merged):
             candidate = Candidate(block, merged, self.info[x].shape, self.p.dtype or _default_dtype())
@@ -755,9 +781,19 @@ class _Region:
         block: Block | None,
         adds: int = 0,
     ) -> _Option | Decline:
-        """One layer for ``nodes`` (and ``adds`` terms of a sum) if the policy allows it; else why not."""
+        """One conv for ``nodes`` (and ``adds`` terms of a sum) if the policy allows it; else why not.
+
+        A :class:`~convfuse.border_map.BorderMap` (case 2) is one conv plus its ring: the first
+        form of :func:`~convfuse.border_map.correction_options` the policy allows, its cost added."""
         if not any(n.kind.is_anchor for n in nodes):
             return Decline(Reason.NOTHING_TO_MERGE, "no convolution among these layers")
+        options: list[Correction | None] = [None]
+        if isinstance(spec, BorderMap):
+            found = correction_options(spec, self.info[x].spatial, self.g.ring_nodes)
+            if isinstance(found, Decline):
+                return found
+            options = list(found)
+            spec = spec.spec
         spec = maps.without_zero_bias(spec)
         problem = maps.unwritable(spec, self.g.pad_layer)
         if problem is not None:
@@ -766,15 +802,36 @@ class _Region:
         pads = sum(1 for n in nodes if n.kind is OpKind.PAD)
         if len(nodes) + adds - pads <= 1 and len(nodes) + adds <= written:
             return Decline(Reason.NOTHING_TO_MERGE, "the merged conv would be written as as many layers")
-        decision, before, after = self.decide(nodes, spec, x, y, block)
-        if decision.decline is not None:
-            return decision.decline
-        note = "; ".join(s for s in (self.note(nodes), decision.note) if s)
-        merge = Merge(_kind(nodes), nodes, x, y, spec, before, after, note, decision.timing, self.features)
-        return _Option(after.macs, after.params, written, (merge,))
+        refused: Decline | None = None
+        for ring in options:
+            extra = ring.cost if ring is not None else _FREE
+            grows = ring is not None and self.g.ring_nodes and written + ring.nodes > len(nodes) + adds
+            if ring is not None and grows and not self.p.layers_first:  # flops: never grow the graph
+                refused = refused or Decline(
+                    Reason.PADDED_AFTER_BIASED_POINTWISE,
+                    f"padding case 2: exact only with a border correction, whose {ring.form} form adds "
+                    f"{ring.nodes} nodes where the merge removes {len(nodes) + adds - written}",
+                )
+                continue
+            decision, before, after = self.decide(nodes, spec, x, y, block, extra)
+            if decision.decline is not None:
+                refused = refused or decision.decline
+                continue
+            note = "; ".join(s for s in (self.note(nodes, ring), decision.note) if s)
+            merge = Merge(
+                _kind(nodes), nodes, x, y, spec, before, after, note, decision.timing, self.features, ring
+            )
+            return _Option(after.macs, after.params, written, (merge,))  # a ring's Add is no layer
+        assert refused is not None
+        if options[0] is not None and refused.reason is Reason.NOT_PROFITABLE:  # still case 2 in the report
+            return Decline(
+                Reason.PADDED_AFTER_BIASED_POINTWISE,
+                f"padding case 2: exact only with a border correction, which does not pay here: {refused.message}",
+            )
+        return refused
 
-    def note(self, nodes: Sequence[LinearNode]) -> str:
-        notes = []
+    def note(self, nodes: Sequence[LinearNode], ring: Correction | None = None) -> str:
+        notes = [] if ring is None else [ring.note]
         if any(n.kind is OpKind.PAD for n in nodes):
             notes.append("zero Pad folded into the conv padding")
         produced = {n.output: n for n in nodes}
@@ -791,6 +848,7 @@ class _Region:
                     todo += list(p.inputs)
             if (
                 before
+                and ring is None
                 and all(p.kind.is_unary and _plain_pointwise(self.spec[id(p)]) for p in before)
                 and any(p.kind is not OpKind.PAD for p in before)
             ):
@@ -951,18 +1009,18 @@ class _Region:
         self, a: str, last: LinearNode, branches: list[_Branch], tree: tuple[LinearNode, ...]
     ) -> _Option | None:
         """Greedy: each branch joins the first group it merges with exactly and profitably."""
-        maps = []
+        branch_maps: list[Map | Decline] = []
         for br in branches:
             m = self.map(a, br.tensor, br.nodes)
-            maps.append(scaled(m, br.coef) if not isinstance(m, Decline) else m)
+            branch_maps.append(scaled(m, br.coef) if not isinstance(m, Decline) else m)
         groups: list[list[int]] = []
         merged: list[_Option | None] = []
-        for bi, m in enumerate(maps):
+        for bi, m in enumerate(branch_maps):
             if not isinstance(m, Decline):
                 for gi, group in enumerate(groups):
-                    if isinstance(maps[group[0]], Decline):
+                    if isinstance(branch_maps[group[0]], Decline):
                         continue
-                    cand = add([maps[i] for i in group + [bi]])
+                    cand = add([branch_maps[i] for i in group + [bi]])
                     members = tuple(n for i in group + [bi] for n in branches[i].nodes)
                     if isinstance(cand, Decline) or not members:
                         continue
@@ -1001,10 +1059,10 @@ class _Region:
                 terms.append((br.tensor, br.coef))
                 continue
             assert option is not None
-            (m,) = option.merges
-            y = self.g.new_name(f"{last.output}/{m.sources[0]}")
+            (one,) = option.merges
+            y = self.g.new_name(f"{last.output}/{one.sources[0]}")
             self.p.out.fresh.add(y)
-            total = total + _Option(option.macs, option.params, 1, (replace(m, kind="sum", y=y),))
+            total = total + _Option(option.macs, option.params, 1, (replace(one, kind="sum", y=y),))
             terms.append((y, 1.0))
         adds = max(len(terms) - 1, 1)  # the rebuilt sum: one add fewer per term merged away
         return total + _Option(0, 0, adds - len(tree), resums=(Resum(tree, tuple(terms), last.output),))

@@ -17,6 +17,7 @@ CORE = {
     "algebra",
     "algebra_linear",
     "border",
+    "border_map",
     "compare",
     "decline",
     "errors",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from convfuse.border_map import border_merges
 from convfuse.decline import Reason
 
 from .onnx_builders import Graph, fuse_checked, ops, reasons
@@ -31,13 +32,17 @@ def test_batchnorm_then_unpadded_conv_folds() -> None:
 
 
 def test_batchnorm_then_padded_conv_declines_case_2() -> None:
-    """Negative twin: BN's shift is a bias the padded conv would see on its border."""
+    """Negative twin: BN's shift is a bias the padded conv would see on its border: declined by
+    case 1 alone; with the border correction (issue 14) one conv plus the ring."""
     g = Graph([1, 4, 9, 9])
     y = g.bn("x", 4)
     y = g.conv(y, 4, 8, 3, pads=[1, 1, 1, 1])
-    fused, report = fuse_checked(g.model([y]), policy="always")
+    with border_merges(False):
+        fused, report = fuse_checked(g.model([y]), policy="always")
     assert ops(fused) == {"Conv": 1, "BatchNormalization": 1}
     assert reasons(report) == {Reason.PADDED_AFTER_BIASED_POINTWISE}
+    fused, report = fuse_checked(g.model([y]), policy="always")
+    assert ops(fused) == {"Conv": 1, "Add": 1} and "padding case 2" in report.merges[0].note
 
 
 def test_batchnorm_between_convs_folds_with_the_best_neighbour() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from onnx import TensorProto, helper
 
+from convfuse.border_map import border_merges
 from convfuse.decline import Reason
 
 from .onnx_builders import Graph, fuse_checked, ops, reasons
@@ -40,11 +41,15 @@ def test_strided_chain_merges() -> None:
 
 
 def test_biased_pointwise_before_padded_conv_declines_case_2() -> None:
-    """Negative twin: the first 1x1 has a bias, so the 3x3's zero border differs (case 2)."""
-    fused, report = fuse_checked(_expand_block(bias_first=True))
+    """Negative twin: the first 1x1 has a bias, so the 3x3's zero border differs (case 2):
+    declined by case 1 alone; with the border correction (issue 14) one conv plus the ring."""
+    with border_merges(False):
+        fused, report = fuse_checked(_expand_block(bias_first=True))
     assert Reason.PADDED_AFTER_BIASED_POINTWISE in reasons(report)
     # The 3x3 and the last 1x1 still merge: two convs remain.
     assert ops(fused)["Conv"] == 2
+    fused, report = fuse_checked(_expand_block(bias_first=True))
+    assert (ops(fused)["Conv"], ops(fused)["Add"]) == (1, 1) and "padding case 2" in report.merges[0].note
 
 
 def test_spatial_conv_before_padded_conv_declines_case_3() -> None:

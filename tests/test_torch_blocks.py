@@ -9,7 +9,9 @@ from torch import nn
 
 import convfuse
 from convfuse import Reason
+from convfuse.border_map import border_merges
 from convfuse.errors import TrainingModeError
+from convfuse.frontends.torch.ring import BorderConv
 
 from ._torch_models import (
     STYLES,
@@ -126,9 +128,13 @@ def test_acnet_twin_mixed_padding_modes() -> None:
 def test_dbb_twin_padding_after_bn() -> None:
     """DBB with the padding on the kxk after 1x1+BN: the border would see BN(bias), not zero."""
     torch.manual_seed(8)
-    fused, report = _check(DBBBlock(4, 4, pad_late=True), torch.randn(2, 4, 9, 9))
+    with border_merges(False):
+        fused, report = _check(DBBBlock(4, 4, pad_late=True), torch.randn(2, 4, 9, 9))
     assert Reason.PADDED_AFTER_BIASED_POINTWISE in _reasons(report)
     assert count_convs(fused) == 3  # 1x1 -> kxk branch stays two convs, the rest is one
+    torch.manual_seed(8)
+    fused, report = _check(DBBBlock(4, 4, pad_late=True), torch.randn(2, 4, 9, 9))  # issue 14
+    assert count_convs(fused) == 1 and any(isinstance(m, BorderConv) for m in fused.modules())
 
 
 def test_dbb_twin_avgpool_without_count_include_pad() -> None:
@@ -154,9 +160,12 @@ def test_mobileone_twin_dense_scale_branch_not_profitable() -> None:
 
 def test_expanded_conv_twin_first_bias() -> None:
     torch.manual_seed(11)
-    fused, report = _check(ExpandedConv(4, 4, first_bias=True), torch.randn(2, 4, 8, 8))
+    with border_merges(False):
+        fused, report = _check(ExpandedConv(4, 4, first_bias=True), torch.randn(2, 4, 8, 8))
     assert Reason.PADDED_AFTER_BIASED_POINTWISE in _reasons(report)
     assert count_convs(fused) == 2  # spatial + project merge; the biased 1x1 stays
+    fused, report = _check(ExpandedConv(4, 4, first_bias=True), torch.randn(2, 4, 8, 8))  # issue 14
+    assert count_convs(fused) == 1 and "padding case 2" in report.merges[0].note
 
 
 def test_sesr_twin_activation_inside() -> None:

@@ -62,7 +62,8 @@ def test_the_rule_table_covers_every_pair_of_map_types_and_names_its_algebra() -
     assert {op for op, *_ in rows} == {"compose", "add", "concat", "scaled"}
     algebras = {row[4] for row in rows}
     assert (
-        "convfuse.algebra.compose" in algebras and "convfuse.transpose.transpose_then_pointwise" in algebras
+        "convfuse.border_map.compose_maps" in algebras  # conv then conv: algebra.compose, case 2's ring
+        and "convfuse.transpose.transpose_then_pointwise" in algebras
     )
     assert "convfuse.transpose.pointwise_then_transpose" in algebras
     assert "convfuse.transpose.add_transposed" in algebras

@@ -15,6 +15,7 @@ from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 import convfuse
+from convfuse.border_map import border_merges
 from convfuse.errors import NotRunnableError
 from convfuse.frontends.onnx.geometry import geometries
 from convfuse.sizes import Geometry
@@ -80,11 +81,15 @@ def test_a_border_bug_at_odd_sizes_is_caught_at_the_second_size_only() -> None:
     assert [s.check.name for s in result.suspects] == ["head_out"]
     # Twin: the first size alone (what one size would check) passes the same wrong merge.
     assert verify_onnx(ref, naive, shapes={"x": (2, 4, 4, 4)}).passed
-    # And convfuse itself declines that merge (padding after a biased pointwise conv).
-    fused, report = convfuse.fuse_onnx(ref, policy="always")
+    # And convfuse itself declines that merge by case 1 (padding after a biased pointwise conv)...
+    with border_merges(False):
+        fused, report = convfuse.fuse_onnx(ref, policy="always")
     assert verify_onnx(ref, fused).passed and "padded-after-biased-pointwise" in {
         d.reason.value for d in report.declines
     }
+    # ... and merges it exactly with a border correction (issue 14): right at both parities.
+    fused, report = convfuse.fuse_onnx(ref, policy="always")
+    assert verify_onnx(ref, fused).passed and any("padding case 2" in m.note for m in report.merges)
 
 
 def test_given_shapes_override_the_derived_ones() -> None:

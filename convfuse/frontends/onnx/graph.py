@@ -26,13 +26,14 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ...algebra import Cost
 from ...decline import Decline, Reason
 from ...errors import InvalidModelError, InvalidOptionError
-from ...ir import LinearGraph, LinearNode, OpKind, TensorInfo
+from ...ir import REGROUP, LinearGraph, LinearNode, OpKind, TensorInfo
 from ...latency import judge_for
 from ...planner import Merge, Resum, plan
 from ...policy import Judge, Policy
@@ -55,6 +56,7 @@ from .nodes import (
     unread_nodes,
 )
 from .prepass import prepare
+from .ring import ring_nodes
 from .transpose import new_tensors, transpose_node
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
@@ -285,7 +287,22 @@ class _Index:
 
     def shape(self, name: str) -> Dims | None:
         entry = self._shapes.get(name)
-        return None if entry is None else entry[1]
+        dims = None if entry is None else entry[1]
+        source = self.shape_source(name)
+        if source is not None and (dims is None or None in dims):
+            return self.shape(source)  # Reshape(v, Shape(t)): t's shape, symbolic dims included
+        return dims
+
+    def shape_source(self, name: str) -> str | None:
+        """``t`` when ``name`` is the output of ``Reshape(v, Shape(t))`` (``reshape_as(t)``
+        exported with symbolic dims), whose shape is ``t``'s by definition."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != "Reshape" or len(node.input) < 2 or not _is_default(node):
+            return None
+        shape = self.producer.get(node.input[1])
+        if shape is None or shape.op_type != "Shape" or not _is_default(shape) or shape.attribute:
+            return None
+        return shape.input[0]
 
     def users(self, name: str) -> list[onnx.NodeProto]:
         return self.consumers.get(name, [])
@@ -435,6 +452,7 @@ _OP_KINDS = {
     "linear": OpKind.LINEAR,
     "pad": OpKind.PAD,
     "avgpool": OpKind.POOL,
+    "reshape": OpKind.IDENTITY,
 }
 
 
@@ -465,7 +483,7 @@ def _unary_node(node: onnx.NodeProto, op: LinearOp, index: _Index) -> LinearNode
         weights=_param_sizes(node, index, op.x),
         refused=op.refused,
         origin=(node, op),
-        layout={"linear": "last", "bn": "first"}.get(op.kind),
+        layout={"linear": "last", "bn": "first", "reshape": REGROUP}.get(op.kind),
         tag=op.kind,
     )
 
@@ -492,6 +510,38 @@ def _combining_node(node: onnx.NodeProto, index: _Index) -> LinearNode | None:
     return None
 
 
+def _shape_of_regroup(node: onnx.NodeProto, index: _Index, inside: set[int]) -> bool:
+    """``Shape(t)`` read only as the target of regrouping Reshapes of the graph's IR: it does
+    not keep ``t`` computed (a merge that replaces ``t`` replaces those Reshapes too, checked by
+    :func:`_stale_shape_reads`; the Shape node is then unused and cleaned up)."""
+    if node.op_type != "Shape" or not _is_default(node) or node.attribute or len(node.output) != 1:
+        return False
+    readers = index.users(node.output[0])
+    return (
+        bool(readers)
+        and node.output[0] not in index.output_set
+        and all(
+            id(r) in inside and r.op_type == "Reshape" and list(r.input[1:2]) == [node.output[0]]
+            for r in readers
+        )
+    )
+
+
+def _stale_shape_reads(index: _Index, merges: Sequence[Merge]) -> set[str]:
+    """Outputs of merges that replace a tensor ``t`` read by a ``Shape`` (see
+    :func:`_shape_of_regroup`) one of whose Reshapes no merge replaces: declined, so ``t`` stays."""
+    merged = {id(n.origin[0]) for m in merges for n in m.nodes}
+    stale: set[str] = set()
+    for merge in merges:
+        for t in {n.output for n in merge.nodes} - {merge.y}:
+            for reader in index.users(t):
+                if reader.op_type == "Shape" and any(
+                    id(r) not in merged for r in index.users(reader.output[0])
+                ):
+                    stale.add(merge.y)
+    return stale
+
+
 def _linear_graph(index: _Index, state: _State) -> LinearGraph:
     """The graph's linear nodes as the planner's IR (the ONNX importer)."""
     nodes: list[LinearNode] = []
@@ -503,14 +553,14 @@ def _linear_graph(index: _Index, state: _State) -> LinearGraph:
     inside = {id(n.origin[0]) for n in nodes}
     external = set(index.output_set)
     for node in index.nodes:
-        if id(node) not in inside:
+        if id(node) not in inside and not _shape_of_regroup(node, index, inside):
             external.update(_uses(node))
     shapes = {
         t: dims
         for t in {n.output for n in nodes} | {i for n in nodes for i in n.inputs}
         if (dims := index.shape(t)) is not None
     }
-    return LinearGraph(nodes, external, set(index.output_set), shapes, state.names.fresh)
+    return LinearGraph(nodes, external, set(index.output_set), shapes, state.names.fresh, ring_nodes=True)
 
 
 def _elem_type(merge: Merge) -> int | None:
@@ -534,6 +584,18 @@ def merge_regions(
     position = {id(n): k for k, n in enumerate(index.nodes)}
     built: dict[int, tuple[list[onnx.NodeProto], list[NewTensor]]] = {}
     failed: set[str] = set()
+    for y in _stale_shape_reads(index, result.merges):
+        merge = next(m for m in result.merges if m.y == y)
+        declines.append(
+            (
+                list(merge.sources),
+                Decline(
+                    Reason.SHARED_TENSOR,
+                    "a Shape node reads a tensor inside this merge for a Reshape it keeps",
+                ),
+            )
+        )
+        failed.add(y)
     for merge in result.merges:
         first = next(n for n in merge.nodes if n.kind.is_anchor)
         name = first.origin[0].name or state.names.fresh(f"Conv_{merge.y}")
@@ -546,20 +608,40 @@ def merge_regions(
             made = written if isinstance(written, Decline) else ([written[0]], new_tensors(written[1]))
         elif merge.linear:
             rank2 = len(index.shape(merge.x) or ()) == 2
-            made = linear_nodes(
-                merge.spec,
-                name=name,
-                x=merge.x,
-                y=merge.y,
-                elem_type=elem_type,
-                fresh=state.names.fresh,
-                rank2=rank2,
+            regroup = _regroup_back(index, merge, state.names.fresh)
+            made = (
+                regroup
+                if isinstance(regroup, Decline)
+                else linear_nodes(
+                    merge.spec,
+                    name=name,
+                    x=merge.x,
+                    y=merge.y if regroup is None else regroup[0].input[0],
+                    elem_type=elem_type,
+                    fresh=state.names.fresh,
+                    rank2=rank2,
+                )
             )
+            if regroup is not None and not isinstance(made, Decline):
+                made = ([*made[0], regroup[0]], [*made[1], *regroup[1]])
         else:
+            conv_out = state.names.fresh(f"{merge.y}/conv") if merge.ring is not None else merge.y
             made = conv_node(
-                merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh
+                merge.spec, name=name, x=merge.x, y=conv_out, elem_type=elem_type, fresh=state.names.fresh
             )
             made = made if isinstance(made, Decline) else ([made[0]], made[1])
+            if merge.ring is not None and not isinstance(made, Decline):  # case 2: Conv + Add(ring)
+                extra = ring_nodes(
+                    merge.ring,
+                    name=name,
+                    x=merge.x,
+                    conv_out=conv_out,
+                    y=merge.y,
+                    elem_type=elem_type,
+                    opset=state.opset,
+                    fresh=state.names.fresh,
+                )
+                made = extra if isinstance(extra, Decline) else (made[0] + extra[0], made[1] + extra[1])
         if isinstance(made, Decline):
             declines.append((list(merge.sources), made))
             failed.add(merge.y)
@@ -604,6 +686,39 @@ def merge_regions(
         rewrite.replace.setdefault(id(root), []).extend(_sum_nodes(resum, root, state))
         rewrite.removed.update(id(n) for n in roots)
     return rewrite.apply(index.nodes)
+
+
+def _regroup_back(
+    index: _Index, merge: Merge, fresh: Callable[[str], str]
+) -> tuple[onnx.NodeProto, list[NewTensor]] | Decline | None:
+    """A merged Linear keeps the leading dims of its input; when the reshapes it replaces end
+    with other leading dims (``bn(linear(x).flatten(0, 1))`` read as it is), the node that gives
+    them back: ``Flatten`` to a ``[N, C]`` output, else ``Reshape`` to the output's static shape.
+    None when nothing is needed; a decline when the output's shape is not known."""
+    if not any(n.layout == REGROUP for n in merge.nodes):
+        return None
+    producer = {n.output: n for n in merge.nodes}
+    t = index.shape_source(merge.y)  # Reshape(v, Shape(t)): y has t's shape
+    while t in producer and producer[t].kind.is_unary and producer[t].layout != REGROUP:
+        t = producer[t].inputs[0]  # Linear, BN, affine keep the leading dims
+    if t == merge.x:
+        return None
+    before, after = index.shape(merge.x), index.shape(merge.y)
+    if before is not None and after is not None and before[:-1] == after[:-1]:
+        if sum(d is None for d in before[:-1]) <= 1:  # the leading products agree: one unknown is equal
+            return None
+    mid = fresh(f"{merge.y}/linear")
+    name = fresh(f"{merge.y}/regroup")
+    if before is not None and after is not None and len(after) == 2:
+        return helper.make_node("Flatten", [mid], [merge.y], name=name, axis=len(before) - 1), []
+    if after is not None and None not in after:
+        shape = NewTensor(fresh(f"{merge.y}/shape"), np.array(after, dtype=np.int64), onnx.TensorProto.INT64)
+        return helper.make_node("Reshape", [mid, shape.name], [merge.y], name=name), [shape]
+    return Decline(
+        Reason.RANK_MISMATCH,
+        f"the merged Linear layer keeps the leading dims of {merge.x!r}, which the reshapes it replaces "
+        f"regroup, and the shape of {merge.y!r} is not known",
+    )
 
 
 def _sum_nodes(resum: Resum, root: onnx.NodeProto, state: _State) -> list[onnx.NodeProto]:

@@ -22,9 +22,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool
+from ...algebra import MAX_MERGED_ELEMENTS, ChannelAffine, affine_conv, average_pool, identity
 from ...algebra_linear import as_matrix, linear_spec
 from ...decline import Decline, Reason
+from ...ir import regroups
 from ...provenance import Provenance, describe
 from ...spec import ConvSpec, InvalidSpecError, same_pads
 from .io import node_attributes as _attrs
@@ -85,7 +86,7 @@ class LinearOp:
     """
 
     node: onnx.NodeProto
-    kind: str  # "conv", "convtranspose", "linear", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool"
+    kind: str  # "conv", "convtranspose", "linear", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool", "reshape"
     x: str
     y: str
     ndim: int | None = None
@@ -574,6 +575,25 @@ def read_conv_transpose(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     return read(node, env)
 
 
+def read_regroup(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``Reshape`` / ``Flatten`` / ``Squeeze`` / ``Unsqueeze`` that keeps the last dim and only
+    regroups the dims before it (:func:`convfuse.ir.regroups`, judged on the inferred shapes of
+    its input and output): ``flatten(0, 1)`` of ``[B, N, C]`` exports as ``Flatten(axis=2)``,
+    ``reshape_as`` back as ``Reshape`` to a (folded) shape. The identity on a Linear layer's
+    features; the planner takes it only into regions of last-dim layers. Any other reshape
+    moves or mixes the features and is not read (it ends regions)."""
+    if not node.input or len(node.output) != 1 or not isinstance(env.tensor(node.input[0]), str):
+        return None
+    x, y = node.input[0], node.output[0]
+    if not regroups(env.shape(x), env.shape(y)):
+        return None
+
+    def resolve(ndim: int, channels: int) -> ConvSpec | Decline:
+        return identity(channels, ndim, np.float64)
+
+    return LinearOp(node, "reshape", x, y, resolve=resolve)
+
+
 #: Op type (default ONNX domain) -> reader. The pattern table of the ONNX front end.
 READERS: dict[str, Callable[[onnx.NodeProto, Env], LinearOp | None]] = {
     "Conv": read_conv,
@@ -588,6 +608,10 @@ READERS: dict[str, Callable[[onnx.NodeProto, Env], LinearOp | None]] = {
     "MatMul": read_gemm,
     "Pad": read_pad,
     "AveragePool": read_average_pool,
+    "Reshape": read_regroup,
+    "Flatten": read_regroup,
+    "Squeeze": read_regroup,
+    "Unsqueeze": read_regroup,
 }
 
 

@@ -51,7 +51,7 @@ from ...errors import (
     internal_message,
     one_line,
 )
-from ...ir import LinearGraph, LinearNode, OpKind
+from ...ir import REGROUP, LinearGraph, LinearNode, OpKind
 from ...latency import judge_for
 from ...planner import Merge, Plan, Resum, plan
 from ...policy import Judge, Policy
@@ -72,6 +72,7 @@ from .check import (
 from .importer import op_node, parameter_sizes
 from .layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
 from .ops import ConvOp, IdentityOp, LinearOp, numpy_dtype, weight_dtype_device
+from .ring import BorderConv, border_conv
 from .rules import UNKNOWN, Cat, Terms, Unary, call_op, has_module_rule, module_op
 from .surgery import absorbed as placeholder
 from .surgery import (
@@ -191,18 +192,26 @@ def _fuse_with_report(
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot work on a copy
         raise InvalidModelError(f"cannot copy {type(module).__name__} to fuse it: {exc}") from exc
     report.before, ref_out = _stats(reference, inputs, report)
-    shapes = _input_shapes(reference, inputs) if judge.times and inputs is not None else {}
     batches = _batches(reference, inputs, report) if check else None
     if not check:
         report.notes.append("self-check: skipped (check=False)")
     probe = batches.inputs[0] if batches is not None else inputs or infer_example_input(reference)
+    # Linear layers need ranks (BatchNorm1d and reshapes next to them): shapes on the example
+    # inputs, else on the input inferred from the first conv (which fixes the input's rank, so
+    # the ranks seen inside hold at every size; its sizes are not used).
+    ranks = any(isinstance(m, nn.Linear) for m in reference.modules())
+    shapes: dict[str, _Args] = {}
+    if inputs is not None or (ranks and probe is not None):  # example inputs: latency, border rings
+        shapes = _input_shapes(reference, inputs or probe)
     whole = None  # which Sequentials their parents call as a whole: seen on a run of a copy
     if probe is not None:
         paths = sequentials_called_whole(reference, probe)
         if paths is not None:
             named = dict(work.named_modules())
             whole = {id(named[p]) for p in paths if p in named}
-    ctx = _Context(judge, report, inputs, shapes, whole=whole)
+    ctx = _Context(
+        judge, report, inputs or (probe if ranks else None), shapes, whole=whole, inferred=inputs is None
+    )
     originals = {id(w): (o, name) for (name, o), w in zip(module.named_modules(), work.modules())}
     with torch.no_grad():
         fused = _fuse_any(work, "", ctx, top=True)
@@ -451,6 +460,14 @@ class _Context:
     split: list[str] = field(default_factory=list)  # Sequentials fused child by child
     checked_back: list[str] = field(default_factory=list)  # parts the self-check put back
     descended: set[int] = field(default_factory=set)  # children fused on their own for a parent
+    inferred: bool = False  # shapes come from an inferred input: only ranks and channels are told
+
+    def known(self, shape: tuple[int, ...]) -> tuple[int | None, ...]:
+        """A recorded shape as the planner may use it: from an inferred input, its rank and its
+        channels (dim 1); the sizes, which hold at that input only, unknown."""
+        if not self.inferred:
+            return shape
+        return tuple(d if k == 1 else None for k, d in enumerate(shape))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -499,7 +516,8 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return super().is_leaf_module(m, module_qualified_name) or has_module_rule(m) or has_hooks(m)
+        leaf = super().is_leaf_module(m, module_qualified_name) or has_module_rule(m) or has_hooks(m)
+        return leaf or isinstance(m, BorderConv)  # a fused case-2 merge: kept whole, never re-traced
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
@@ -986,6 +1004,8 @@ def layer_from_merge(merge: Merge, dtype: torch.dtype, device: Any, types: dict[
     else:
         make = linear_from_spec if merge.linear else conv_from_spec
         layer = make(merge.spec, dtype, device)
+    if merge.ring is not None:  # case 2: the conv plus its border ring
+        layer = border_conv(layer, merge.ring, dtype, device)
     return mark_provenance(layer, merge.sources, merge.kind, types)
 
 
@@ -1004,7 +1024,7 @@ def _write_run(
         return
     dtype, device = weights[0]
     args = ctx.shapes.get(ops[0].name)
-    shapes = {"t0": args[0][0]} if args else {}
+    shapes = {"t0": ctx.known(args[0][0])} if args else {}
     nodes = [
         op_node(op, f"t{k}", f"t{k + 1}", dtype, device, parameter_sizes(op.origin[1]), op)
         for k, op in enumerate(ops)
@@ -1159,7 +1179,8 @@ class _GraphFuser:
             try:
                 ShapeProp(gm).propagate(*inputs)
             except Exception as exc:  # noqa: BLE001 - shapes are optional
-                ctx.report.notes.append(f"shape propagation failed ({exc}); shapes inferred from layers")
+                if not ctx.inferred:  # the user's inputs (an inferred one is only a guess)
+                    ctx.report.notes.append(f"shape propagation failed ({exc}); shapes inferred from layers")
 
     # ------------------------------------------------------------------ constants
     def _const(self, node: fx.Node) -> Any:
@@ -1463,7 +1484,7 @@ class _GraphFuser:
         for node in self.nodes:
             meta = node.meta.get("tensor_meta")
             if isinstance(meta, TensorMetadata):
-                shapes[node.name] = tuple(int(d) for d in meta.shape)
+                shapes[node.name] = self.ctx.known(tuple(int(d) for d in meta.shape))
         by_name = {n.name: n for n in self.nodes}
 
         def describe(name: str) -> str:
@@ -1577,7 +1598,7 @@ class _GraphFuser:
             )
             root = max(fx_nodes, key=self.order.__getitem__)
             names = tuple(self._node_name(n) for n in sorted(fx_nodes, key=self.order.__getitem__))
-            hazard = self._inplace_hazard(root, fx_nodes)
+            hazard = self._inplace_hazard(root, fx_nodes) or self._regrouped(merges, fx_nodes)
             if hazard is not None:
                 self.ctx.report.declined(names, hazard)
                 continue
@@ -1598,6 +1619,8 @@ class _GraphFuser:
                 )
                 with self.graph.inserting_before(last):
                     new = self.graph.call_module(target, (value[merge.x],))
+                    if self._leading(merge) is not None:  # [N, C] from [B, ..., C]: as the reshapes did
+                        new = self.graph.call_method("flatten", (new, 0, -2))
                 value[merge.y] = new
                 if merge.y in by_name:
                     replaced.append((by_name[merge.y], new))
@@ -1622,6 +1645,43 @@ class _GraphFuser:
             for old, _ in replaced:
                 self._replace(old, fx_nodes)
             self.changed = True
+
+    def _leading(self, merge: Merge) -> tuple[int, int] | None:
+        """Ranks of a merged Linear's input and output when the reshapes it replaces end with
+        other leading dims than its input's (``bn(linear(x).flatten(0, 1))`` read as it is), else
+        None: the Linear keeps its input's leading dims, so the writer flattens them back."""
+        if not merge.linear or not any(n.layout == REGROUP for n in merge.nodes):
+            return None
+        metas = [
+            self.by_name[t].meta.get("tensor_meta") if t in self.by_name else None for t in (merge.x, merge.y)
+        ]
+        if not all(isinstance(m, TensorMetadata) for m in metas):
+            return (0, 0)
+        before, after = (tuple(m.shape) for m in metas)
+        return None if before[:-1] == after[:-1] else (len(before), len(after))
+
+    def _regrouped(self, merges: list[Merge], fx_nodes: set[fx.Node]) -> Decline | None:
+        """Why a merge's output cannot be given back its leading dims (only a ``[N, C]`` output
+        can: ``flatten(0, -2)`` of the Linear's, at every size), or why a tensor it replaces
+        must stay: ``u.reshape_as(t)`` reads ``t``'s shape (not its values, so ``t`` is not
+        external to the planner) and is not replaced with it."""
+        for merge in merges:
+            for node in {n.origin for n in merge.nodes} - {self.by_name.get(merge.y)}:
+                kept = [u for u in node.users if u not in fx_nodes and not self._rank_read(u)]
+                if kept:
+                    return Decline(
+                        Reason.SHARED_TENSOR,
+                        f"{self._describe(kept[0])} reads the shape of {self._node_name(node)}, "
+                        "which this merge replaces",
+                    )
+            ranks = self._leading(merge)
+            if ranks is not None and (ranks[1] != 2 or ranks[0] < 2):
+                return Decline(
+                    Reason.RANK_MISMATCH,
+                    f"the merged Linear layer would keep the leading dims of {merge.x}, which the reshapes "
+                    f"it replaces regroup to another shape than [N, C]",
+                )
+        return None
 
     def _dtype_of(self, merge: Merge) -> torch.dtype:
         for node in merge.nodes:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ...decline import Decline
-from ...ir import LinearNode, OpKind, TensorInfo
+from ...ir import REGROUP, LinearNode, OpKind, TensorInfo
 from ...spec import ConvSpec
-from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, as_spec
+from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, RegroupOp, as_spec
 from .ops import TensorInfo as TorchInfo
 
 __all__ = ["op_kind", "op_node", "parameter_sizes"]
@@ -42,6 +42,15 @@ def op_kind(op: LinearOp) -> OpKind:
         if isinstance(op, cls):
             return kind
     return getattr(op, "ir_kind", OpKind.AFFINE)
+
+
+def _layout(op: LinearOp) -> str | None:
+    """The IR layout: Linear on the last dim, BatchNorm (channels at dim 1), regrouping reshapes."""
+    if isinstance(op, DenseOp):
+        return "last"
+    if isinstance(op, AffineOp) and op.vector:
+        return "first"
+    return REGROUP if isinstance(op, RegroupOp) else None
 
 
 def parameter_sizes(*tensors: Any) -> dict[Hashable, int]:
@@ -83,7 +92,5 @@ def op_node(
         in_channels=op.in_channels() if trusted else None,
         weights=weights,
         origin=origin,
-        layout=(
-            "last" if isinstance(op, DenseOp) else "first" if isinstance(op, AffineOp) and op.vector else None
-        ),
+        layout=_layout(op),
     )

@@ -32,6 +32,7 @@ __all__ = [
     "ConvOp",
     "AffineOp",
     "IdentityOp",
+    "RegroupOp",
     "PadOp",
     "PoolOp",
     "DenseOp",
@@ -144,6 +145,12 @@ class IdentityOp(LinearOp):
 
     def build(self, info: TensorInfo) -> Math | Decline:
         return None
+
+
+@dataclass(eq=False)
+class RegroupOp(IdentityOp):
+    """A reshape that keeps the last dim and regroups the others (``flatten(0, 1)``,
+    ``reshape_as``): the identity on a Linear layer's features (IR layout ``REGROUP``)."""
 
 
 @dataclass(eq=False)

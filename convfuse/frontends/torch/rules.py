@@ -21,10 +21,11 @@ from torch import fx, nn
 
 from ...algebra import ChannelAffine
 from ...decline import Decline, Reason
+from ...ir import regroups
 from ...spec import ConvSpec, InvalidSpecError, same_pads
 from ...transpose import ConvTransposeSpec
 from .layers import affine_from_batchnorm, affine_tensors, spec_from_conv
-from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp
+from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, RegroupOp
 from .transpose import ConvTransposeOp, spec_from_conv_transpose
 
 __all__ = [
@@ -557,6 +558,70 @@ def _torch_batchnorm_rule(node: fx.Node, resolve: Resolve) -> CallResult:
     return _batchnorm_call(node, resolve, _bind(node, names, {}))
 
 
+def _meta_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape torch.fx's ShapeProp recorded for ``node`` (example or inferred input), or None."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _last(dim: Any, rank: int) -> bool | None:
+    """Whether ``dim`` names the last of ``rank`` dims (None: not an int)."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank:
+        return None
+    return dim % rank == rank - 1
+
+
+def _regroup(
+    node: fx.Node, x: Any, resolve: Resolve, dim: Any = None, rank_after: bool = False
+) -> CallResult:
+    """A reshape that keeps the last dim and regroups the dims before it (DESIGN.md section 5):
+    the identity on a Linear layer's features (:func:`convfuse.ir.regroups`), which the planner
+    takes only among last-dim layers. Judged on the shapes shape propagation recorded (example
+    inputs, or the input the self-check infers); ``dim``, when the call names one, must be a dim
+    before the last (of the output for ``unsqueeze``: ``rank_after``), so the judgement holds at
+    every size."""
+    x = resolve(x)
+    before, after = _meta_shape(x), _meta_shape(node)
+    if not _is_graph(x) or before is None or after is None or not regroups(before, after):
+        return None
+    if dim is not None and _last(dim, len(after) if rank_after else len(before)) is not False:
+        return None
+    return Unary(RegroupOp(node.name), x)
+
+
+def _flatten_rule(node: fx.Node, resolve: Resolve) -> CallResult:
+    """``x.flatten(s, e)`` / ``torch.flatten`` with ``e`` before the last dim (``flatten(0, 1)``)."""
+    bound = _bind(node, ("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
+    return None if bound is None else _regroup(node, bound["input"], resolve, bound["end_dim"])
+
+
+def _squeeze_rule(unsqueeze: bool) -> CallRule:
+    """``x.squeeze(d)`` / ``x.unsqueeze(d)`` of a unit dim before the last (``squeeze()`` of every
+    unit dim is not read: it drops a last dim of size 1 too)."""
+
+    def rule(node: fx.Node, resolve: Resolve) -> CallResult:
+        bound = _bind(node, ("input", "dim"), {})
+        if bound is None or isinstance(bound["dim"], (tuple, list)):
+            return None
+        return _regroup(node, bound["input"], resolve, bound["dim"], rank_after=unsqueeze)
+
+    return rule
+
+
+def _reshape_rule(node: fx.Node, resolve: Resolve) -> CallResult:
+    """``x.reshape(*sizes)`` / ``view`` / ``torch.reshape`` whose last size is not ``-1`` (which
+    keeps the last dim at one size only), ``x.reshape(t.shape)``, ``reshape_as(t)``, ``view_as(t)``."""
+    if len(node.args) < 2 or set(node.kwargs) - {"shape", "other"}:
+        return None
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if not sizes or _is_number(sizes[-1], -1):
+        return None
+    return _regroup(node, node.args[0], resolve)
+
+
 def _cat_rule(node: fx.Node, resolve: Resolve) -> CallResult:
     """``torch.cat(tensors, dim=1)`` of graph tensors: stacked channels (a CONCAT)."""
     bound = _bind(node, ("tensors", "dim"), {"dim": 0})
@@ -605,6 +670,10 @@ FUNCTION_RULES: dict[Any, CallRule] = {
     F.linear: _linear_rule,
     F.batch_norm: _functional_batchnorm_rule,
     torch.batch_norm: _torch_batchnorm_rule,
+    torch.flatten: _flatten_rule,
+    torch.reshape: _reshape_rule,
+    torch.squeeze: _squeeze_rule(False),
+    torch.unsqueeze: _squeeze_rule(True),
 }
 
 #: Tensor method called by a ``call_method`` node -> converter (``self`` is the first argument).
@@ -619,6 +688,13 @@ METHOD_RULES: dict[str, CallRule] = {
     "neg": _neg_rule,
     "contiguous": _same_rule,
     "clone": _same_rule,
+    "flatten": _flatten_rule,
+    "reshape": _reshape_rule,
+    "view": _reshape_rule,
+    "reshape_as": _reshape_rule,
+    "view_as": _reshape_rule,
+    "squeeze": _squeeze_rule(False),
+    "unsqueeze": _squeeze_rule(True),
 }
 
 
