@@ -16,12 +16,34 @@ terms whose roundings differ between the model's own computation of the shift an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import numpy as np
 
-__all__ = ["ULPS", "batchnorm_zero_response", "conv_zero_response", "fill_matches"]
+from .decline import Decline
+
+__all__ = ["ULPS", "BorderResult", "Moved", "batchnorm_zero_response", "conv_zero_response", "fill_matches"]
 
 #: BN zero responses are matched within this many eps of the magnitude of their terms.
 ULPS = 4.0
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A border-filled pad (and its writes) now a zero pad before ``layer``."""
+
+    layer: str
+    pad: str
+    writes: tuple[str, ...]
+
+
+@dataclass
+class BorderResult:
+    """What a border pass did: the pads it moved, the patterns it declined (with their nodes)."""
+
+    moved: list[Moved] = field(default_factory=list)
+    declines: list[tuple[Sequence[str], Decline]] = field(default_factory=list)
 
 
 def conv_zero_response(bias: np.ndarray | None, channels: int) -> tuple[np.ndarray, np.ndarray]:

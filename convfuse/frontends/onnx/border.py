@@ -31,13 +31,11 @@ See docs/border_fill.md for the derivation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...border_fill import batchnorm_zero_response, conv_zero_response, fill_matches
+from ...border_fill import BorderResult, Moved, batchnorm_zero_response, conv_zero_response, fill_matches
 from ...decline import Decline, Reason
 from .fold import graph_reads, prune, static_shapes
 from .io import node_attributes
@@ -45,21 +43,6 @@ from .io import node_attributes
 __all__ = ["BorderResult", "Moved", "read_borders", "zero_response"]
 
 _DEFAULT = ("", "ai.onnx")
-
-
-@dataclass(frozen=True)
-class Moved:
-    """A border-filled Pad (and its writes) now a zero Pad before ``layer``."""
-
-    layer: str
-    pad: str
-    writes: tuple[str, ...]
-
-
-@dataclass
-class BorderResult:
-    moved: list[Moved] = field(default_factory=list)
-    declines: list[tuple[list[str], Decline]] = field(default_factory=list)
 
 
 def _label(node: onnx.NodeProto) -> str:

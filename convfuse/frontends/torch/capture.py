@@ -27,7 +27,7 @@ scopes, the same importer and planner); the parameter-only computation in it is 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import IntEnum
 from typing import Any
@@ -37,7 +37,16 @@ from torch import fx
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MISSING", "Taint", "CaptureMixin", "node_taint", "is_metadata_read", "raw_attribute"]
+__all__ = [
+    "MISSING",
+    "Taint",
+    "CaptureMixin",
+    "evaluate",
+    "is_metadata_read",
+    "node_taint",
+    "raw_attribute",
+    "state_copy",
+]
 
 MISSING: Any = object()  # a node whose value capture does not know (it reads an input)
 
@@ -97,32 +106,8 @@ class CaptureMixin:
         self.values[node] = self._evaluate(node) if self.taints[node] is Taint.STATE else MISSING
         return node
 
-    def _attr(self, target: str) -> Any:
-        """A private copy of the module's tensor at ``target`` (one per target, so in-place writes
-        to a constant the forward creates are seen by its later reads, never by the module)."""
-        if target not in self._attrs:
-            value = raw_attribute(self.root, target)  # type: ignore[attr-defined]
-            if isinstance(value, torch.Tensor):
-                value = value.detach().clone()
-            self._attrs[target] = value
-        return self._attrs[target]
-
     def _evaluate(self, node: fx.Node) -> Any:
-        if node.op == "get_attr":
-            return self._attr(str(node.target))
-        args = map_arg(node.args, lambda n: self.values.get(n, MISSING))
-        kwargs = map_arg(node.kwargs, lambda n: self.values.get(n, MISSING))
-        if any(v is MISSING for v in tree_flatten((args, kwargs))[0]):
-            return MISSING
-        try:
-            with torch.no_grad():
-                if node.op == "call_function":
-                    return node.target(*args, **kwargs)  # type: ignore[operator]
-                if node.op == "call_method":
-                    return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        except Exception:  # noqa: BLE001 - unknown value: a decision on it is refused
-            return MISSING
-        return MISSING
+        return evaluate(node, self.values, lambda t: state_copy(self.root, t, self._attrs))  # type: ignore[attr-defined]
 
     def _known(self, obj: fx.Proxy, what: str) -> Any:
         """The value of ``obj`` for a Python decision, or the tracing error symbolic tracing raises."""
@@ -148,6 +133,36 @@ class CaptureMixin:
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         with _proxy_methods():
             return super().trace(root, concrete_args)  # type: ignore[misc]
+
+
+def state_copy(root: Any, target: str, copies: dict[str, Any]) -> Any:
+    """A private copy of the tensor at ``target`` under ``root``, one per target in ``copies`` (so
+    in-place writes to a constant the forward creates are seen by its later reads, never by the
+    module)."""
+    if target not in copies:
+        value = raw_attribute(root, target)
+        copies[target] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+    return copies[target]
+
+
+def evaluate(node: fx.Node, values: dict[fx.Node, Any], attr: Callable[[str], Any]) -> Any:
+    """The value of a state-only ``node`` from its arguments' ``values`` (``attr`` gives a get_attr
+    target's), without gradients; MISSING when an argument is unknown or the call raises."""
+    if node.op == "get_attr":
+        return attr(str(node.target))
+    args = map_arg(node.args, lambda n: values.get(n, MISSING))
+    kwargs = map_arg(node.kwargs, lambda n: values.get(n, MISSING))
+    if any(v is MISSING for v in tree_flatten((args, kwargs))[0]):
+        return MISSING
+    try:
+        with torch.no_grad():
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)  # type: ignore[operator]
+            if node.op == "call_method":
+                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - unknown value: not decided on, not folded
+        return MISSING
+    return MISSING
 
 
 def raw_attribute(root: Any, target: str) -> Any:

@@ -29,7 +29,6 @@ than ``z``), ``border-incomplete`` (a ring element left at ``v != z``: a side le
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,31 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ...border_fill import batchnorm_zero_response, conv_zero_response, fill_matches
+from ...border_fill import BorderResult, Moved, batchnorm_zero_response, conv_zero_response, fill_matches
 from ...decline import Decline, Reason
 from .capture import MISSING, raw_attribute
 from .fold import StateValues, label
 
-__all__ = ["Moved", "FillResult", "read_borders"]
+__all__ = ["read_borders"]
 
 _CONV = nn.modules.conv._ConvNd
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 _CONV_CALLS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _PADS = {F.pad, torch.constant_pad_nd}
 _INTERIORS = (2, 3)  # interior sizes the writes are run on (per spatial dim: 2 and 3 rows)
-
-
-@dataclass(frozen=True)
-class Moved:
-    layer: str
-    pad: str
-    writes: tuple[str, ...]
-
-
-@dataclass
-class FillResult:
-    moved: list[Moved] = field(default_factory=list)
-    declines: list[tuple[tuple[str, ...], Decline]] = field(default_factory=list)
 
 
 def _is_setitem(node: fx.Node) -> bool:
@@ -214,10 +200,10 @@ def _swap(old: fx.Node, new: fx.Node) -> Any:
     return lambda n: new if n is old else n
 
 
-def read_borders(gm: fx.GraphModule, values: StateValues) -> FillResult:
+def read_borders(gm: fx.GraphModule, values: StateValues) -> BorderResult:
     """Rewrite every bias-filled border of ``gm``'s graph in place (module docstring)."""
     graph = gm.graph
-    result = FillResult()
+    result = BorderResult()
     order = {n: i for i, n in enumerate(graph.nodes)}
     found: list[tuple[fx.Node, fx.Node, fx.Node, list[fx.Node], tuple[int, ...], float]] = []
     for pad in list(graph.nodes):

@@ -36,11 +36,9 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.node import map_arg
-from torch.utils._pytree import tree_flatten
 
 from ...decline import Decline, Reason
-from .capture import MISSING, Taint, node_taint, raw_attribute
+from .capture import MISSING, Taint, evaluate, node_taint, raw_attribute, state_copy
 
 __all__ = [
     "Folded",
@@ -154,41 +152,20 @@ class StateValues:
     def state(self, node: Any) -> bool:
         return isinstance(node, fx.Node) and self.taints.get(node) is Taint.STATE
 
-    def _attr(self, target: str) -> Any:
-        if target not in self._attrs:
-            value = raw_attribute(self.gm, target)
-            self._attrs[target] = value.detach().clone() if isinstance(value, torch.Tensor) else value
-        return self._attrs[target]
-
     def run(self, wanted: set[tuple[fx.Node, fx.Node]]) -> None:
         """Evaluate; remember a copy of ``u`` as ``n`` sees it for every ``(n, u)`` in ``wanted``."""
         by_reader: dict[fx.Node, list[fx.Node]] = {}
         for n, u in wanted:
             by_reader.setdefault(n, []).append(u)
-        with torch.no_grad():
-            for node in self.nodes:
-                for u in by_reader.get(node, []):
-                    value = self._values.get(u, MISSING)
-                    self._snaps[(node, u)] = value.clone() if isinstance(value, torch.Tensor) else value
-                if not self.state(node):
-                    continue
+        for node in self.nodes:
+            for u in by_reader.get(node, []):
+                value = self._values.get(u, MISSING)
+                self._snaps[(node, u)] = value.clone() if isinstance(value, torch.Tensor) else value
+            if self.state(node):
                 self._values[node] = self._evaluate(node)
 
     def _evaluate(self, node: fx.Node) -> Any:
-        if node.op == "get_attr":
-            return self._attr(str(node.target))
-        args = map_arg(node.args, lambda n: self._values.get(n, MISSING))
-        kwargs = map_arg(node.kwargs, lambda n: self._values.get(n, MISSING))
-        if any(v is MISSING for v in tree_flatten((args, kwargs))[0]):
-            return MISSING
-        try:
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)  # type: ignore[operator]
-            if node.op == "call_method":
-                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        except Exception:  # noqa: BLE001 - not evaluable: not folded
-            return MISSING
-        return MISSING
+        return evaluate(node, self._values, lambda t: state_copy(self.gm, t, self._attrs))
 
     def snapshot(self, reader: fx.Node, node: fx.Node) -> Any:
         return self._snaps.get((reader, node), MISSING)
