@@ -94,10 +94,11 @@ def test_border_twins_do_not_merge(twin: dict, reason: Reason) -> None:
     assert not any(m.group.value == "border fill as pad" for m in report.merges)
 
 
-def test_cross_check_with_onnx() -> None:
-    """The ONNX half reaches the same conv count on the exported train form."""
+@pytest.mark.parametrize("form", ["train", "eval"])
+def test_cross_check_with_onnx(form: str) -> None:
+    """The ONNX half reaches the same conv count on the exported model."""
     torch.manual_seed(4)
-    model = SRNet(8, 2).eval()
+    model = SRNet(8, 2, form=form).eval()
     x = torch.randn(1, 3, 12, 12)
     fused, _ = _fuse(model, x)
     onnx_fused, _ = convfuse.fuse_onnx(export(model, (1, 3, 12, 12)))
