@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections import Counter
 
 import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SeqConv", "SRBlock", "SRNet", "export"]
+__all__ = ["SeqConv", "SRBlock", "SRBlockRep", "SRNet", "aten_ops", "export"]
 
 _MASKS = {
     "sobelx": [[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]],
@@ -41,7 +43,7 @@ class SeqConv(nn.Module):
         sides: tuple[str, ...] = SIDES,
     ) -> None:
         super().__init__()
-        self.kind, self.fill, self.sides = kind, fill, sides
+        self.kind, self.fill, self.sides, self.channels = kind, fill, sides, channels
         self.k0: nn.Module = nn.Conv2d(channels, channels, 1) if layer == "conv" else nn.BatchNorm2d(channels)
         if kind == "conv":
             self.k1 = nn.Conv2d(channels, channels, 3)
@@ -75,7 +77,28 @@ class SeqConv(nn.Module):
             y0[:, :, :, -1:] = b0
         if self.kind == "conv":
             return self.k1(y0)
-        return F.conv2d(y0, self.scale * self.mask, self.bias, stride=1, groups=y0.shape[1])
+        return F.conv2d(y0, self.scale * self.mask, self.bias, stride=1, groups=self.channels)
+
+    def rep_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch as one 3x3 kernel and bias, computed from the parameters as the public code
+        does (device branch, a zero kernel filled channel by channel); conv ``k0`` only."""
+        assert isinstance(self.k0, nn.Conv2d)
+        device = self.k0.weight.get_device()
+        if device < 0:
+            device = None
+        k0, b0 = self.k0.weight, self.k0.bias
+        if self.kind == "conv":
+            k1, b1 = self.k1.weight, self.k1.bias
+        else:
+            tmp = self.scale * self.mask
+            k1 = torch.zeros((self.channels, self.channels, 3, 3), device=device)
+            for i in range(self.channels):
+                k1[i, i, :, :] = tmp[i, 0, :, :]
+            b1 = self.bias
+        rk = F.conv2d(input=k1, weight=k0.permute(1, 0, 2, 3))
+        rb = torch.ones(1, self.channels, 3, 3, device=device) * b0.view(1, -1, 1, 1)
+        rb = F.conv2d(input=rb, weight=k1).view(-1) + b1
+        return rk, rb
 
 
 class SRBlock(nn.Module):
@@ -93,14 +116,32 @@ class SRBlock(nn.Module):
         return y
 
 
-class SRNet(nn.Module):
-    """A head conv, ``blocks`` SR blocks with a PReLU after each, and a pixel-shuffle tail."""
+class SRBlockRep(SRBlock):
+    """The eval form: the same parameters, and a ``forward`` that builds the merged kernel with
+    ``rep_params()`` on every call and runs one 3x3 conv (as the public code's eval branch does)."""
 
-    def __init__(self, channels: int = 16, blocks: int = 4, scale: int = 2) -> None:
+    def rep_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k, b = self.conv3x3.weight, self.conv3x3.bias
+        for branch in self.branches:
+            rk, rb = branch.rep_params()
+            k, b = k + rk, b + rb
+        return k, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rk, rb = self.rep_params()
+        return F.conv2d(input=x, weight=rk, bias=rb, stride=1, padding=1)
+
+
+class SRNet(nn.Module):
+    """A head conv, ``blocks`` SR blocks with a PReLU after each, and a pixel-shuffle tail;
+    ``form="eval"`` uses :class:`SRBlockRep` blocks (``rep_params()`` in every forward)."""
+
+    def __init__(self, channels: int = 16, blocks: int = 4, scale: int = 2, form: str = "train") -> None:
         super().__init__()
+        block = SRBlockRep if form == "eval" else SRBlock
         self.head = nn.Conv2d(3, channels, 3, padding=1)
         self.body = nn.Sequential(
-            *(nn.Sequential(SRBlock(channels), nn.PReLU(channels)) for _ in range(blocks))
+            *(nn.Sequential(block(channels), nn.PReLU(channels)) for _ in range(blocks))
         )
         self.tail = nn.Conv2d(channels, 3 * scale * scale, 3, padding=1)
         self.shuffle = nn.PixelShuffle(scale)
@@ -138,3 +179,21 @@ def export(module: nn.Module, shape: tuple[int, ...], opset: int = 17) -> onnx.M
             output_names=["y"],
         )
     return onnx.load_from_string(buf.getvalue())
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(model: nn.Module, x: torch.Tensor) -> Counter[str]:
+    """The ATen ops one forward of ``model`` on ``x`` runs, by name (modules and functional calls
+    alike: what eager mode executes)."""
+    with torch.no_grad(), _Count() as count:
+        model(x)
+    return count.ops

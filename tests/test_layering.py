@@ -17,6 +17,7 @@ CORE = {
     "algebra",
     "algebra_linear",
     "border",
+    "border_fill",
     "border_map",
     "compare",
     "decline",

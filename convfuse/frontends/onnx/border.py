@@ -31,12 +31,11 @@ See docs/border_fill.md for the derivation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...border_fill import BorderResult, Moved, batchnorm_zero_response, conv_zero_response, fill_matches
 from ...decline import Decline, Reason
 from .fold import graph_reads, prune, static_shapes
 from .io import node_attributes
@@ -44,23 +43,6 @@ from .io import node_attributes
 __all__ = ["BorderResult", "Moved", "read_borders", "zero_response"]
 
 _DEFAULT = ("", "ai.onnx")
-#: BN zero responses are matched within this many eps of the magnitude of their terms.
-_ULPS = 4.0
-
-
-@dataclass(frozen=True)
-class Moved:
-    """A border-filled Pad (and its writes) now a zero Pad before ``layer``."""
-
-    layer: str
-    pad: str
-    writes: tuple[str, ...]
-
-
-@dataclass
-class BorderResult:
-    moved: list[Moved] = field(default_factory=list)
-    declines: list[tuple[list[str], Decline]] = field(default_factory=list)
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -112,17 +94,15 @@ def zero_response(node: onnx.NodeProto, g: _Graph) -> tuple[np.ndarray, np.ndarr
         bias = g.value(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(int(w.dims[0]))
         if bias is None:
             return f"{_label(node)}'s bias is not constant"
-        return bias.astype(np.float64), np.zeros(bias.shape)
+        return conv_zero_response(bias, int(w.dims[0]))
     if node.op_type == "BatchNormalization" and node.domain in _DEFAULT and len(node.input) == 5:
         if len([o for o in node.output if o]) != 1 or attrs.get("training_mode", 0):
             return f"{_label(node)} is in training mode"
         params = [g.value(n) for n in node.input[1:]]
         if any(p is None for p in params):
             return f"{_label(node)}'s parameters are not constant"
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
-        a = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
-        shift = beta - mean * a
-        return shift, np.abs(beta) + np.abs(mean * a)
+        gamma, beta, mean, var = params
+        return batchnorm_zero_response(gamma, beta, mean, var, float(attrs.get("epsilon", 1e-5)))  # type: ignore[arg-type]
     return f"{_label(node)} ({node.op_type}) is not a 1x1 conv or a BatchNormalization"
 
 
@@ -203,10 +183,7 @@ def _check_ring(
         written[where] = True
         values[where] = upd.reshape(flat.shape[0], *shape[k:]).astype(np.float64)
     channel = (1, -1) + (1,) * (rank - 2)
-    target = np.broadcast_to(z.astype(dtype).astype(np.float64).reshape(channel), shape)
-    tol = np.broadcast_to((_ULPS * float(np.finfo(dtype).eps) * slack).reshape(channel), shape)
-    stored = values.astype(dtype).astype(np.float64)
-    bad = ring & ~(np.abs(stored - target) <= tol)
+    bad = ring & ~fill_matches(values, z.reshape(channel), slack.reshape(channel), dtype)
     if not bad.any():
         return None
     unwritten = bad & ~written

@@ -58,6 +58,7 @@ from ...policy import Judge, Policy
 from ...report import ModelStats, Report
 from ...timing import DEFAULT_BUDGET, Timer
 from ...transpose import ConvTransposeSpec
+from .capture import CaptureMixin
 from .check import (
     Batches,
     Part,
@@ -69,6 +70,8 @@ from .check import (
     run_quietly,
     sequentials_called_whole,
 )
+from .fill import read_borders
+from .fold import FoldResult, StateValues, drop_dead_state, fold_state
 from .importer import op_node, parameter_sizes
 from .layers import conv_from_spec, layer_types, linear_from_spec, mark_provenance
 from .ops import ConvOp, IdentityOp, LinearOp, numpy_dtype, weight_dtype_device
@@ -532,6 +535,10 @@ class _Tracer(fx.Tracer):
             raise
 
 
+class _CaptureTracer(CaptureMixin, _Tracer):
+    """The tracer of last resort: item assignment and decisions on module state (:mod:`.capture`)."""
+
+
 def _fuse_children(module: nn.Module, prefix: str, ctx: _Context) -> None:
     """Fuse each child on its own (the parent's forward is kept): a Sequential child is merged
     across its children only when it was seen called as a whole."""
@@ -551,6 +558,9 @@ def _trace(
     try:
         return trace_restoring(tracer, module)
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to the children
+        captured = _capture(module, prefix, ctx, exc, report)
+        if captured is not None:
+            return captured
         if not report:
             return None
         where = prefix or type(module).__name__
@@ -568,6 +578,66 @@ def _trace(
             ),
         )
         return None
+
+
+def _capture(
+    module: nn.Module, prefix: str, ctx: _Context, exc: Exception, report: bool
+) -> tuple[fx.Graph, dict[str, Any], dict[str, list[str]]] | None:
+    """``module`` traced by :class:`_CaptureTracer` where symbolic tracing raised ``exc``; None
+    when that fails too (the caller reports the first failure)."""
+    tracer = _CaptureTracer()
+    try:
+        traced = trace_restoring(tracer, module)
+    except Exception:  # noqa: BLE001 - untraceable after all
+        return None
+    if report:
+        where = prefix or type(module).__name__
+        note = (
+            f"captured {where} without symbolic tracing (torch.fx: {one_line(exc, 120)}): item assignment "
+            f"recorded, {len(tracer.decisions)} decision(s) on module state taken as every call takes them"
+        )
+        if note not in ctx.report.notes:
+            ctx.report.notes.append(note)
+    return traced
+
+
+def _prepare(gm: fx.GraphModule, extras: dict[str, Any], prefix: str, ctx: _Context) -> FoldResult:
+    """Fold state-only values into constants (:mod:`.fold`), then read bias-filled borders as zero
+    pads (:mod:`.fill`), in ``gm``'s graph before it is imported; declines reported, the moved
+    borders kept in ``result.moved`` (reported once the graph is written back)."""
+    folded = fold_state(gm, extras, "folded")
+    extras.update(folded.new)
+    borders = read_borders(gm, StateValues(gm))
+    if folded.folded or borders.moved:
+        drop_dead_state(gm, extras)
+    for sources, decline in folded.declines + borders.declines:
+        ctx.report.declined(tuple(_join(prefix, s) for s in sources), decline)
+    folded.moved = borders.moved
+    return folded
+
+
+def _report_prepared(prepared: FoldResult, prefix: str, ctx: _Context) -> None:
+    from ...algebra import Cost
+
+    for f in prepared.folded:
+        sources = tuple(_join(prefix, s) for s in f.reads) or (_join(prefix, f.source),)
+        ctx.report.merged(
+            "fold",
+            sources,
+            _join(prefix, f.target),
+            Cost(0, f.params_before),
+            Cost(0, f.params_after),
+            f"computed from module state only ({f.source}), stored once",
+        )
+    for m in prepared.moved:
+        ctx.report.merged(
+            "border",
+            tuple(_join(prefix, s) for s in (m.layer, m.pad, *m.writes)),
+            _join(prefix, m.layer),
+            Cost(0, 0),
+            Cost(0, 0),
+            "ring written with the layer's zero response: a zero pad before the layer",
+        )
 
 
 def _from_fx(prefix: str, module: nn.Module):  # noqa: ANN202 - a context manager
@@ -630,10 +700,21 @@ def _fuse_traced(
         writers = "; ".join(
             f"{_join(prefix, p) or type(module).__name__} assigns {', '.join(w)}" for p, w in writes.items()
         )
+        if writes and not straight_only:  # nothing is folded: say so where something could have been
+            for sources, decline in fold_state(
+                gm, extras, "folded", blocked=f"the forward writes ({writers})"
+            ).declines:
+                ctx.report.declined(tuple(_join(prefix, s) for s in sources), decline)
+        prepared = _prepare(gm, extras, prefix, ctx) if not writes and not straight_only else None
         fuser = _GraphFuser(
             gm, prefix, ctx, inputs, straight_only=writers if straight_only else "", aliased=_aliased(module)
         )
+        if prepared is not None and prepared.folded:  # a stored constant needs the generated forward
+            fuser.changed = True
+            fuser.rewrites += [(False, fuser._scope([f.consumer])) for f in prepared.folded]
         changed = fuser.run()
+        if changed and prepared is not None:
+            _report_prepared(prepared, prefix, ctx)
         inner = fuser.inner_scopes() if changed and depth < _MAX_DESCENT and not straight_only else []
         children = [get_path(module, scope) for scope in inner]
         if inner and all(
@@ -731,6 +812,13 @@ def _write_back(
         if not any(u == path or u.startswith(path + ".") for u in used):
             replace_layer(module, path, placeholder(old))
         elif path in hollow:
+            set_path(module, path, _shell(old))
+    for path in sorted(hollow - before.traced - called - {""}, key=lambda p: -p.count(".")):
+        try:  # a module whose tensors only folded values read (its forward never ran): a shell
+            old = get_path(module, path)
+        except AttributeError:
+            continue
+        if isinstance(old, nn.Module) and not isinstance(old, fx.GraphModule):
             set_path(module, path, _shell(old))
     for node in final:
         if node.op == "get_attr" and node.target in extras and not hasattr(module, node.target):

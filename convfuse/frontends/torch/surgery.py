@@ -194,6 +194,7 @@ def trace_restoring(
     snaps = _snapshot(module)
     names = {id(m): name for name, m in module.named_modules()}
     before = snaps[0].state
+    versions = _versions(module)
     extras: dict[str, Any] = {}
     writes: dict[str, list[str]] = {}
     try:
@@ -207,6 +208,8 @@ def trace_restoring(
             written = _written(snap, set(extras) if snap is snaps[0] else set())
             if written:
                 writes[names.get(id(snap.module), "?")] = written
+        for path, keys in _versions_changed(module, versions).items():
+            writes[path] = sorted(set(writes.get(path, [])) | {f"{k} (in place)" for k in keys})
     finally:
         _restore(snaps)
     for m in module.modules():
@@ -216,6 +219,29 @@ def trace_restoring(
                     f"its forward stores a traced value inside {type(m).__name__}.{key}, which convfuse cannot restore"
                 )
     return graph, extras, writes
+
+
+def _versions(module: nn.Module) -> dict[int, int]:
+    """The version counter of every parameter and buffer (in-place writes bump it)."""
+    return {
+        id(t): t._version
+        for m in module.modules()
+        for t in [*m._parameters.values(), *m._buffers.values()]
+        if t is not None
+    }
+
+
+def _versions_changed(module: nn.Module, versions: dict[int, int]) -> dict[str, list[str]]:
+    """Parameters and buffers written in place while tracing, by module path: fx runs an in-place
+    op on a buffer (``self.count.add_(1)``) eagerly without recording it, so only the counter
+    shows that the forward updates it."""
+    out: dict[str, list[str]] = {}
+    for path, m in module.named_modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is not None and id(t) in versions and t._version != versions[id(t)]:
+                    out.setdefault(path, []).append(key)
+    return out
 
 
 def graph_module(module: nn.Module, graph: fx.Graph, extras: dict[str, Any], name: str) -> fx.GraphModule:
