@@ -13,7 +13,8 @@ non-linear op, a graph output, a shape read) is ``external`` and is never merged
 
 Adding an op kind: the front end's reader table gets one entry that returns a
 :class:`LinearNode` whose ``build`` gives the op as a :class:`~convfuse.spec.ConvSpec` on its
-input; the planner needs nothing new unless the op combines tensors in a new way.
+input (or a :class:`~convfuse.transpose.ConvTransposeSpec`: any map type of
+:mod:`convfuse.maps`); the planner needs nothing new unless the op combines tensors in a new way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from .decline import Decline
 from .spec import ConvSpec
+from .transpose import ConvTransposeSpec
 
 __all__ = ["OpKind", "TensorInfo", "LinearNode", "LinearGraph", "REGROUP", "regroups"]
 
@@ -37,6 +39,7 @@ class OpKind(str, Enum):
     """What a node is. UNARY nodes are a conv of their input; SUM and CONCAT combine inputs."""
 
     CONV = "conv"  # a real convolution (an anchor: regions without one are left alone)
+    CONV_TRANSPOSE = "convtranspose"  # a transposed convolution (an anchor; its map a ConvTransposeSpec)
     LINEAR = "linear"  # a Linear / Gemm layer (an anchor)
     BATCHNORM = "batchnorm"  # inference BatchNorm: a per-channel affine
     AFFINE = "affine"  # Mul/Add/Sub/Div by constants, Neg: a per-channel or scalar affine
@@ -49,7 +52,7 @@ class OpKind(str, Enum):
     @property
     def is_anchor(self) -> bool:
         """A layer that computes (a region of BatchNorms or pads alone is left as it is)."""
-        return self in (OpKind.CONV, OpKind.LINEAR, OpKind.POOL)
+        return self in (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.LINEAR, OpKind.POOL)
 
     @property
     def is_affine(self) -> bool:
@@ -75,7 +78,7 @@ class TensorInfo:
         """``[N, C, *spatial]`` with ``None`` where unknown."""
         return (self.batch, self.channels, *(self.spatial or (None,) * self.ndim))
 
-    def after(self, spec: ConvSpec) -> TensorInfo:
+    def after(self, spec: ConvSpec | ConvTransposeSpec) -> TensorInfo:
         """The tensor ``spec`` produces from this one."""
         spatial = None
         if self.spatial is not None and all(d is not None for d in self.spatial):
@@ -83,7 +86,7 @@ class TensorInfo:
         return TensorInfo(spec.out_channels, self.ndim, self.batch, spatial)
 
 
-Build = Callable[[TensorInfo], "ConvSpec | Decline"]
+Build = Callable[[TensorInfo], "ConvSpec | ConvTransposeSpec | Decline"]
 
 
 @dataclass(eq=False)

@@ -14,9 +14,11 @@ summed) or is cut at the node where its inputs meet. Refused nodes end regions.
 **Plan of a region** (series-parallel). The tensors every path from ``x`` to the output goes
 through cut the region into a series of segments; a segment is one node or a parallel block
 (branches of the segment's input combined by a SUM or CONCAT node), each branch a region of
-its own. Every tensor is a linear map of ``x`` (a ConvSpec): ``compose`` along a series,
-``add`` of :func:`~convfuse.algebra_linear.scaled` branches for a sum, ``concat`` for a
-concatenation. Dynamic programming over the series picks the groups of consecutive segments
+its own. Every tensor is a linear map of ``x`` (a ConvSpec, a ConvTransposeSpec where a
+transposed conv is in the way, a BorderMap for padding case 2): ``compose`` along a series,
+``add`` of ``scaled`` branches for a sum, ``concat`` for a concatenation, all through the rule
+table of :mod:`convfuse.maps` (the planner never calls the algebra itself; a map's costs are
+the map type's own). Dynamic programming over the series picks the groups of consecutive segments
 that collapse to one conv (exact and allowed by the policy), a parallel block also trying to
 keep its sum with its branches planned alone, or with only some branches merged. Costs are
 MACs per output position of the region (earlier layers scaled by the strides after them) and
@@ -29,27 +31,22 @@ there measured no slower). Each candidate is judged on its predicted shape
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from . import estimate
-from .algebra import Cost, identity
-from .algebra_linear import without_zero_bias
+from . import maps
+from .algebra import Cost
 from .border_map import (
     BorderMap,
     Correction,
-    add_maps,
-    compose_maps,
-    concat_maps,
     correction_options,
-    scale_map,
 )
 from .decline import Decline, Reason
 from .ir import REGROUP, LinearGraph, LinearNode, OpKind, TensorInfo
+from .maps import Map, add, compose, concat, identity, scaled
 from .policy import Judge, Policy
 from .report import MergeKind
 from .spec import ConvSpec
@@ -442,7 +439,7 @@ class _Planner:
         tensors, where dim 1 is the last; convolutions, pads and pools never do."""
         bad: list[tuple[LinearNode, Decline]] = []
         for n in nodes:
-            if n.kind in (OpKind.CONV, OpKind.PAD, OpKind.POOL):
+            if n.kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.PAD, OpKind.POOL):
                 bad.append(
                     (
                         n,
@@ -518,7 +515,7 @@ class _Region:
         for n in nodes:
             self._build(n)
         self.factor = self._factors(y)
-        self._maps: dict[tuple[str, str, tuple[int, ...]], ConvSpec | BorderMap | Decline] = {}
+        self._maps: dict[tuple[str, str, tuple[int, ...]], Map | Decline] = {}
         self._best: dict[tuple[str, str, tuple[int, ...]], _Option] = {}
 
     # ------------------------------------------------------------------ building
@@ -563,7 +560,7 @@ class _Region:
         for n in reversed(self.nodes):
             if n.output not in f:
                 f[n.output] = 1
-            s = math.prod(self.spec[id(n)].stride) if n.kind.is_unary else 1
+            s = maps.input_positions(self.spec[id(n)]) if n.kind.is_unary else 1
             for i in n.inputs:
                 f.setdefault(i, f[n.output] * s)
         return f
@@ -572,7 +569,7 @@ class _Region:
     def node_cost(self, n: LinearNode) -> float:
         if not n.kind.is_unary or n.kind in (OpKind.PAD, OpKind.IDENTITY):
             return 0.0
-        return self.spec[id(n)].macs_per_position() * self.factor.get(n.output, 1)
+        return maps.macs(self.spec[id(n)]) * self.factor.get(n.output, 1)
 
     def before(self, nodes: Sequence[LinearNode], stored: bool = False) -> tuple[float, int]:
         """MACs of ``nodes`` and the parameters removing them removes (those no other node reads).
@@ -682,29 +679,29 @@ class _Region:
         return False
 
     # ------------------------------------------------------------------ maps
-    def map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | BorderMap | Decline:
+    def map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> Map | Decline:
         """``y`` as one conv of ``x`` (``nodes``: the sub-region between them)."""
         key = (x, y, tuple(id(n) for n in nodes))
         if key not in self._maps:
             self._maps[key] = self._compute_map(x, y, nodes)
         return self._maps[key]
 
-    def _compute_map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> ConvSpec | BorderMap | Decline:
+    def _compute_map(self, x: str, y: str, nodes: tuple[LinearNode, ...]) -> Map | Decline:
         if not nodes:  # the input itself, in the precision the layers were built in (float64)
             dtype = next(spec.dtype for spec in self.spec.values())
             return identity(self.info[x].channels, self.info[x].ndim, dtype=dtype)
-        acc: ConvSpec | BorderMap | Decline | None = None
+        acc: Map | Decline | None = None
         for seg_in, seg in self._series(x, nodes):
             m = self.segment_map(seg_in, seg)
             if isinstance(m, Decline):
                 return m
-            acc = m if acc is None else compose_maps(acc, m)
+            acc = m if acc is None else compose(acc, m)
             if isinstance(acc, Decline):
                 return acc
         assert acc is not None
         return acc
 
-    def segment_map(self, a: str, seg: tuple[LinearNode, ...]) -> ConvSpec | BorderMap | Decline:
+    def segment_map(self, a: str, seg: tuple[LinearNode, ...]) -> Map | Decline:
         last = seg[-1]
         if last.kind.is_unary:
             return self.spec[id(last)]
@@ -714,17 +711,17 @@ class _Region:
             if isinstance(m, Decline):
                 return m
             if last.kind is OpKind.SUM:
-                m = scale_map(m, br.coef)
+                m = scaled(m, br.coef)
                 if isinstance(m, Decline):
                     return m
             parts.append(m)
-        return add_maps(parts) if last.kind is OpKind.SUM else concat_maps(parts)
+        return add(parts) if last.kind is OpKind.SUM else concat(parts)
 
     # ------------------------------------------------------------------ policy
     def decide(
         self,
         nodes: Sequence[LinearNode],
-        merged: ConvSpec,
+        merged: Map,
         x: str,
         y: str,
         block: Block | None,
@@ -735,11 +732,11 @@ class _Region:
         macs, params = self.before(nodes)
         before = Cost(int(round(macs)), params)
         after = Cost(
-            int(round((merged.macs_per_position() + extra.macs) * self.factor.get(y, 1))),
-            merged.params() + extra.params,
+            int(round((maps.macs(merged) + extra.macs) * self.factor.get(y, 1))),
+            maps.params(merged) + extra.params,
         )
         candidate = None
-        if self.p.judge.times and block is not None and not self.features:
+        if self.p.judge.times and block is not None and not self.features and maps.timed(merged):
             candidate = Candidate(block, merged, self.info[x].shape, self.p.dtype or _default_dtype())
         stored = Cost(before.macs, self.before(nodes, stored=True)[1])
         return self.p.judge.decide(before, after, candidate), stored, after
@@ -749,7 +746,9 @@ class _Region:
         last = seg[-1]
         if last.kind.is_unary:
             spec = self.spec[id(last)]
-            return () if last.kind in (OpKind.IDENTITY,) else (spec,)
+            if last.kind is OpKind.IDENTITY:
+                return ()
+            return (spec,) if maps.timed(spec) else None  # the timing model reads what it can time
         if last.kind is OpKind.CONCAT:
             return None
         found = self._branches(a, seg)[0]
@@ -778,7 +777,7 @@ class _Region:
         nodes: tuple[LinearNode, ...],
         x: str,
         y: str,
-        spec: ConvSpec | BorderMap,
+        spec: Map,
         block: Block | None,
         adds: int = 0,
     ) -> _Option | Decline:
@@ -795,8 +794,11 @@ class _Region:
                 return found
             options = list(found)
             spec = spec.spec
-        spec = without_zero_bias(spec)
-        written = 2 if self.g.pad_layer and any(b != e for b, e in spec.pads) else 1
+        spec = maps.without_zero_bias(spec)
+        problem = maps.unwritable(spec, self.g.pad_layer)
+        if problem is not None:
+            return problem
+        written = maps.layers_written(spec, self.g.pad_layer)
         pads = sum(1 for n in nodes if n.kind is OpKind.PAD)
         if len(nodes) + adds - pads <= 1 and len(nodes) + adds <= written:
             return Decline(Reason.NOTHING_TO_MERGE, "the merged conv would be written as as many layers")
@@ -834,7 +836,8 @@ class _Region:
             notes.append("zero Pad folded into the conv padding")
         produced = {n.output: n for n in nodes}
         for n in nodes:
-            if not n.kind.is_unary or n.kind is OpKind.PAD or not self.spec[id(n)].is_padded:
+            spec = self.spec[id(n)] if n.kind.is_unary else None
+            if not isinstance(spec, ConvSpec) or n.kind is OpKind.PAD or not spec.is_padded:
                 continue
             before = []
             todo = list(n.inputs)
@@ -846,10 +849,7 @@ class _Region:
             if (
                 before
                 and ring is None
-                and all(
-                    p.kind.is_unary and self.spec[id(p)].is_pointwise and not self.spec[id(p)].is_padded
-                    for p in before
-                )
+                and all(p.kind.is_unary and _plain_pointwise(self.spec[id(p)]) for p in before)
                 and any(p.kind is not OpKind.PAD for p in before)
             ):
                 notes.append(
@@ -878,9 +878,9 @@ class _Region:
         # results[(i, j)]: collapsing segments i..j-1 into one conv (an option or why not)
         results: dict[tuple[int, int], _Option | Decline] = {}
         for i in range(k):
-            acc: ConvSpec | BorderMap | Decline | None = None
-            geo: ConvSpec | None = None
-            pending: list[ConvSpec | BorderMap] = []
+            acc: Map | Decline | None = None
+            geo: Map | None = None
+            pending: list[Map] = []
             nodes_ij: tuple[LinearNode, ...] = ()
             for j in range(i + 1, min(k, i + MAX_CHAIN) + 1):
                 a, seg = segments[j - 1]
@@ -891,9 +891,9 @@ class _Region:
                     break
                 nodes_ij = nodes_ij + seg
                 if j == i + 1:
-                    acc, geo = m, _conv_part(m)
+                    acc, geo = m, m
                     continue
-                geo = _shape(geo, _conv_part(m)) if geo is not None else None
+                geo = maps.predicted(geo, m) if geo is not None else None
                 pending.append(m)
                 if not any(n.kind.is_anchor for n in nodes_ij):
                     continue
@@ -905,7 +905,7 @@ class _Region:
                         results[(i, j)] = refused.decline
                         continue
                 for step in pending:
-                    acc = compose_maps(acc, step)  # type: ignore[arg-type]
+                    acc = compose(acc, step)  # type: ignore[arg-type]
                     if isinstance(acc, Decline):
                         break
                 pending = []
@@ -1009,18 +1009,18 @@ class _Region:
         self, a: str, last: LinearNode, branches: list[_Branch], tree: tuple[LinearNode, ...]
     ) -> _Option | None:
         """Greedy: each branch joins the first group it merges with exactly and profitably."""
-        maps = []
+        branch_maps: list[Map | Decline] = []
         for br in branches:
             m = self.map(a, br.tensor, br.nodes)
-            maps.append(scale_map(m, br.coef) if not isinstance(m, Decline) else m)
+            branch_maps.append(scaled(m, br.coef) if not isinstance(m, Decline) else m)
         groups: list[list[int]] = []
         merged: list[_Option | None] = []
-        for bi, m in enumerate(maps):
+        for bi, m in enumerate(branch_maps):
             if not isinstance(m, Decline):
                 for gi, group in enumerate(groups):
-                    if isinstance(maps[group[0]], Decline):
+                    if isinstance(branch_maps[group[0]], Decline):
                         continue
-                    cand = add_maps([maps[i] for i in group + [bi]])
+                    cand = add([branch_maps[i] for i in group + [bi]])
                     members = tuple(n for i in group + [bi] for n in branches[i].nodes)
                     if isinstance(cand, Decline) or not members:
                         continue
@@ -1077,16 +1077,9 @@ class _Branch:
     nodes: tuple[LinearNode, ...]
 
 
-def _conv_part(m: ConvSpec | BorderMap) -> ConvSpec:
-    """The conv of a map (a border map's ring costs extra, judged when it merges)."""
-    return m.spec if isinstance(m, BorderMap) else m
-
-
-def _shape(acc: ConvSpec, m: ConvSpec) -> ConvSpec | None:
-    """Predicted shape of ``compose(acc, m)`` (None when the geometry does not fit)."""
-    if acc.ndim != m.ndim or acc.out_channels != m.in_channels:
-        return None
-    return estimate.compose_shape(acc, m)
+def _plain_pointwise(spec: Map) -> bool:
+    """A 1x1 conv without padding (padding case 1 of DESIGN.md: zeros stay zeros through it)."""
+    return isinstance(spec, ConvSpec) and spec.is_pointwise and not spec.is_padded
 
 
 _TAGS = {OpKind.BATCHNORM: "bn", OpKind.POOL: "avgpool"}

@@ -57,7 +57,7 @@ class MergeKind(str, Enum):
             return cls.CHAIN
         if kind == "conv+affine":
             return cls.CONV_AFFINE
-        parts = ["conv" if p == "linear" else p for p in kind.split("+")]
+        parts = ["conv" if p in ("linear", "convtranspose") else p for p in kind.split("+")]
         others = {p for p in parts if p != "conv"}
         if "conv" not in parts or not others <= _CHAIN_PARTS:
             return cls.OTHER

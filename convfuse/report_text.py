@@ -60,13 +60,17 @@ def _seconds(s: float) -> str:
 
 
 def table(report: Report) -> list[str]:
-    """Before/after rows: every op type whose count changed (and Conv), parameters, MACs, size,
+    """Before/after rows: every op type whose count changed (and Conv, ConvTranspose), parameters, MACs, size,
     then the time each stage took."""
     before, after = report.before, report.after
     ops = sorted(
         op
         for op in set(before.op_counts) | set(after.op_counts)
-        if op == "Conv" or before.op_counts.get(op, 0) != after.op_counts.get(op, 0)
+        if op == "Conv"
+        or op.startswith(
+            "ConvTranspose"
+        )  # listed whenever present (ONNX ConvTranspose, torch ConvTranspose2d)
+        or before.op_counts.get(op, 0) != after.op_counts.get(op, 0)
     )
     rows = [("", "before", "after")]
     rows += [(op, f"{before.op_counts.get(op, 0):,}", f"{after.op_counts.get(op, 0):,}") for op in ops]

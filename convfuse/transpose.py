@@ -51,8 +51,10 @@ __all__ = [
     "ConvTransposeSpec",
     "add_transposed",
     "affine_then_transpose",
+    "concat_transposed",
     "conv_as_transpose",
     "pointwise_then_transpose",
+    "scaled_transposed",
     "shift_response",
     "simplify_transposed",
     "transpose_then_affine",
@@ -169,11 +171,35 @@ class ConvTransposeSpec:
         """Multiply-accumulates for one sample: every input position times every tap."""
         return int(self.weight.size) * math.prod(spatial)
 
+    def macs_per_position(self) -> float:
+        """Multiply-accumulates per *output* position, the planner's unit: every input position
+        does ``Ci * Co/g * prod(k)`` (each tap once), and there are ``prod(s)`` output positions
+        per input position (borders aside), so ``weight.size / prod(s)``. Counting per output
+        position as for a conv (``Co * Ci/g * prod(k)``) would overstate it ``prod(s)``-fold."""
+        return int(self.weight.size) / math.prod(self.stride)
+
+    def input_positions(self) -> float:
+        """Input positions per output position: ``1 / prod(stride)`` (a conv's is ``prod(stride)``)."""
+        return 1.0 / math.prod(self.stride)
+
     def params(self) -> int:
         return int(self.weight.size) + (0 if self.bias is None else int(self.bias.size))
 
     def bias_or_zeros(self) -> np.ndarray:
         return self.bias if self.bias is not None else np.zeros(self.out_channels, dtype=self.dtype)
+
+    def has_nonzero_bias(self) -> bool:
+        return self.bias is not None and bool(np.any(self.bias != 0))
+
+    def symmetric_form(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """``(padding, output_padding)`` of torch's one-module form, or None where it cannot say
+        this spec: torch crops ``padding`` from both ends and extends the end by
+        ``output_padding < max(stride, dilation)``, so the end needs ``op' = pb - (pe - op)``."""
+        limit = [max(s, d) for s, d in zip(self.stride, self.dilation)]
+        one = [b - e + op for (b, e), op in zip(self.pads, self.output_padding)]
+        if all(0 <= o < m for o, m in zip(one, limit)):
+            return tuple(b for b, _ in self.pads), tuple(one)
+        return None
 
     def astype(self, dtype: Any) -> ConvTransposeSpec:
         """The same transposed conv with weight and bias in ``dtype``."""
@@ -328,6 +354,18 @@ def transpose_then_pointwise(t: ConvTransposeSpec, conv: ConvSpec) -> ConvTransp
     return t.replace(
         weight=w.reshape(t.in_channels, co2 // g, *t.kernel_size).astype(t.dtype), bias=bias, groups=g
     )
+
+
+def scaled_transposed(t: ConvTransposeSpec, factor: float) -> ConvTransposeSpec:
+    """``factor * T(x)`` (a subtracted or scaled branch): weight and bias times ``factor``, the
+    affine rule with one scale for every channel."""
+    if factor == 1:
+        return t
+    scaled = transpose_then_affine(
+        t, _Affine(np.full(t.out_channels, float(factor)), np.zeros(t.out_channels))
+    )
+    assert isinstance(scaled, ConvTransposeSpec)  # the channels match by construction
+    return scaled if t.bias is not None else scaled.replace(bias=None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -664,6 +702,47 @@ def add_transposed(branches: Sequence[Branch]) -> ConvTransposeSpec | Decline:
     )
     merged = _Placed(weight, bias, g, first.stride, lo, first.slack)
     return simplify_transposed(_from_placed(merged, dtype))
+
+
+def concat_transposed(branches: Sequence[Branch]) -> ConvTransposeSpec | Decline:
+    """Parallel transposed convs (and stride-1 convs) of one input, concatenated on channels.
+
+    Pattern: ``cat([T1(x), T2(x), ...(, A(x))], dim=1)``. Conditions: those of
+    :func:`add_transposed` except that output channels may differ.
+    Algebra: branch ``i`` is widened to all ``sum Co`` output channels (its weight densely in
+    its own channel block, zeros elsewhere; a conv branch first as :func:`conv_as_transpose`),
+    then the widened branches are summed by :func:`add_transposed`.
+    """
+    if not branches:
+        raise ValueError("concat_transposed needs at least one branch")
+    as_t: list[ConvTransposeSpec] = []
+    for b in branches:
+        t = b if isinstance(b, ConvTransposeSpec) else conv_as_transpose(b)
+        if isinstance(t, Decline):
+            return t
+        as_t.append(t)
+    ranks = {t.ndim for t in as_t}
+    if len(ranks) > 1:
+        return Decline(Reason.RANK_MISMATCH, f"concatenated branches are {sorted(ranks)}D")
+    reads = {t.in_channels for t in as_t}
+    if len(reads) > 1:
+        return Decline(Reason.CHANNEL_MISMATCH, f"concatenated branches read {sorted(reads)} channels")
+    total = sum(t.out_channels for t in as_t)
+    widened: list[Branch] = []
+    row = 0
+    for t in as_t:
+        dense = _ungroup(_f64(t.weight), t.groups, 1)  # [Ci, Co_t, *k]
+        w = np.zeros((t.in_channels, total, *t.kernel_size))
+        w[:, row : row + t.out_channels] = dense
+        bias = None
+        if t.bias is not None:
+            bias = np.zeros(total)
+            bias[row : row + t.out_channels] = _f64(t.bias)
+        widened.append(
+            t.replace(weight=w.astype(t.dtype), bias=None if bias is None else bias.astype(t.dtype), groups=1)
+        )
+        row += t.out_channels
+    return add_transposed(widened)
 
 
 def simplify_transposed(t: ConvTransposeSpec) -> ConvTransposeSpec:

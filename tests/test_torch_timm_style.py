@@ -614,17 +614,32 @@ def test_every_unmerged_conv_gets_a_line() -> None:
     assert "no linear runs found" not in report.to_text()
 
 
-def test_unmerged_convs_in_sequential_and_unsupported_layers_get_lines() -> None:
+def test_unmerged_convs_in_sequential_and_declined_layers_get_lines() -> None:
+    # A ConvTranspose2d then a 3x3 conv: issue 12 reads the transposed conv, and the pair is
+    # declined with its reason (the 1x1 twin merges, tests/test_transpose_planner.py).
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2), nn.Conv2d(4, 4, 1)
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2), nn.Conv2d(4, 4, 3)
     ).eval()
     _, report = convfuse.fuse(model, return_report=True)
     lines = {d.sources: d for d in report.declines}
     assert (
         lines[("0",)].reason is Reason.NOTHING_TO_MERGE and "before 1 (ReLU)" in lines[("0",)].decline.message
     )
-    assert lines[("2",)].reason is Reason.UNSUPPORTED and "ConvTranspose2d" in lines[("2",)].decline.message
     assert (
-        lines[("3",)].reason is Reason.NOTHING_TO_MERGE
-        and "after 2 (ConvTranspose2d)" in lines[("3",)].decline.message
+        lines[("2", "3")].reason is Reason.NOT_POINTWISE
+        and "kernel (3, 3)" in lines[("2", "3")].decline.message
     )
+    assert not report.merges
+
+
+def test_a_transposed_conv_subclass_with_its_own_forward_is_traced_into() -> None:
+    class OwnForward(nn.ConvTranspose2d):  # its own forward: not assumed to be its base class
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x) * torch.sigmoid(x.mean())
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), OwnForward(4, 4, 2), nn.Conv2d(4, 4, 1)).eval()
+    _, report = convfuse.fuse(model, return_report=True)
+    lines = {d.sources: d for d in report.declines}
+    inner = lines[("2:conv_transpose2d",)]  # the F.conv_transpose2d call inside its forward
+    assert inner.reason is Reason.NOTHING_TO_MERGE and "operator.mul" in inner.decline.message
+    assert not report.merges

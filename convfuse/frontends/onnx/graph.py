@@ -40,6 +40,7 @@ from ...policy import Judge, Policy
 from ...report import ModelStats, Report
 from ...spec import ConvSpec
 from ...timing import DEFAULT_BUDGET, Timer
+from ...transpose import ConvTransposeSpec
 from .io import MAX_PROTOBUF, LoadedModel, check_model, load_model, serialized_size, subgraphs
 from .nodes import (
     FLOAT_TYPES,
@@ -56,11 +57,14 @@ from .nodes import (
 )
 from .prepass import prepare
 from .ring import ring_nodes
+from .transpose import new_tensors, transpose_node
 
 __all__ = ["REPORTED_OPS", "RULES", "fuse_onnx", "infer_shapes", "model_stats"]
 
 #: Op types always shown in the before/after summary (others only when their count changes).
 REPORTED_OPS = ("Conv", "BatchNormalization", "Add")
+#: Listed in the before/after counts whenever the model has them (merged or not).
+_SHOWN_WHEN_PRESENT = ("ConvTranspose",)
 
 #: Ops on small constants that are evaluated to read a constant input (exporters compute
 #: ``F.pad``'s pads this way); nodes of these types left unused by a merge are removed.
@@ -444,6 +448,7 @@ def drop_identities(
 _OP_KINDS = {
     "bn": OpKind.BATCHNORM,
     "conv": OpKind.CONV,
+    "convtranspose": OpKind.CONV_TRANSPOSE,
     "linear": OpKind.LINEAR,
     "pad": OpKind.PAD,
     "avgpool": OpKind.POOL,
@@ -596,7 +601,12 @@ def merge_regions(
         name = first.origin[0].name or state.names.fresh(f"Conv_{merge.y}")
         elem_type = _elem_type(merge)
         elem_type = elem_type or onnx.TensorProto.FLOAT
-        if merge.linear:
+        if isinstance(merge.spec, ConvTransposeSpec):  # a merged transposed conv: one ConvTranspose
+            written = transpose_node(
+                merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh
+            )
+            made = written if isinstance(written, Decline) else ([written[0]], new_tensors(written[1]))
+        elif merge.linear:
             rank2 = len(index.shape(merge.x) or ()) == 2
             regroup = _regroup_back(index, merge, state.names.fresh)
             made = (
@@ -890,9 +900,13 @@ _PARAM_TYPES = {
 }
 
 
+#: Ops whose multiply-accumulates the statistics count.
+_MAC_OPS = ("Conv", "ConvTranspose")
+
+
 def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelStats:
-    """Op counts (all graphs), floating-point parameters, and Conv MACs per sample (``None`` if any
-    Conv's output shape is unknown)."""
+    """Op counts (all graphs), floating-point parameters, and Conv / ConvTranspose MACs per sample
+    (``None`` if any one's output, or a ConvTranspose's input, shape is unknown)."""
     if shapes is None:
         shapes = infer_shapes(model)[0]
     counts: Counter[str] = Counter()
@@ -912,13 +926,15 @@ def model_stats(model: onnx.ModelProto, shapes: Shapes | None = None) -> ModelSt
                     dims[node.output[0]] = [int(d) for d in value.dims]
                     if value.data_type in _PARAM_TYPES:
                         totals["params"] += math.prod(value.dims)
-            if node.op_type == "Conv" and _is_default(node) and len(node.input) >= 2:
+            if node.op_type in _MAC_OPS and _is_default(node) and len(node.input) >= 2:
                 w = dims.get(node.input[1])
                 if w is None:
                     entry = shapes.get(node.input[1])
                     w = None if entry is None or entry[1] is None else [d or 0 for d in entry[1]]
-                out = shapes.get(node.output[0])
-                macs = None if w is None or out is None else conv_macs(w, out[1])
+                # A transposed conv does every tap once per *input* position (weight size times
+                # input spatial), a conv once per output position.
+                positions = shapes.get(node.input[0] if node.op_type == "ConvTranspose" else node.output[0])
+                macs = None if w is None or positions is None else conv_macs(w, positions[1])
                 if macs is None:
                     totals["unknown"] += 1
                 else:
@@ -959,6 +975,7 @@ def _summarise(report: Report) -> None:
     keep = set(REPORTED_OPS) | {
         op for op in set(before) | set(after) if before.get(op, 0) != after.get(op, 0)
     }
+    keep |= {op for op in _SHOWN_WHEN_PRESENT if before.get(op, 0) or after.get(op, 0)}
     report.before.op_counts = {op: before.get(op, 0) for op in sorted(keep)}
     report.after.op_counts = {op: after.get(op, 0) for op in sorted(keep)}
 
@@ -1042,6 +1059,7 @@ def fuse_onnx(
     if fused.functions:
         report.notes.append(f"{len(fused.functions)} model-local function(s) were not walked")
     if report.before.macs is not None:
-        report.notes.append("MACs: multiply-accumulates of Conv nodes per sample")
+        counted = "Conv and ConvTranspose" if report.before.op_counts.get("ConvTranspose") else "Conv"
+        report.notes.append(f"MACs: multiply-accumulates of {counted} nodes per sample")
     report.notes.extend(judge.notes())
     return fused, report

@@ -86,22 +86,23 @@ class LinearOp:
     """
 
     node: onnx.NodeProto
-    kind: str  # "conv", "linear", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool", "reshape"
+    kind: str  # "conv", "convtranspose", "linear", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool", "reshape"
     x: str
     y: str
     ndim: int | None = None
     in_channels: int | None = None
     out_channels: int | None = None
     elem_type: int | None = None  # activation element type when the node fixes it
-    resolve: Callable[[int, int], ConvSpec | Decline] | None = None
+    resolve: Callable[[int, int], Any] | None = None  # a ConvSpec (ConvTransposeSpec) or a Decline
     refused: Decline | None = None  # set when the node looks linear but cannot be merged
 
     @property
     def is_conv(self) -> bool:
         return self.kind in ("conv", "linear")
 
-    def spec(self, ndim: int, channels: int) -> ConvSpec | Decline:
-        """This node as a float64 conv on a ``ndim``-D tensor with ``channels`` input channels."""
+    def spec(self, ndim: int, channels: int) -> Any:
+        """This node as a float64 conv (a transposed conv for ``ConvTranspose``) on a ``ndim``-D
+        tensor with ``channels`` input channels, or a Decline."""
         if self.refused is not None:
             return self.refused
         if self.ndim is not None and self.ndim != ndim:
@@ -566,6 +567,14 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     return LinearOp(node, "avgpool", x, node.output[0], ndim=n, resolve=resolve)
 
 
+def read_conv_transpose(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``ConvTranspose``: :func:`convfuse.frontends.onnx.transpose.read_conv_transpose` (that
+    module builds on this one's helpers, so it is imported when first needed)."""
+    from .transpose import read_conv_transpose as read
+
+    return read(node, env)
+
+
 def read_regroup(node: onnx.NodeProto, env: Env) -> LinearOp | None:
     """``Reshape`` / ``Flatten`` / ``Squeeze`` / ``Unsqueeze`` that keeps the last dim and only
     regroups the dims before it (:func:`convfuse.ir.regroups`, judged on the inferred shapes of
@@ -588,6 +597,7 @@ def read_regroup(node: onnx.NodeProto, env: Env) -> LinearOp | None:
 #: Op type (default ONNX domain) -> reader. The pattern table of the ONNX front end.
 READERS: dict[str, Callable[[onnx.NodeProto, Env], LinearOp | None]] = {
     "Conv": read_conv,
+    "ConvTranspose": read_conv_transpose,
     "BatchNormalization": read_batchnorm,
     "Mul": _affine_reader("Mul"),
     "Add": _affine_reader("Add"),

@@ -27,9 +27,15 @@ from ...decline import Decline, Reason
 from ...spec import InvalidSpecError
 from ...transpose import ConvTransposeSpec
 from .io import node_attributes
-from .nodes import cast_weights
+from .nodes import Env, LinearOp, NewTensor, _constant, _non_finite, _refuse, _values, cast_weights
 
-__all__ = ["transpose_from_attributes", "transpose_from_node", "transpose_node"]
+__all__ = [
+    "read_conv_transpose",
+    "transpose_from_attributes",
+    "transpose_from_node",
+    "transpose_node",
+    "new_tensors",
+]
 
 
 def _split(total: int, extra_at_end: bool) -> tuple[int, int]:
@@ -177,3 +183,62 @@ def transpose_node(
         output_padding=output_padding,
     )
     return node, initializers
+
+
+def read_conv_transpose(node: onnx.NodeProto, env: Env) -> LinearOp | None:
+    """``ConvTranspose(X, W[, B])`` with constant ``W`` and ``B``, 1D to 3D, every ``auto_pad``
+    form and ``output_shape`` (which needs the input size static), as a :class:`LinearOp` of kind
+    ``"convtranspose"`` whose spec is a :class:`~convfuse.transpose.ConvTransposeSpec`.
+
+    The attributes are read here, on a shape-only weight (any refusal is known before planning);
+    the weights are read, in float64, when the planner asks for the spec."""
+    if len(node.input) < 2 or len(node.output) != 1:
+        return None
+    kind = "convtranspose"
+    x, w_name = node.input[0], node.input[1]
+    b_name = node.input[2] if len(node.input) > 2 else ""
+    w = _constant(env, w_name, "weight")
+    if isinstance(w, tuple):
+        return _refuse(node, kind, x, *w)
+    dims = [int(d) for d in w.dims]
+    b: onnx.TensorProto | None = None
+    if b_name:
+        found = _constant(env, b_name, "bias")
+        if isinstance(found, tuple):
+            return _refuse(node, kind, x, *found)
+        b = found
+    x_shape = env.shape(x)
+    x_spatial = None if x_shape is None or len(x_shape) != len(dims) else list(x_shape[2:])
+    attrs = node_attributes(node)
+    shaped = np.broadcast_to(np.zeros((), dtype=np.float64), dims)  # the attributes, checked on shapes
+    bias_shape = (
+        None if b is None else np.broadcast_to(np.zeros((), dtype=np.float64), [int(d) for d in b.dims])
+    )
+    checked = transpose_from_attributes(shaped, bias_shape, attrs, x_spatial)
+    if isinstance(checked, Decline):
+        return _refuse(node, kind, x, checked.reason, checked.message)
+
+    def resolve(ndim: int, channels: int) -> ConvTransposeSpec | Decline:
+        weight = _values(w).astype(np.float64)
+        bias = None if b is None else _values(b).astype(np.float64)
+        bad = _non_finite(node, ("weight", w_name, weight), ("bias", b_name, bias))
+        if bad is not None:
+            return bad
+        return checked.replace(weight=weight, bias=bias)
+
+    return LinearOp(
+        node,
+        kind,
+        x,
+        node.output[0],
+        checked.ndim,
+        checked.in_channels,
+        checked.out_channels,
+        w.data_type,
+        resolve,
+    )
+
+
+def new_tensors(initializers: list[onnx.TensorProto]) -> list[NewTensor]:
+    """:func:`transpose_node`'s initializers as the graph writer's :class:`NewTensor` values."""
+    return [NewTensor(t.name, numpy_helper.to_array(t), t.data_type) for t in initializers]

@@ -57,6 +57,7 @@ from ...planner import Merge, Plan, Resum, plan
 from ...policy import Judge, Policy
 from ...report import ModelStats, Report
 from ...timing import DEFAULT_BUDGET, Timer
+from ...transpose import ConvTransposeSpec
 from .capture import CaptureMixin
 from .check import (
     Batches,
@@ -87,6 +88,7 @@ from .surgery import (
     set_path,
     trace_restoring,
 )
+from .transpose import conv_transpose_from_spec
 
 __all__ = ["fuse", "fuse_with_report"]
 
@@ -1085,8 +1087,11 @@ def _unique_keys(items: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modul
 def layer_from_merge(merge: Merge, dtype: torch.dtype, device: Any, types: dict[str, str]) -> nn.Module:
     """The module a merge writes in the model's ``dtype`` on ``device``: a conv, or a Linear for
     a region of Linear layers, marked with the layers it replaces (``types``: their class names)."""
-    make = linear_from_spec if merge.linear else conv_from_spec
-    layer = make(merge.spec, dtype, device)
+    if isinstance(merge.spec, ConvTransposeSpec):  # a merged transposed conv (with a Crop where needed)
+        layer = conv_transpose_from_spec(merge.spec, device, dtype)
+    else:
+        make = linear_from_spec if merge.linear else conv_from_spec
+        layer = make(merge.spec, dtype, device)
     if merge.ring is not None:  # case 2: the conv plus its border ring
         layer = border_conv(layer, merge.ring, dtype, device)
     return mark_provenance(layer, merge.sources, merge.kind, types)

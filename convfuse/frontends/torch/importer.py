@@ -33,6 +33,9 @@ _KINDS: dict[type, OpKind] = {
 
 
 def op_kind(op: LinearOp) -> OpKind:
+    own = getattr(type(op), "ir_kind", None)  # an op class naming its kind (ConvTransposeOp)
+    if isinstance(own, OpKind):
+        return own
     if isinstance(op, AffineOp) and op.vector:
         return OpKind.BATCHNORM
     for cls, kind in _KINDS.items():

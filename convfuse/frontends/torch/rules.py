@@ -22,9 +22,11 @@ from torch import fx, nn
 from ...algebra import ChannelAffine
 from ...decline import Decline, Reason
 from ...ir import regroups
-from ...spec import ConvSpec, same_pads
+from ...spec import ConvSpec, InvalidSpecError, same_pads
+from ...transpose import ConvTransposeSpec
 from .layers import affine_from_batchnorm, affine_tensors, spec_from_conv
 from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, RegroupOp
+from .transpose import ConvTransposeOp, spec_from_conv_transpose
 
 __all__ = [
     "UNKNOWN",
@@ -77,6 +79,18 @@ def _conv_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
     if isinstance(m.weight, nn.parameter.UninitializedParameter):
         return Decline(Reason.UNSUPPORTED, f"{name} is a lazy conv that has not seen an input yet")
     return ConvOp(name, spec=spec_from_conv(m), dtype=m.weight.dtype, device=m.weight.device)
+
+
+def _conv_transpose_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
+    """``nn.ConvTranspose1d/2d/3d`` called on one input (a call with ``output_size=`` picks its
+    own output padding: the importers see it as a call with two arguments and leave it)."""
+    if isinstance(m.weight, nn.parameter.UninitializedParameter):
+        return Decline(Reason.UNSUPPORTED, f"{name} is a lazy transposed conv that has not seen an input yet")
+    try:
+        spec = spec_from_conv_transpose(m)
+    except InvalidSpecError as exc:
+        return Decline(Reason.UNSUPPORTED, f"{name}: {exc}")
+    return ConvTransposeOp(name, spec=spec, dtype=m.weight.dtype, device=m.weight.device)  # type: ignore[arg-type]
 
 
 def _linear_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
@@ -162,6 +176,9 @@ MODULE_RULES: dict[type[nn.Module], ModuleRule] = {
     nn.Conv1d: _conv_module,
     nn.Conv2d: _conv_module,
     nn.Conv3d: _conv_module,
+    nn.ConvTranspose1d: _conv_transpose_module,
+    nn.ConvTranspose2d: _conv_transpose_module,
+    nn.ConvTranspose3d: _conv_transpose_module,
     nn.Linear: _linear_module,
     nn.BatchNorm1d: _batchnorm_module(None),  # [N, C] or [N, C, L]: the region tells
     nn.BatchNorm2d: _batchnorm_module(2),
@@ -381,20 +398,31 @@ def _avgpool_rule(n: int) -> CallRule:
     return rule
 
 
+def _weighted_call(
+    node: fx.Node, resolve: Resolve, names: tuple[str, ...], defaults: dict[str, Any], n: int
+) -> tuple[dict[str, Any], fx.Node, torch.Tensor, torch.Tensor | None] | None:
+    """A conv-like call's arguments, graph input, constant ``n``-D weight and bias, or None."""
+    bound = _bind(node, names, defaults)
+    if bound is None:
+        return None
+    x, w = resolve(bound["input"]), resolve(bound["weight"])
+    b = None if bound["bias"] is None else resolve(bound["bias"])
+    if not _is_graph(x) or not isinstance(w, torch.Tensor) or w.dim() != n + 2:
+        return None
+    if b is not None and not isinstance(b, torch.Tensor):
+        return None
+    return bound, x, w, b
+
+
 def _conv_rule(n: int) -> CallRule:
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
     def rule(node: fx.Node, resolve: Resolve) -> CallResult:
-        bound = _bind(node, names, defaults)
-        if bound is None:
+        found = _weighted_call(node, resolve, names, defaults, n)
+        if found is None:
             return None
-        x, w = resolve(bound["input"]), resolve(bound["weight"])
-        b = None if bound["bias"] is None else resolve(bound["bias"])
-        if not _is_graph(x) or not isinstance(w, torch.Tensor) or w.dim() != n + 2:
-            return None
-        if b is not None and not isinstance(b, torch.Tensor):
-            return None
+        bound, x, w, b = found
         dilation = _tuple(bound["dilation"], n)
         padding = bound["padding"]
         if padding == "same":
@@ -412,6 +440,37 @@ def _conv_rule(n: int) -> CallRule:
             pads=pads,
         )
         return Unary(ConvOp(node.name, spec=spec, dtype=w.dtype, device=w.device), x)
+
+    return rule
+
+
+def _conv_transpose_rule(n: int) -> CallRule:
+    """``F.conv_transpose{n}d(x, weight, bias, stride, padding, output_padding, groups, dilation)``
+    with constant weight and bias (torch's symmetric ``padding``: ``(p, p)`` crops)."""
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+
+    def rule(node: fx.Node, resolve: Resolve) -> CallResult:
+        found = _weighted_call(node, resolve, names, defaults, n)
+        if found is None:
+            return None
+        bound, x, w, b = found
+        if not all(isinstance(bound[k], (int, tuple, list)) for k in names[3:]):
+            return None
+        try:
+            spec = ConvTransposeSpec(
+                weight=w.detach().to("cpu", torch.float64).numpy(),
+                bias=None if b is None else b.detach().to("cpu", torch.float64).numpy(),
+                stride=_tuple(bound["stride"], n),
+                dilation=_tuple(bound["dilation"], n),
+                groups=int(bound["groups"]),
+                pads=tuple((p, p) for p in _tuple(bound["padding"], n)),
+                output_padding=_tuple(bound["output_padding"], n),
+            )
+        except InvalidSpecError as exc:
+            return Decline(Reason.UNSUPPORTED, f"{node.name}: {exc}")
+        op = ConvTransposeOp(node.name, spec=spec, dtype=w.dtype, device=w.device)  # type: ignore[arg-type]
+        return Unary(op, x)
 
     return rule
 
@@ -605,6 +664,9 @@ FUNCTION_RULES: dict[Any, CallRule] = {
     F.conv1d: _conv_rule(1),
     F.conv2d: _conv_rule(2),
     F.conv3d: _conv_rule(3),
+    F.conv_transpose1d: _conv_transpose_rule(1),
+    F.conv_transpose2d: _conv_transpose_rule(2),
+    F.conv_transpose3d: _conv_transpose_rule(3),
     F.linear: _linear_rule,
     F.batch_norm: _functional_batchnorm_rule,
     torch.batch_norm: _torch_batchnorm_rule,

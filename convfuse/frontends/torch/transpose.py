@@ -8,14 +8,26 @@ becomes ``Sequential(ConvTransposeNd(padding=0), Crop)``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
+from ...decline import Decline, Reason
+from ...ir import OpKind
 from ...spec import InvalidSpecError
 from ...transpose import ConvTransposeSpec
+from .ops import ConvOp, Math, TensorInfo
 
-__all__ = ["CONV_TRANSPOSE_TYPES", "Crop", "spec_from_conv_transpose", "conv_transpose_from_spec"]
+__all__ = [
+    "CONV_TRANSPOSE_TYPES",
+    "ConvTransposeOp",
+    "Crop",
+    "spec_from_conv_transpose",
+    "conv_transpose_from_spec",
+]
 
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ConvTransposeNd = nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
@@ -27,8 +39,8 @@ def spec_from_conv_transpose(conv: ConvTransposeNd) -> ConvTransposeSpec:
     if conv.padding_mode != "zeros":  # torch refuses this itself; say so in convfuse's words
         raise InvalidSpecError(f"{type(conv).__name__} pads in {conv.padding_mode!r} mode; only zeros exist")
     return ConvTransposeSpec(
-        weight=conv.weight.detach().cpu().numpy(),
-        bias=None if conv.bias is None else conv.bias.detach().cpu().numpy(),
+        weight=_numpy(conv.weight),
+        bias=None if conv.bias is None else _numpy(conv.bias),
         stride=tuple(conv.stride),
         dilation=tuple(conv.dilation),
         groups=conv.groups,
@@ -56,16 +68,17 @@ class Crop(nn.Module):
         return f"begin={self.begin}, end={self.end}"
 
 
-def conv_transpose_from_spec(spec: ConvTransposeSpec, device: torch.device | str | None = None) -> nn.Module:
+def conv_transpose_from_spec(
+    spec: ConvTransposeSpec, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> nn.Module:
     """A torch module computing ``spec``: one ``ConvTransposeNd`` where torch's symmetric
     ``padding`` and ``output_padding`` can say it, else ``Sequential(ConvTransposeNd, Crop)``.
-    Weights are copied, never shared."""
+    Weights are copied, never shared; ``dtype`` (default: the spec's) is the module's."""
     cls = CONV_TRANSPOSE_TYPES[spec.ndim - 1]
     limit = [max(s, d) for s, d in zip(spec.stride, spec.dilation)]
-    # One module: padding = pb crops both ends by pb, so the end needs op' = pb - (pe - op).
-    one = [b - e + op for (b, e), op in zip(spec.pads, spec.output_padding)]
-    if all(0 <= o < m for o, m in zip(one, limit)):
-        padding, output_padding, crop = [b for b, _ in spec.pads], one, None
+    one = spec.symmetric_form()
+    if one is not None:
+        padding, output_padding, crop = list(one[0]), list(one[1]), None
     else:
         padding = [0] * spec.ndim
         output_padding = [max(op - e, 0) for (_, e), op in zip(spec.pads, spec.output_padding)]
@@ -77,7 +90,7 @@ def conv_transpose_from_spec(spec: ConvTransposeSpec, device: torch.device | str
             raise InvalidSpecError(
                 f"{spec!r} extends its output by {output_padding}, not below max(stride, dilation) = {limit} as torch needs"
             )
-    dtype = getattr(torch, np.dtype(spec.dtype).name)
+    built = getattr(torch, np.dtype(spec.dtype).name)
     conv = cls(
         spec.in_channels,
         spec.out_channels,
@@ -89,10 +102,40 @@ def conv_transpose_from_spec(spec: ConvTransposeSpec, device: torch.device | str
         bias=spec.bias is not None,
         dilation=spec.dilation,
         device=device,
-        dtype=dtype,
+        dtype=built,
     )
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(spec.weight)))
         if spec.bias is not None:
             conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(spec.bias)))
+    if dtype is not None:
+        conv = conv.to(dtype=dtype)
     return conv if crop is None else nn.Sequential(conv, crop)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A parameter as numpy in its own dtype (bfloat16, which numpy has not, as float64)."""
+    t = t.detach().cpu()
+    return (t.double() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+@dataclass(eq=False)
+class ConvTransposeOp(ConvOp):
+    """A transposed convolution layer or call (``ir_kind``: its IR kind); ``spec`` is a
+    :class:`~convfuse.transpose.ConvTransposeSpec` in float64, ``dtype`` the layer's own."""
+
+    ir_kind = OpKind.CONV_TRANSPOSE
+
+    def build(self, info: TensorInfo) -> Math | Decline:  # type: ignore[override]
+        s: Any = self.spec
+        if s.ndim != info.ndim:
+            return Decline(
+                Reason.RANK_MISMATCH, f"{self.name} is a {s.ndim}D transposed conv on a {info.ndim}D tensor"
+            )
+        if s.in_channels != info.channels:
+            return Decline(
+                Reason.CHANNEL_MISMATCH, f"{self.name} expects {s.in_channels} channels, gets {info.channels}"
+            )
+        if str(self.dtype).removeprefix("torch.") != str(info.dtype).removeprefix("torch."):
+            return Decline(Reason.DTYPE, f"{self.name} holds {self.dtype} weights in a {info.dtype} region")
+        return s if s.dtype == np.float64 else s.astype(np.float64)  # the algebra's precision
