@@ -24,7 +24,7 @@ from torch import nn
 
 import convfuse
 from convfuse.frontends.onnx.fold import fold_constants
-from convfuse.frontends.onnx.graph import model_stats
+from convfuse.frontends.onnx.stats import model_stats
 
 from .region_blocks import BLOCKS, CASES, TWINS, Built
 from .timing import interleaved

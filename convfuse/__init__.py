@@ -18,7 +18,7 @@ from .algebra import ChannelAffine, Cost, add, compose, compose_chain, concat, t
 from .decline import Decline, Reason
 from .errors import ConvfuseError, ExitCode
 from .files import MergeResult, Verdict, Verification, merge_file
-from .frontends.onnx.graph import fuse_onnx
+from .frontends.onnx.api import fuse_onnx
 from .report import Report
 from .spec import ConvSpec
 from .verify import VerifyResult, verify
@@ -26,7 +26,7 @@ from .verify import VerifyResult, verify
 if TYPE_CHECKING:
     from torch import nn
 
-    from .frontends.torch.fx import fuse_with_report
+    from .frontends.torch.api import fuse_with_report
     from .policy import Policy
     from .timing import Timer
 
@@ -101,7 +101,7 @@ __all__ = [
 ]
 
 #: Exports that need torch, and the module that holds them.
-_TORCH_EXPORTS = {"fuse": "frontends.torch.fx", "fuse_with_report": "frontends.torch.fx"}
+_TORCH_EXPORTS = {"fuse": "frontends.torch.api", "fuse_with_report": "frontends.torch.api"}
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ from pathlib import Path
 import onnx
 
 from .errors import ConvfuseError, ExitCode, InvalidOptionError, NotRunnableError, OutputError
-from .frontends.onnx.graph import fuse_onnx
+from .frontends.onnx.api import fuse_onnx
 from .frontends.onnx.io import LoadedModel, check_file, external_data_name, is_large, read_model, stage_model
 from .policy import Policy
 from .report import Report

@@ -27,7 +27,7 @@ from torch import nn
 
 import convfuse
 from benchmarks.region_blocks import randomize
-from convfuse.frontends.onnx.graph import model_stats
+from convfuse.frontends.onnx.stats import model_stats
 from tests.helpers import rel_err
 from tests.region_models import HeadNet, RegionNet, heads, regions
 

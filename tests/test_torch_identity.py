@@ -18,7 +18,8 @@ from torch import nn
 import convfuse
 from convfuse import Reason
 from convfuse.errors import ConvfuseError, InternalError, TorchFxError
-from convfuse.frontends.torch import fx as torch_fx
+from convfuse.frontends.torch import export as torch_export
+from convfuse.frontends.torch import regions as torch_regions
 from convfuse.frontends.torch import surgery as torch_surgery
 from convfuse.frontends.torch.check import (
     candidate_inputs,
@@ -341,7 +342,7 @@ def test_torch_export_works_on_the_fused_module_where_it_worked_on_the_original(
 def _perturb_merges(monkeypatch, factor: float, kernel: int | None = None) -> None:
     """Make the torch front end write wrong merged convs (weights scaled by ``factor``; only
     those with a ``kernel``-wide kernel when given)."""
-    real = torch_fx.conv_from_spec
+    real = torch_export.conv_from_spec
 
     def wrong(spec, *args):
         conv = real(spec, *args)
@@ -350,7 +351,7 @@ def _perturb_merges(monkeypatch, factor: float, kernel: int | None = None) -> No
                 conv.weight.mul_(factor)
         return conv
 
-    monkeypatch.setattr(torch_fx, "conv_from_spec", wrong)
+    monkeypatch.setattr(torch_export, "conv_from_spec", wrong)
 
 
 def test_self_check_puts_back_a_part_that_does_not_match(monkeypatch) -> None:
@@ -434,7 +435,7 @@ def test_unexpected_exceptions_are_one_line_internal_errors_twin(monkeypatch) ->
     def broken(*args, **kwargs):
         raise ValueError("boom\nsecond line")
 
-    monkeypatch.setattr(torch_fx, "plan", broken)
+    monkeypatch.setattr(torch_regions, "plan", broken)
     with pytest.raises(InternalError) as info:
         convfuse.fuse(RepVGGBlock(4, 4).eval())
     assert isinstance(info.value, ConvfuseError)

@@ -23,7 +23,7 @@ from benchmarks.linear_regions import counts, export
 from benchmarks.region_blocks import BLOCKS, TWINS, randomize
 from convfuse import Reason
 from convfuse.errors import TrainingModeError
-from convfuse.frontends.onnx.graph import model_stats
+from convfuse.frontends.onnx.stats import model_stats
 from tests.helpers import rel_err
 from tests.test_region_properties import _run
 from tests.vit_models import HybridViT, LinearNorm
