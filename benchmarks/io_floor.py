@@ -255,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="convfuse-io-floor-", dir=args.dir))
     try:
         print(
-            f"python {sys.version.split()[0]}, onnx {onnx.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs"
+            f"python {sys.version.split()[0]}, onnx {onnx.__version__}, numpy {np.__version__}, "
+            f"{os.cpu_count()} CPUs"
         )
         results: dict[str, dict[str, tuple[float, float]]] = {}
         models = [("tiny", build_tiny)] if args.tiny_only else [("big", build_big), ("tiny", build_tiny)]

@@ -213,7 +213,8 @@ def _options(level: OrtLevel, threads: int) -> ort.SessionOptions:
 
 
 def ort_session(model: onnx.ModelProto | bytes, level: OrtLevel, threads: int) -> ort.InferenceSession:
-    """A CPU session with graph optimizations ``level`` ("disabled" or "all") and ``threads`` intra-op threads."""
+    """A CPU session with graph optimizations ``level`` ("disabled" or "all") and ``threads``
+    intra-op threads."""
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, _options(level, threads), providers=["CPUExecutionProvider"])
 

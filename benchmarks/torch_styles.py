@@ -32,7 +32,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [(16, 16), (17, 15), (32, 31)]
-    header = f"{'style':<11} {'convs':>9} {'params':>15} {'MACs (N=1, 32x31)':>23} {'worst fp32 rel err':>19} {'fp64':>9} {'fuse s':>7}"
+    header = (
+        f"{'style':<11} {'convs':>9} {'params':>15} {'MACs (N=1, 32x31)':>23} "
+        f"{'worst fp32 rel err':>19} {'fp64':>9} {'fuse s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name, (make, c_in, _, _) in STYLES.items():
@@ -58,7 +61,8 @@ def main() -> None:
         params = f"{report.before.params:,} -> {report.after.params:,}"
         macs = f"{report.before.macs:,} -> {report.after.macs:,}"
         print(
-            f"{name:<11} {convs:>9} {params:>15} {macs:>23} {worst32:>19.2e} {worst64:>9.1e} {fuse_time:>7.3f}"
+            f"{name:<11} {convs:>9} {params:>15} {macs:>23} "
+            f"{worst32:>19.2e} {worst64:>9.1e} {fuse_time:>7.3f}"
         )
 
 

@@ -16,7 +16,6 @@ terms whose roundings differ between the model's own computation of the shift an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +42,8 @@ class BorderResult:
     """What a border pass did: the pads it moved, the patterns it declined (with their nodes)."""
 
     moved: list[Moved] = field(default_factory=list)
-    declines: list[tuple[Sequence[str], Decline]] = field(default_factory=list)
+    # the sources as Report.declined takes them
+    declines: list[tuple[list[str] | tuple[str, ...], Decline]] = field(default_factory=list)
 
 
 def conv_zero_response(bias: np.ndarray | None, channels: int) -> tuple[np.ndarray, np.ndarray]:

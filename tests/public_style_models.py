@@ -45,7 +45,8 @@ def autopad(k, p=None, d=1):  # kernel, padding, dilation
 
 
 class Conv(nn.Module):
-    """Standard convolution with args(ch_in, ch_out, kernel, stride, padding, groups, dilation, activation)."""
+    """Standard convolution with args(ch_in, ch_out, kernel, stride, padding, groups, dilation,
+    activation)."""
 
     default_act = nn.SiLU()  # default activation
 

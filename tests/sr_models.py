@@ -107,7 +107,8 @@ class SRBlock(nn.Module):
     def __init__(self, channels: int, **seq: object) -> None:
         super().__init__()
         self.conv3x3 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.branches = nn.ModuleList(SeqConv(k, channels, **seq) for k in ("conv", "sobelx", "sobely", "laplacian"))  # type: ignore[arg-type]
+        kinds = ("conv", "sobelx", "sobely", "laplacian")
+        self.branches = nn.ModuleList(SeqConv(k, channels, **seq) for k in kinds)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv3x3(x)

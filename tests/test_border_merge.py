@@ -358,7 +358,12 @@ def test_flops_never_raises_macs_and_says_case_2() -> None:
     assert "border correction, which does not pay" in declined.decline.message
     fused, report = fuse_checked(model, policy="always")
     assert ops(fused) == {"Conv": 1, "Add": 1} and report.merges[0].after.macs >= report.merges[0].before.macs
-    for m in convfuse.fuse_onnx(_onnx_model([_pointwise(4, 16, 2, 1), ConvSpec(rand(16, 16, 3, 3, seed=2), pads=((1, 1),) * 2), _pointwise(16, 4, 2, 3)], [1, 4, 16, 16]))[1].merges:  # fmt: skip
+    specs = [
+        _pointwise(4, 16, 2, 1),
+        ConvSpec(rand(16, 16, 3, 3, seed=2), pads=((1, 1),) * 2),
+        _pointwise(16, 4, 2, 3),
+    ]
+    for m in convfuse.fuse_onnx(_onnx_model(specs, [1, 4, 16, 16]))[1].merges:
         assert m.after.macs <= m.before.macs and m.after.params <= m.before.params
 
 

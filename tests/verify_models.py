@@ -290,7 +290,8 @@ def scaled_conv(scale_shape: Sequence[int] = ()) -> onnx.ModelProto:
 def deep_chain(
     layers: int = 8, perturb: int | None = None, channels: int = 16, factor: float = 1.001
 ) -> onnx.ModelProto:
-    """``layers`` x (conv 3x3 pad 1, Relu); ``perturb`` scales the largest weight of that conv by ``factor``."""
+    """``layers`` x (conv 3x3 pad 1, Relu); ``perturb`` scales the largest weight of that conv by
+    ``factor``."""
     rng = np.random.default_rng(11)
     nodes, inits, prev = [], [], "x"
     for i in range(layers):

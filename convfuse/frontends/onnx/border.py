@@ -196,7 +196,8 @@ def _check_ring(
         )
     return Decline(
         Reason.BORDER_VALUE,
-        f"ring value {values[at]:.9g} at {at} is not the layer's zero response {float(z.reshape(-1)[at[1]]):.9g}",
+        f"ring value {values[at]:.9g} at {at} is not the layer's zero response "
+        f"{float(z.reshape(-1)[at[1]]):.9g}",
     )
 
 
@@ -228,7 +229,9 @@ def read_borders(model: onnx.ModelProto) -> BorderResult:
             if writes:
                 result.declines.append((sources, Decline(Reason.UNSUPPORTED, f"border fill not moved: {z}")))
             continue
-        if g.sole_reader(layer.output[0]) is not pad:
+        reader = g.sole_reader(layer.output[0])
+        # (`reader is None` first: on `x is not pad` alone mypy widens `pad` to x's Optional type)
+        if reader is None or reader is not pad:
             result.declines.append(
                 (sources, Decline(Reason.SHARED_TENSOR, f"{layer.output[0]!r} has other readers"))
             )

@@ -34,6 +34,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ...decline import Decline, Reason
+from ...errors import one_line
 from .io import subgraphs
 
 __all__ = [
@@ -225,7 +226,8 @@ def _evaluate(
     outputs: list[str],
     shapes: Shapes,
 ) -> dict[str, np.ndarray] | str:
-    """Values of ``outputs`` computed by ``nodes`` from ``inits``: ONNX Runtime, else the reference evaluator."""
+    """Values of ``outputs`` computed by ``nodes`` from ``inits``: ONNX Runtime, else the reference
+    evaluator."""
     graph = helper.make_graph(
         nodes,
         "fold",
@@ -243,13 +245,13 @@ def _evaluate(
         session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return dict(zip(outputs, session.run(outputs, {})))
     except Exception as exc:
-        problems.append(f"ONNX Runtime: {' '.join(str(exc).split())[:160]}")
+        problems.append(f"ONNX Runtime: {one_line(exc, 160)}")
     try:
         from onnx.reference import ReferenceEvaluator
 
         return dict(zip(outputs, (np.asarray(v) for v in ReferenceEvaluator(sub).run(outputs, {}))))
     except Exception as exc:
-        problems.append(f"reference evaluator: {' '.join(str(exc).split())[:160]}")
+        problems.append(f"reference evaluator: {one_line(exc, 160)}")
     return "; ".join(problems)
 
 

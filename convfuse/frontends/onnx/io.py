@@ -154,8 +154,8 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     except Exception as exc:  # protobuf DecodeError and friends: the bytes are not a model
         cause = one_line(exc, 300).removeprefix("Error parsing message with type 'onnx.ModelProto': ")
         raise InvalidModelError(
-            f"not an ONNX model: the bytes do not parse as one (corrupt or truncated file, or another format; "
-            f"protobuf: {cause[:1].lower() + cause[1:]})",
+            "not an ONNX model: the bytes do not parse as one (corrupt or truncated file, or another "
+            f"format; protobuf: {cause[:1].lower() + cause[1:]})",
             path=p,
         ) from None
     outside = [t for t in _all_tensors(model) if external_data_helper.uses_external_data(t)]
@@ -215,8 +215,8 @@ def _check_external_range(tensor: onnx.TensorProto, path: Path, location: str) -
     available = (path.parent / location).stat().st_size
     if offset + length > available:
         raise InvalidModelError(
-            f"cannot read external data of {tensor.name!r} from {location!r} ({length} bytes at offset {offset}, "
-            f"file holds {available})",
+            f"cannot read external data of {tensor.name!r} from {location!r} "
+            f"({length} bytes at offset {offset}, file holds {available})",
             path=path,
         )
     return length

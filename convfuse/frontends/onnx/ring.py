@@ -40,7 +40,8 @@ def ring_nodes(
     fresh: Callable[[str], str],
 ) -> tuple[list[onnx.NodeProto], list[NewTensor]] | Decline:
     """The nodes (and initializers) computing ``y = conv_out + ring`` for a merge reading ``x``."""
-    dtype = FLOAT_TYPES.get(elem_type)
+    # FLOAT_TYPES (nodes.py) is inferred as keyed by onnx's DataType enum; element types are ints
+    dtype = FLOAT_TYPES.get(elem_type)  # type: ignore[call-overload]
     if dtype is None:
         return Decline(
             Reason.DTYPE, f"border ring cannot be written as {onnx.TensorProto.DataType.Name(elem_type)}"

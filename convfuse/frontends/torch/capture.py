@@ -93,14 +93,16 @@ class CaptureMixin:
     decisions taken (for the report)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         self.values: dict[fx.Node, Any] = {}
         self.taints: dict[fx.Node, Taint] = {}
         self.decisions: list[str] = []
         self._attrs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ values
-    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None, type_expr: Any = None) -> fx.Node:  # type: ignore[override]  # noqa: E501
+    def create_node(
+        self, kind: str, target: Any, args: Any, kwargs: Any, name: Any = None, type_expr: Any = None
+    ) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)  # type: ignore[misc]
         self.taints[node] = node_taint(node, self.taints)
         self.values[node] = self._evaluate(node) if self.taints[node] is Taint.STATE else MISSING
@@ -117,7 +119,8 @@ class CaptureMixin:
         if value is MISSING or taint is not Taint.STATE:
             source = "the input's shape" if taint is Taint.SHAPE else "the input"
             raise fx.proxy.TraceError(
-                f"{what} on {node.name}, which depends on {source} (convfuse fixes decisions on module state only)"
+                f"{what} on {node.name}, which depends on {source} "
+                "(convfuse fixes decisions on module state only)"
             )
         self.decisions.append(f"{what} {node.name}")
         return value

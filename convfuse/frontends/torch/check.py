@@ -109,8 +109,11 @@ def infer_example_input(
             strides.append(tuple(m.stride) if not m.transposed else (1,))
             kernels.append(tuple((k - 1) * d + 1 for k, d in zip(m.kernel_size, m.dilation)))
         elif isinstance(m, _POOLS):
-            k = m.kernel_size if isinstance(m.kernel_size, (tuple, list)) else (m.kernel_size,)
-            s = m.stride if m.stride not in (None, (), []) else k
+            # an int or a tuple: not every pool annotates them, so mypy reads Module.__getattr__'s type
+            size: Any = m.kernel_size
+            k = size if isinstance(size, (tuple, list)) else (size,)
+            stride: Any = m.stride
+            s = stride if stride not in (None, (), []) else k
             strides.append(tuple(s) if isinstance(s, (tuple, list)) else (int(s),))
             kernels.append(tuple(int(v) for v in k))
     if spatial is None:
@@ -130,6 +133,7 @@ def _geometry(m: nn.Module, ndim: int) -> Geometry | None:
         n = m.weight.dim() - 2
         if n != ndim:
             return None
+        pads: tuple[tuple[int, int], ...]
         if isinstance(m.padding, str):
             same, pads = m.padding == "same", ()
         else:

@@ -291,8 +291,8 @@ def read_borders(gm: fx.GraphModule, values: StateValues) -> BorderResult:
                 if (wrong & ~written.numpy()).any():
                     decline = Decline(
                         Reason.BORDER_INCOMPLETE,
-                        f"ring element(s) are not written and keep the pad value {fill:g} (e.g. at {at}), not "
-                        f"{layer.name}'s zero response",
+                        f"ring element(s) are not written and keep the pad value {fill:g} (e.g. at {at}), "
+                        f"not {layer.name}'s zero response",
                     )
                 else:
                     decline = Decline(

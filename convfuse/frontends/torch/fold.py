@@ -61,7 +61,8 @@ _RANDOM_FUNCTIONS = {
 _RANDOM_METHODS = {"uniform_", "normal_", "bernoulli", "bernoulli_", "random_", "exponential_",
                    "geometric_", "cauchy_", "log_normal_", "multinomial"}  # fmt: skip
 _VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "transpose", "permute", "expand",
-                 "detach", "contiguous", "view_as", "reshape_as", "expand_as", "t", "unflatten", "narrow"}  # fmt: skip
+                 "detach", "contiguous", "view_as", "reshape_as", "expand_as", "t", "unflatten",
+                 "narrow"}  # fmt: skip
 _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,
                    torch.transpose, torch.permute, torch.narrow, torch.detach, getattr}  # fmt: skip
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}

@@ -19,7 +19,7 @@ from ...algebra import ChannelAffine
 from ...algebra_linear import as_matrix
 from ...decline import Decline, Reason
 from ...provenance import Provenance
-from ...spec import ConvSpec, same_pads
+from ...spec import ConvSpec, as_array, same_pads
 
 __all__ = [
     "CONV_TYPES",
@@ -60,8 +60,8 @@ def spec_from_conv(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> ConvSpec:
     else:
         pads = tuple((int(p), int(p)) for p in conv.padding)
     return ConvSpec(
-        weight=conv.weight.detach(),
-        bias=None if conv.bias is None else conv.bias.detach(),
+        weight=as_array(conv.weight),
+        bias=None if conv.bias is None else as_array(conv.bias),
         stride=tuple(conv.stride),
         dilation=tuple(conv.dilation),
         groups=conv.groups,
@@ -92,22 +92,27 @@ def conv_from_spec(spec: ConvSpec, dtype: torch.dtype | None = None, device: Any
     weight = to_tensor(spec.weight, dtype, device)
     cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spec.ndim - 1]
     symmetric = all(b == e for b, e in spec.pads)
+    # torch types each ConvNd's geometry as a tuple of its own length (``_size_2_t``) and the mode
+    # as a Literal; a spec's are ``tuple[int, ...]`` of length ``ndim`` and a checked ``str``.
+    geometry: dict[str, Any] = {
+        "kernel_size": spec.kernel_size,
+        "stride": spec.stride,
+        "padding": tuple(b for b, _ in spec.pads) if symmetric else 0,
+        "dilation": spec.dilation,
+        "padding_mode": spec.padding_mode if symmetric else "zeros",
+    }
     conv = cls(
         spec.in_channels,
         spec.out_channels,
-        spec.kernel_size,
-        stride=spec.stride,
-        padding=tuple(b for b, _ in spec.pads) if symmetric else 0,
-        dilation=spec.dilation,
         groups=spec.groups,
         bias=spec.bias is not None,
-        padding_mode=spec.padding_mode if symmetric else "zeros",
         device=weight.device,
         dtype=weight.dtype,
+        **geometry,
     )
     with torch.no_grad():
         conv.weight.copy_(weight)
-        if spec.bias is not None:
+        if spec.bias is not None and conv.bias is not None:
             conv.bias.copy_(to_tensor(spec.bias, weight.dtype, weight.device))
     if symmetric:
         return conv
@@ -146,10 +151,10 @@ def affine_from_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine 
             f"{type(bn).__name__} has track_running_stats=False and always uses batch statistics",
         )
     return ChannelAffine.from_batchnorm(
-        bn.running_mean.detach(),
-        bn.running_var.detach(),
-        None if bn.weight is None else bn.weight.detach(),
-        None if bn.bias is None else bn.bias.detach(),
+        as_array(bn.running_mean),
+        as_array(bn.running_var),
+        None if bn.weight is None else as_array(bn.weight),
+        None if bn.bias is None else as_array(bn.bias),
         bn.eps,
     )
 

@@ -81,11 +81,11 @@ class LinearOp:
         raise NotImplementedError
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class ConvOp(LinearOp):
     """A convolution layer."""
 
-    spec: ConvSpec | None = None
+    spec: ConvSpec
     dtype: Any = None  # torch dtype of the layer's weights (the spec holds a numpy view)
     device: Any = None
 
@@ -191,11 +191,11 @@ class PoolOp(LinearOp):
         return average_pool(info.channels, self.kernel, self.stride, self.pads, _F64)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class DenseOp(LinearOp):
     """``y = x W^T + b`` on the last dim (``nn.Linear``, ``F.linear``): a 1D pointwise conv."""
 
-    weight: torch.Tensor | None = None
+    weight: torch.Tensor
     bias: torch.Tensor | None = None
 
     def in_channels(self) -> int | None:

@@ -30,7 +30,7 @@ import inspect
 import operator
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -216,7 +216,8 @@ def trace_restoring(
         for key, value in m.__dict__.items():
             if _holds_proxy(value):
                 raise StoredProxyError(
-                    f"its forward stores a traced value inside {type(m).__name__}.{key}, which convfuse cannot restore"
+                    f"its forward stores a traced value inside {type(m).__name__}.{key}, "
+                    "which convfuse cannot restore"
                 )
     return graph, extras, writes
 
@@ -301,7 +302,10 @@ class FoldedBatchNorm(nn.Identity):
         self.register_buffer("_like", like, persistent=False)  # follows .to(); not in state_dict
 
     def _full(self, value: float) -> torch.Tensor:
-        return torch.full((self.num_features,), value, dtype=self._like.dtype, device=self._like.device)
+        # a buffer registered in __init__; Module.__getattr__ is typed Tensor | Module (and a class
+        # annotation would make torch.jit.script look the attribute up as a declared one)
+        like = cast(torch.Tensor, self._like)
+        return torch.full((self.num_features,), value, dtype=like.dtype, device=like.device)
 
     __jit_unused_properties__ = ["weight", "bias", "running_mean", "running_var"]  # noqa: RUF012
 
@@ -354,7 +358,7 @@ def carry_attributes(old: nn.Module, new: nn.Module) -> None:
 # --------------------------------------------------------------------------- generated forward
 _BASE = "_convfuse_base"
 _CODE = "_convfuse_code"
-_CLASSES: dict[tuple[type, str], type] = {}
+_CLASSES: dict[tuple[type[nn.Module], str], type[nn.Module]] = {}
 
 
 class _Code:
@@ -365,7 +369,7 @@ class _Code:
         return generated_code(cls) or ""
 
 
-def _fused_class(base: type, code: str) -> type:
+def _fused_class(base: type[nn.Module], code: str) -> type[nn.Module]:
     """The subclass of ``base`` whose forward is ``code`` (one class per base and code)."""
     key = (base, code)
     cls = _CLASSES.get(key)
@@ -382,7 +386,8 @@ def _fused_class(base: type, code: str) -> type:
         }
         if not hasattr(base, "code"):
             namespace["code"] = _Code()
-        cls = type(base.__name__, (base,), namespace)
+        # three-argument type() of a Module subclass is one; mypy types it as a plain ``type``
+        cls = cast("type[nn.Module]", type(base.__name__, (base,), namespace))
         _CLASSES[key] = cls
     return cls
 
@@ -398,13 +403,13 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     return (_new_fused, (getattr(cls, _BASE), getattr(cls, _CODE)), self.__dict__.copy())
 
 
-def _new_fused(base: type, code: str) -> nn.Module:
+def _new_fused(base: type[nn.Module], code: str) -> nn.Module:
     """An empty instance of the fused subclass (pickle and deepcopy fill in its state)."""
     cls = _fused_class(base, code)
     return cls.__new__(cls)
 
 
-def original_class(module: nn.Module) -> type:
+def original_class(module: nn.Module) -> type[nn.Module]:
     """The class ``module`` had before convfuse gave it a generated forward."""
     return getattr(type(module), _BASE, type(module))
 
