@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from convfuse.algebra import add, compose, compose_chain, concat
 from convfuse.spec import ConvSpec
-from tests.helpers import rel_err
-from tests.strategies import conv_chain, conv_pair, input_for, parallel_branches
+from tests.support.helpers import rel_err
+from tests.support.strategies import conv_chain, conv_pair, input_for, parallel_branches
 
 
 def _run_chain(chain: list[ConvSpec], x):

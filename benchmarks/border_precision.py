@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convfuse.border import BorderMerge, border_ring, compose_across_border, ring_from_ones
-from tests.border_cases import case2_pair, input_sizes, merge_error, oracle_ring
+from tests.support.border_cases import case2_pair, input_sizes, merge_error, oracle_ring
 
 
 def main(n: int) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.vit_models import HybridViT, LinearActNorm, LinearNormOtherDim, LinearNormTransposed
+from tests.support.vit_models import HybridViT, LinearActNorm, LinearNormOtherDim, LinearNormTransposed
 
 __all__ = ["BLOCKS", "TWINS", "CASES", "randomize"]
 

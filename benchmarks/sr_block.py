@@ -1,7 +1,7 @@
 """Op counts and times before and after convfuse on a 4-block SR net, both forms, both front ends
 (issue 16).
 
-The net is :class:`tests.sr_models.SRNet`: the train form (bias-filled borders by slice
+The net is :class:`tests.support.sr_models.SRNet`: the train form (bias-filled borders by slice
 assignment, ``scale * mask`` depthwise weights, five branches per block) and the eval form
 (``rep_params()`` builds the merged kernel in every forward). Torch: ``convfuse.fuse`` on the
 module, eager time on one thread, ATen ops and convolutions per forward. ONNX: the same module
@@ -24,7 +24,7 @@ import torch
 
 import convfuse
 from benchmarks.timing import interleaved
-from tests.sr_models import SRNet, aten_ops, export
+from tests.support.sr_models import SRNet, aten_ops, export
 
 __all__ = ["main"]
 

@@ -4,8 +4,8 @@ module was written back, and which parts were left unfused and why.
 
     .venv/bin/python benchmarks/torch_identity.py [--seeds 3]
 
-Models: ``tests/public_style_models.py`` (YOLO-style detector, SR net, its reflect-padding twin)
-and two of ``tests/test_torch_identity.py`` (a control-flow child, a block with methods).
+Models: ``tests/support/public_style_models.py`` (YOLO-style detector, SR net, its reflect-padding twin)
+and two of ``tests/frontends/torch/test_torch_identity.py`` (a control-flow child, a block with methods).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import convfuse  # noqa: E402
 from convfuse.frontends.torch.surgery import generated_code  # noqa: E402
-from tests._torch_models import randomize_bn  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
-from tests.public_style_models import DetectionModel, SRNet  # noqa: E402
-from tests.test_torch_identity import _Stage, _WithGate  # noqa: E402
+from tests.frontends.torch.test_torch_identity import _Stage, _WithGate  # noqa: E402
+from tests.support._torch_models import randomize_bn  # noqa: E402
+from tests.support.helpers import rel_err  # noqa: E402
+from tests.support.public_style_models import DetectionModel, SRNet  # noqa: E402
 
 MODELS = {
     "yolo-style detector": (lambda: DetectionModel(), (3, 64, 64)),

@@ -3,7 +3,7 @@ fp32 relative error (max abs error / max abs output) over seeds and input sizes.
 
     .venv/bin/python benchmarks/torch_styles.py [--seeds 5] [--threads 1]
 
-Uses the small test-suite models of ``tests/_torch_models.py`` (random BN statistics).
+Uses the small test-suite models of ``tests/support/_torch_models.py`` (random BN statistics).
 """
 
 from __future__ import annotations

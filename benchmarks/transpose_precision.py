@@ -23,8 +23,8 @@ from convfuse.transpose import (
     transpose_then_affine,
     transpose_then_pointwise,
 )
-from tests.helpers import rel_err
-from tests.transpose_cases import (
+from tests.support.helpers import rel_err
+from tests.support.transpose_cases import (
     branches,
     input_for,
     min_input,

@@ -40,10 +40,11 @@ def fuse_onnx(
 
     ``model`` is a ``ModelProto`` (left unchanged unless ``inplace``), a path (external data
     beside it is read), or what :func:`~convfuse.frontends.onnx.io.read_model` returned (already
-    checked: the ONNX checker serialises every weight, so it runs once per model). ``policy``: ``"flops"`` merges only what does not increase MACs or
-    parameters, ``"always"`` every exact merge, ``"latency"`` the merges ONNX Runtime measures
-    faster on ``device`` (``"cpu"`` or ``"cuda"``), timing for at most ``latency_budget`` seconds
-    in all (then the flops rule); ``timer`` replaces the ONNX Runtime timer
+    checked: the ONNX checker serialises every weight, so it runs once per model). ``policy``:
+    ``"flops"`` merges only what does not increase MACs or parameters, ``"always"`` every exact
+    merge, ``"latency"`` the merges ONNX Runtime measures faster on ``device`` (``"cpu"`` or
+    ``"cuda"``), timing for at most ``latency_budget`` seconds in all (then the flops rule);
+    ``timer`` replaces the ONNX Runtime timer
     (:mod:`convfuse.latency`). ``progress`` receives one-line status messages (for large models
     and timings). ``inplace=True`` fuses the given ModelProto itself and returns it, saving a
     copy of every weight (for models of gigabytes whose original is not needed).

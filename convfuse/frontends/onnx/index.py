@@ -21,8 +21,8 @@ from .nodes import Dims, LinearOp, label, read_linear
 #: Ops on small constants that are evaluated to read a constant input (exporters compute
 #: ``F.pad``'s pads this way); nodes of these types left unused by a merge are removed.
 _FOLDABLE = frozenset(
-    {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Unsqueeze", "Squeeze", "Gather",
-     "Shape", "Mul", "Sub", "Add", "Div", "Range", "Expand"}  # fmt: skip
+    {"Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Unsqueeze",
+     "Squeeze", "Gather", "Shape", "Mul", "Sub", "Add", "Div", "Range", "Expand"}  # fmt: skip
 )
 
 
@@ -227,10 +227,13 @@ class _Index:
         names = [f"in{k}" if t is not None else "" for k, t in enumerate(inputs)]
         copy = helper.make_node(node.op_type, names, list(node.output), domain=node.domain)
         copy.attribute.extend(node.attribute)
-        graph = helper.make_graph(
-            [copy], "fold", [], [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
-            [numpy_helper.from_array(numpy_helper.to_array(t), n) for t, n in zip(inputs, names) if t is not None],
-        )  # fmt: skip
+        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
+        known = [
+            numpy_helper.from_array(numpy_helper.to_array(t), n)
+            for t, n in zip(inputs, names)
+            if t is not None
+        ]
+        graph = helper.make_graph([copy], "fold", [], outputs, known)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         try:
             outs = ReferenceEvaluator(model).run(None, {})

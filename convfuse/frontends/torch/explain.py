@@ -46,8 +46,8 @@ def _explain_remaining_convs(module: nn.Module, ctx: _Context) -> None:
             continue
         if split and (not untraced or ancestors.index(split[-1]) > ancestors.index(untraced[-1])):
             why = (
-                f"its parent calls the layers of Sequential {split[-1]} one by one rather than the Sequential "
-                "as a whole, so they are not merged across its children"
+                f"its parent calls the layers of Sequential {split[-1]} one by one rather than the "
+                "Sequential as a whole, so they are not merged across its children"
             )
         elif untraced:
             why = f"it was fused on its own because torch.fx could not trace {untraced[-1]} (see that line)"

@@ -40,7 +40,8 @@ _CONST_FUNCTIONS = {operator.getitem, torch.reshape, torch.unsqueeze, torch.sque
 
 
 _VIEW_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "transpose", "permute", "narrow",
-                 "select", "expand", "as_strided", "detach", "contiguous", "view_as", "unflatten", "t"}  # fmt: skip
+                 "select", "expand", "as_strided", "detach", "contiguous", "view_as", "unflatten",
+                 "t"}  # fmt: skip
 
 
 _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten,

@@ -77,8 +77,8 @@ def _trace(
             (where,),
             Decline(
                 Reason.UNTRACEABLE,
-                f"torch.fx cannot trace {type(module).__name__}{inside} ({one_line(exc, 200)}); its forward is "
-                "kept and its children were fused separately",
+                f"torch.fx cannot trace {type(module).__name__}{inside} ({one_line(exc, 200)}); its forward "
+                "is kept and its children were fused separately",
             ),
         )
         return None

@@ -1,0 +1,1 @@
+"""What the tests share: model builders, strategies, tolerances and assertions."""
