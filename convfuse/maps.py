@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, overload
 
 from . import algebra, algebra_linear, estimate
 from . import border_map as bm
@@ -186,6 +186,12 @@ def input_positions(m: Map) -> float:
     return _type(m).input_positions(m)
 
 
+@overload
+def without_zero_bias(m: ConvSpec) -> ConvSpec: ...
+@overload
+def without_zero_bias(m: ConvTransposeSpec) -> ConvTransposeSpec: ...
+@overload
+def without_zero_bias(m: BorderMap) -> BorderMap: ...
 def without_zero_bias(m: Map) -> Map:
     """``m`` with an all-zero bias left out (both writers drop it)."""
     return _type(m).without_zero_bias(m)
@@ -201,7 +207,7 @@ def unwritable(m: Map, pad_layer: bool) -> Decline | None:
     return _type(m).unwritable(m, pad_layer)
 
 
-def timed(m: Map) -> bool:
+def timed(m: Map) -> TypeGuard[ConvSpec]:  # only ConvSpec's type is timed
     """Whether the latency model can time ``m``."""
     return _type(m).timed
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -51,6 +51,7 @@ from .policy import Judge, Policy
 from .report import MergeKind
 from .spec import ConvSpec
 from .timing import Block, Candidate, Parallel, Timing
+from .transpose import ConvTransposeSpec
 
 __all__ = ["MAX_CHAIN", "Merge", "Resum", "Plan", "plan"]
 
@@ -66,7 +67,7 @@ class Merge:
     nodes: tuple[LinearNode, ...]
     x: str
     y: str
-    spec: ConvSpec
+    spec: ConvSpec | ConvTransposeSpec
     before: Cost
     after: Cost
     note: str = ""
@@ -208,8 +209,8 @@ class _Planner:
         for node in self.g.nodes:
             if node.refused is None:
                 continue
-            near = [self.g.producer.get(i) for i in node.inputs] + self.g.consumers.get(node.output, [])
-            near = [n for n in near if n is not None and n.refused is None]
+            around = [self.g.producer.get(i) for i in node.inputs] + self.g.consumers.get(node.output, [])
+            near = [n for n in around if n is not None and n.refused is None]
             if near or node.kind.is_anchor:
                 self._decline([n.name for n in [*near[:1], node, *near[1:]]], node.refused)
 
@@ -454,8 +455,9 @@ class _Planner:
             if needs_rank2 and any(len(self.g.shapes.get(i) or ()) != 2 for i in n.inputs):
                 bad.append((n, Decline(
                     Reason.RANK_MISMATCH,
-                    f"{n.name} reads channels at dim 1 and a Linear layer reads the last dim; they agree only "
-                    "on a [N, C] tensor, and this input's rank is not known to be 2 (pass example inputs)",
+                    f"{n.name} reads channels at dim 1 and a Linear layer reads the last dim; "
+                    "they agree only on a [N, C] tensor, and this input's rank is not known to be 2 "
+                    "(pass example inputs)",
                 )))  # fmt: skip
         if bad:  # cut the region where the layout changes: each side is planned on its own
             cut = {i for n in nodes if n.layout == "last" for i in n.inputs}
@@ -511,7 +513,7 @@ class _Region:
         self.ids = {id(n) for n in nodes}
         self.producer = {n.output: n for n in nodes}
         self.info: dict[str, TensorInfo] = {x: info}
-        self.spec: dict[int, ConvSpec] = {}
+        self.spec: dict[int, ConvSpec | ConvTransposeSpec] = {}
         for n in nodes:
             self._build(n)
         self.factor = self._factors(y)
@@ -549,14 +551,14 @@ class _Region:
                 sum(i.channels for i in ins), ins[0].ndim, ins[0].batch, ins[0].spatial
             )
 
-    def _refuse(self, n: LinearNode, decline: Decline) -> None:
+    def _refuse(self, n: LinearNode, decline: Decline) -> NoReturn:
         near = [self.producer[i].name for i in n.inputs if i in self.producer]
         self.p._decline([*near, n.name], decline)
         raise _Retry(tensors=[*n.inputs, n.output], barrier=n)
 
-    def _factors(self, y: str) -> dict[str, int]:
+    def _factors(self, y: str) -> dict[str, float]:
         """Positions of each tensor per output position of the region (product of later strides)."""
-        f = {y: 1}
+        f: dict[str, float] = {y: 1}
         for n in reversed(self.nodes):
             if n.output not in f:
                 f[n.output] = 1
@@ -690,14 +692,15 @@ class _Region:
         if not nodes:  # the input itself, in the precision the layers were built in (float64)
             dtype = next(spec.dtype for spec in self.spec.values())
             return identity(self.info[x].channels, self.info[x].ndim, dtype=dtype)
-        acc: Map | Decline | None = None
+        acc: Map | None = None
         for seg_in, seg in self._series(x, nodes):
             m = self.segment_map(seg_in, seg)
             if isinstance(m, Decline):
                 return m
-            acc = m if acc is None else compose(acc, m)
-            if isinstance(acc, Decline):
-                return acc
+            step = m if acc is None else compose(acc, m)
+            if isinstance(step, Decline):
+                return step
+            acc = step
         assert acc is not None
         return acc
 
@@ -826,7 +829,8 @@ class _Region:
         if options[0] is not None and refused.reason is Reason.NOT_PROFITABLE:  # still case 2 in the report
             return Decline(
                 Reason.PADDED_AFTER_BIASED_POINTWISE,
-                f"padding case 2: exact only with a border correction, which does not pay here: {refused.message}",
+                "padding case 2: exact only with a border correction, which does not pay here: "
+                f"{refused.message}",
             )
         return refused
 
@@ -878,7 +882,7 @@ class _Region:
         # results[(i, j)]: collapsing segments i..j-1 into one conv (an option or why not)
         results: dict[tuple[int, int], _Option | Decline] = {}
         for i in range(k):
-            acc: Map | Decline | None = None
+            acc: Map | Decline  # set at j == i + 1, before any read
             geo: Map | None = None
             pending: list[Map] = []
             nodes_ij: tuple[LinearNode, ...] = ()
@@ -918,13 +922,14 @@ class _Region:
         cut_from: list[int] = [-1] * (k + 1)
         for j in range(1, k + 1):
             for i in range(max(0, j - MAX_CHAIN), j):
-                if best[i] is None:
+                start, current = best[i], best[j]
+                if start is None:
                     continue
                 part = single[i] if j == i + 1 else results.get((i, j))
                 if not isinstance(part, _Option):
                     continue
-                cand = best[i] + part
-                if best[j] is None or cand.key(self.p.layers_first) < best[j].key(self.p.layers_first):
+                cand = start + part
+                if current is None or cand.key(self.p.layers_first) < current.key(self.p.layers_first):
                     best[j], cut_from[j] = cand, i
         cuts = set()
         j = k
@@ -1020,7 +1025,8 @@ class _Region:
                 for gi, group in enumerate(groups):
                     if isinstance(branch_maps[group[0]], Decline):
                         continue
-                    cand = add([branch_maps[i] for i in group + [bi]])
+                    parts = [p for i in group + [bi] if not isinstance(p := branch_maps[i], Decline)]
+                    cand = add(parts)  # parts: all of the group's maps (a group holds no Decline)
                     members = tuple(n for i in group + [bi] for n in branches[i].nodes)
                     if isinstance(cand, Decline) or not members:
                         continue
@@ -1052,17 +1058,17 @@ class _Region:
             return None
         total = self.kept(tree)
         terms: list[tuple[str, float]] = []
-        for group, option in zip(groups, merged):
+        for group, chosen in zip(groups, merged):
             if len(group) == 1:
                 br = branches[group[0]]
                 total = total + self.best(a, br.tensor, br.nodes)
                 terms.append((br.tensor, br.coef))
                 continue
-            assert option is not None
-            (one,) = option.merges
+            assert chosen is not None
+            (one,) = chosen.merges
             y = self.g.new_name(f"{last.output}/{one.sources[0]}")
             self.p.out.fresh.add(y)
-            total = total + _Option(option.macs, option.params, 1, (replace(one, kind="sum", y=y),))
+            total = total + _Option(chosen.macs, chosen.params, 1, (replace(one, kind="sum", y=y),))
             terms.append((y, 1.0))
         adds = max(len(terms) - 1, 1)  # the rebuilt sum: one add fewer per term merged away
         return total + _Option(0, 0, adds - len(tree), resums=(Resum(tree, tuple(terms), last.output),))

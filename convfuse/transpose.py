@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import reduce
 from itertools import product
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
@@ -120,7 +120,8 @@ class ConvTransposeSpec:
             )
         if min(self.stride) < 1 or min(self.dilation) < 1 or min(w.shape[2:]) < 1:
             raise InvalidSpecError(
-                f"kernel {tuple(w.shape[2:])}, strides {self.stride} and dilations {self.dilation} must be >= 1"
+                f"kernel {tuple(w.shape[2:])}, strides {self.stride} and dilations {self.dilation} "
+                "must be >= 1"
             )
         if min(min(p) for p in self.pads) < 0 or min(self.output_padding) < 0:
             raise InvalidSpecError(f"pads {self.pads} and output_padding {self.output_padding} must be >= 0")
@@ -293,7 +294,9 @@ def _rank_and_channels(ndim_a: int, ndim_b: int, ch_a: int, ch_b: int, what: str
 
 
 # --------------------------------------------------------------------------- rule: T then affine
-def transpose_then_affine(t: ConvTransposeSpec, affine: ChannelAffine) -> ConvTransposeSpec | Decline:
+def transpose_then_affine(
+    t: ConvTransposeSpec, affine: ChannelAffine | _Affine
+) -> ConvTransposeSpec | Decline:
     """Transposed conv then a per-output-channel affine (inference BN, Mul/Add by constants).
 
     Pattern: ``x -> T -> scale*y + shift``. Condition: one scale per output channel (exact always:
@@ -576,8 +579,8 @@ def _place_conv(conv: ConvSpec) -> _Placed | Decline:
     if any(s != 1 for s in conv.stride):
         return Decline(
             Reason.STRIDE_MISMATCH,
-            f"a conv with stride {tuple(conv.stride)} shrinks its input while a transposed conv grows or keeps it: "
-            "their outputs never share a grid",
+            f"a conv with stride {tuple(conv.stride)} shrinks its input "
+            "while a transposed conv grows or keeps it: their outputs never share a grid",
         )
     if conv.padding_mode != "zeros" and any(b or e for b, e in conv.pads):
         return Decline(
@@ -694,7 +697,8 @@ def add_transposed(branches: Sequence[Branch]) -> ConvTransposeSpec | Decline:
         weight[(slice(None), slice(None)) + where] += _ungroup(p.weight, p.groups, g)
     bias = None
     if any(p.bias is not None for p in placed):
-        bias = sum(p.bias for p in placed if p.bias is not None)
+        # a sum of arrays (at least one, checked above), never sum()'s start value 0
+        bias = cast(np.ndarray, sum(p.bias for p in placed if p.bias is not None))
     dtype = (
         branches[0].weight.dtype
         if isinstance(branches[0], ConvTransposeSpec)

@@ -81,7 +81,7 @@ def merge_regions(
                     rank2=rank2,
                 )
             )
-            if regroup is not None and not isinstance(made, Decline):
+            if isinstance(regroup, tuple) and not isinstance(made, Decline):  # Decline regroup: Decline made
                 made = ([*made[0], regroup[0]], [*made[1], *regroup[1]])
         else:
             conv_out = state.names.fresh(f"{merge.y}/conv") if merge.ring is not None else merge.y

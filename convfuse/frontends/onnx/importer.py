@@ -128,7 +128,7 @@ def _linear_graph(index: _Index, state: _State) -> LinearGraph:
     for node in index.nodes:
         if id(node) not in inside and not _shape_of_regroup(node, index, inside):
             external.update(_uses(node))
-    shapes = {
+    shapes: dict[str, Sequence[int | None]] = {
         t: dims
         for t in {n.output for n in nodes} | {i for n in nodes for i in n.inputs}
         if (dims := index.shape(t)) is not None

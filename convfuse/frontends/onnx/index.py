@@ -203,7 +203,7 @@ class _Index:
         ``F.pad``'s pads), run by ONNX's reference evaluator; None when an input is not constant."""
         if depth > 32 or not node.output or name not in node.output:
             return None
-        inputs = []
+        inputs: list[onnx.TensorProto | None] = []
         for i in node.input:
             if not i:
                 inputs.append(None)
@@ -311,4 +311,4 @@ class _Rewrite:
         return out
 
 
-_Declines = list[tuple[list[str], Decline]]  # node labels and why they were kept
+_Declines = list[tuple[Sequence[str], Decline]]  # node labels and why they were kept

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: Element types convfuse merges: float32, float16, float64 (ONNX ``TensorProto`` codes).
-FLOAT_TYPES = {
+FLOAT_TYPES: dict[int, np.dtype] = {
     onnx.TensorProto.FLOAT: np.dtype(np.float32),
     onnx.TensorProto.FLOAT16: np.dtype(np.float16),
     onnx.TensorProto.DOUBLE: np.dtype(np.float64),
@@ -86,7 +86,9 @@ class LinearOp:
     """
 
     node: onnx.NodeProto
-    kind: str  # "conv", "convtranspose", "linear", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool", "reshape"
+    # "conv", "convtranspose", "linear", "bn", "mul", "add", "sub", "div", "neg", "pad", "avgpool",
+    # "reshape"
+    kind: str
     x: str
     y: str
     ndim: int | None = None
@@ -374,7 +376,8 @@ def _affine_reader(op: str) -> Callable[[onnx.NodeProto, Env], LinearOp | None]:
             if padded[0] != 1 or any(d != 1 for d in padded[2:]):
                 return Decline(
                     Reason.UNSUPPORTED,
-                    f"{label(node)}: constant of shape {list(dims)} is not one value per channel of a {rank}D tensor",
+                    f"{label(node)}: constant of shape {list(dims)} is not one value per channel "
+                    f"of a {rank}D tensor",
                 )
             if padded[1] not in (1, channels):
                 return Decline(
@@ -558,8 +561,8 @@ def read_average_pool(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         if elements > MAX_MERGED_ELEMENTS:
             return Decline(
                 Reason.TOO_LARGE,
-                f"{label(node)}: kernel {kernel} on {channels} channels would need {elements:,} weight elements, "
-                f"over the limit of {MAX_MERGED_ELEMENTS:,}",
+                f"{label(node)}: kernel {kernel} on {channels} channels would need "
+                f"{elements:,} weight elements, over the limit of {MAX_MERGED_ELEMENTS:,}",
             )
         spec = average_pool(channels, kernel, strides, pads, dtype=np.float64)
         return spec.replace(dilation=tuple(dilations))
@@ -643,13 +646,15 @@ def unread_nodes(nodes: Sequence[onnx.NodeProto]) -> list[tuple[list[onnx.NodePr
         if domain not in ("", "ai.onnx"):
             decline = Decline(
                 Reason.UNSUPPORTED,
-                f"{len(members)} {op} node(s) of operator domain {domain!r}: convfuse reads only the ONNX domain, "
-                "so these are left as they are and runs through them are not merged",
+                f"{len(members)} {op} node(s) of operator domain {domain!r}: "
+                "convfuse reads only the ONNX domain, so these are left as they are "
+                "and runs through them are not merged",
             )
         else:
             decline = Decline(
                 Reason.DTYPE,
-                f"{len(members)} {op} node(s): {_INTEGER_CONVS[op]}; convfuse merges floating-point Conv only",
+                f"{len(members)} {op} node(s): {_INTEGER_CONVS[op]}; "
+                "convfuse merges floating-point Conv only",
             )
         found.append((members, decline))
     return found

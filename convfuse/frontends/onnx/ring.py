@@ -40,8 +40,7 @@ def ring_nodes(
     fresh: Callable[[str], str],
 ) -> tuple[list[onnx.NodeProto], list[NewTensor]] | Decline:
     """The nodes (and initializers) computing ``y = conv_out + ring`` for a merge reading ``x``."""
-    # FLOAT_TYPES (nodes.py) is inferred as keyed by onnx's DataType enum; element types are ints
-    dtype = FLOAT_TYPES.get(elem_type)  # type: ignore[call-overload]
+    dtype = FLOAT_TYPES.get(elem_type)
     if dtype is None:
         return Decline(
             Reason.DTYPE, f"border ring cannot be written as {onnx.TensorProto.DataType.Name(elem_type)}"

@@ -89,9 +89,10 @@ def transpose_from_attributes(
             return refuse(
                 f"output_shape {output_shape} sets its pads from the input size, which is not static here"
             )
+        sizes = [v for v in x_spatial if v is not None]  # all of them: checked just above
         totals = [
             s * (size - 1) + op + x - out
-            for s, size, op, x, out in zip(strides, x_spatial, output_padding, extents, output_shape)  # type: ignore[operator]
+            for s, size, op, x, out in zip(strides, sizes, output_padding, extents, output_shape)
         ]
     elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         totals = [op + x - s for op, x, s in zip(output_padding, extents, strides)]

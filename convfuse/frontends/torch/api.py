@@ -169,8 +169,10 @@ def _fuse_with_report(
     # the ranks seen inside hold at every size; its sizes are not used).
     ranks = any(isinstance(m, nn.Linear) for m in reference.modules())
     shapes: dict[str, _Args] = {}
-    if inputs is not None or (ranks and probe is not None):  # example inputs: latency, border rings
-        shapes = _input_shapes(reference, inputs or probe)
+    example = inputs or probe
+    # example inputs: latency, border rings
+    if example is not None and (inputs is not None or (ranks and probe is not None)):
+        shapes = _input_shapes(reference, example)
     whole = None  # which Sequentials their parents call as a whole: seen on a run of a copy
     if probe is not None:
         paths = sequentials_called_whole(reference, probe)
@@ -215,12 +217,13 @@ def _batches(reference: nn.Module, inputs: tuple[Any, ...] | None, report: Repor
                 "to infer an input from); pass example_inputs to check the fused module"
             )
             return None
-        for inputs in candidates:  # the smallest size the model runs at
+        for candidate in candidates:  # the smallest size the model runs at
             try:
-                run_quietly(reference, inputs)
+                run_quietly(reference, candidate)
                 break
             except Exception:  # noqa: BLE001 - the next size, or the note below
                 continue
+        inputs = candidate
     batch = [inputs, random_like(inputs)]
     try:
         refs = [_detached(run_quietly(reference, b)) for b in batch]

@@ -87,7 +87,7 @@ def _explain_sequential(
         lo = i
         while i < len(items) and isinstance(items[i][2], list):
             i += 1
-        ops = [op for _, _, run_ops in items[lo:i] for op in run_ops]
+        ops = [op for _, _, run_ops in items[lo:i] if isinstance(run_ops, list) for op in run_ops]
         convs = [op for op in ops if isinstance(op, ConvOp)]
         ctx.seen.update(op.name for op in convs)
         before = f"after {layer(lo - 1)}" if lo > 0 else f"at the start of {where}"

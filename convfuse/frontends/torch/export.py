@@ -4,6 +4,7 @@ merged run is replaced by its layers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ def _write_run(
         return
     dtype, device = weights[0]
     args = ctx.shapes.get(ops[0].name)
-    shapes = {"t0": ctx.known(args[0][0])} if args else {}
+    shapes: dict[str, Sequence[int | None]] = {"t0": ctx.known(args[0][0])} if args else {}
     nodes = [
         op_node(op, f"t{k}", f"t{k + 1}", dtype, device, parameter_sizes(op.origin[1]), op)
         for k, op in enumerate(ops)

@@ -76,7 +76,8 @@ def op_node(
     """``op`` reading tensor ``x`` and writing ``y`` as an IR node (``dtype``: the region's)."""
 
     def build(info: TensorInfo) -> ConvSpec | Decline:
-        spatial = tuple(int(d) for d in info.spatial) if info.spatial and None not in info.spatial else None
+        sizes = info.spatial
+        spatial = tuple(int(d) for d in sizes if d is not None) if sizes and None not in sizes else None
         t = TorchInfo(info.channels, info.ndim, dtype, device, info.batch, spatial)
         math = op.build(t)
         return math if isinstance(math, Decline) else as_spec(math, t)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import inspect
 import operator
 from collections import Counter
-from collections.abc import Hashable, Iterable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,19 +58,30 @@ def _is_view(node: fx.Node) -> bool:
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
+def _target_name(node: fx.Node) -> str:
+    """The target of a ``call_method``, ``call_module`` or ``get_attr`` node: a name (fx types
+    every target as ``Callable | str``)."""
+    return cast(str, node.target)
+
+
+def _function(node: fx.Node) -> Callable[..., Any]:
+    """The target of a ``call_function`` node: a callable (fx types it as ``Callable | str``)."""
+    return cast(Callable[..., Any], node.target)
+
+
 def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node`` may write into a tensor it reads."""
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
+        return _target_name(node).endswith("_") and not _target_name(node).endswith("__")
     if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+        return bool(getattr(gm.get_submodule(_target_name(node)), "inplace", False))
     if node.op != "call_function":
         return False
     name = getattr(node.target, "__name__", "")
     if node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__")):
         return True
     try:
-        bound = inspect.signature(node.target).bind_partial(*node.args, **node.kwargs).arguments
+        bound = inspect.signature(_function(node)).bind_partial(*node.args, **node.kwargs).arguments
     except (TypeError, ValueError):
         return bool(node.kwargs.get("inplace"))
     return bool(bound.get("inplace"))
@@ -86,10 +97,10 @@ _INPLACE_SUM_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "di
 def _functional_form(node: fx.Node) -> Any:
     """The out-of-place target of an in-place sum or scaling (``t += u``, ``t.add_(u)``), or None."""
     if node.op == "call_method":
-        return _INPLACE_SUM_METHODS.get(node.target)
+        return _INPLACE_SUM_METHODS.get(_target_name(node))
     if node.op == "call_function":
         try:
-            return _INPLACE_SUM_FUNCTIONS.get(node.target)
+            return _INPLACE_SUM_FUNCTIONS.get(_function(node))
         except TypeError:  # unhashable target
             return None
     return None
@@ -172,7 +183,7 @@ class _GraphFuser:
         value: Any = UNKNOWN
         if node.op == "get_attr":
             try:
-                value = operator.attrgetter(node.target)(self.gm)
+                value = operator.attrgetter(_target_name(node))(self.gm)
             except AttributeError:
                 value = UNKNOWN
             if not isinstance(value, torch.Tensor):
@@ -186,9 +197,9 @@ class _GraphFuser:
             ):
                 try:
                     if node.op == "call_method":
-                        value = getattr(args[0], node.target)(*args[1:], **node.kwargs)
+                        value = getattr(args[0], _target_name(node))(*args[1:], **node.kwargs)
                     else:
-                        value = node.target(*args, **node.kwargs)
+                        value = _function(node)(*args, **node.kwargs)
                 except Exception:  # noqa: BLE001 - not a constant we can evaluate
                     value = UNKNOWN
                 if not isinstance(value, torch.Tensor):
@@ -249,7 +260,7 @@ class _GraphFuser:
         """A module call by its path; a function call inside a traced-through module as
         ``<module path>:<node>`` (``conv_1x1.bn:batch_norm_1``), else by its node name."""
         if node.op == "call_module":
-            return self._name(node.target)
+            return self._name(_target_name(node))
         stack = node.meta.get("nn_module_stack") or {}
         owner = str(list(stack.values())[-1][0]) if stack else ""
         path = _join(self.prefix, owner)
@@ -445,7 +456,7 @@ class _GraphFuser:
                 for _, tail in entry.terms:
                     c = 1.0
                     for op in tail:
-                        c *= float(op.scale)
+                        c *= float(cast(float, op.scale))  # a sum's tails scale by numbers (_add_rule)
                     coefs.append(c)
                 inputs = tuple(t.name for t, _ in entry.terms)
                 nodes.append(
@@ -462,7 +473,7 @@ class _GraphFuser:
                     outputs.add(node.name)
                 if user not in self.entries:
                     external.add(node.name)
-        shapes = {}
+        shapes: dict[str, Sequence[int | None]] = {}
         for node in self.nodes:
             meta = node.meta.get("tensor_meta")
             if isinstance(meta, TensorMetadata):
@@ -478,7 +489,7 @@ class _GraphFuser:
     def _weights(self, node: fx.Node) -> dict[Hashable, int]:
         """The parameters a node reads (a module's, or those it reads through get_attr)."""
         if node.op == "call_module":
-            return parameter_sizes(self.gm.get_submodule(node.target))
+            return parameter_sizes(self.gm.get_submodule(_target_name(node)))
         values = [self._const(a) for a in node.all_input_nodes if a.op == "get_attr"]
         return parameter_sizes(*values)
 
@@ -517,7 +528,7 @@ class _GraphFuser:
         if node.op == "get_attr":
             return f"the constant {node.target}"
         if node.op == "call_module":
-            return f"{self._node_name(node)} ({type(self.gm.get_submodule(node.target)).__name__})"
+            return f"{self._node_name(node)} ({type(self.gm.get_submodule(_target_name(node))).__name__})"
         read = _shape_read(node)
         if read:
             return f"{self._node_name(node)} (reads its {read}, which a merge cannot keep for this tensor)"
@@ -637,9 +648,10 @@ class _GraphFuser:
         metas = [
             self.by_name[t].meta.get("tensor_meta") if t in self.by_name else None for t in (merge.x, merge.y)
         ]
-        if not all(isinstance(m, TensorMetadata) for m in metas):
+        known = [m for m in metas if isinstance(m, TensorMetadata)]
+        if len(known) != len(metas):
             return (0, 0)
-        before, after = (tuple(m.shape) for m in metas)
+        before, after = (tuple(m.shape) for m in known)
         return None if before[:-1] == after[:-1] else (len(before), len(after))
 
     def _regrouped(self, merges: list[Merge], fx_nodes: set[fx.Node]) -> Decline | None:
@@ -667,7 +679,8 @@ class _GraphFuser:
 
     def _dtype_of(self, merge: Merge) -> torch.dtype:
         for node in merge.nodes:
-            op = self.entries[node.origin].op if isinstance(self.entries.get(node.origin), Unary) else None
+            entry = self.entries.get(node.origin)
+            op = entry.op if isinstance(entry, Unary) else None
             found = weight_dtype_device(op) if op is not None else None
             if found is not None:
                 return found[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,11 @@ from torch import fx, nn
 from ...algebra import ChannelAffine
 from ...decline import Decline, Reason
 from ...ir import regroups
-from ...spec import ConvSpec, InvalidSpecError, same_pads
+from ...spec import ConvSpec, InvalidSpecError, as_array, same_pads
 from ...transpose import ConvTransposeSpec
 from .layers import affine_from_batchnorm, affine_tensors, spec_from_conv
 from .ops import AffineOp, ConvOp, DenseOp, IdentityOp, LinearOp, PadOp, PoolOp, RegroupOp
-from .transpose import ConvTransposeOp, spec_from_conv_transpose
+from .transpose import ConvTransposeNd, ConvTransposeOp, spec_from_conv_transpose
 
 __all__ = [
     "UNKNOWN",
@@ -59,7 +59,7 @@ class Unary:
 class Terms:
     """A sum of graph tensors, each followed by ``tail`` ops (``-b`` is ``b`` then scale -1)."""
 
-    terms: list[tuple[fx.Node, list[LinearOp]]]
+    terms: list[tuple[fx.Node, list[AffineOp]]]
 
 
 @dataclass(eq=False)
@@ -70,18 +70,19 @@ class Cat:
 
 
 CallResult = Unary | Terms | Cat | Decline | None
-ModuleRule = Callable[[nn.Module, str], LinearOp | Decline | None]
+# MODULE_RULES dispatches on the module's type: each rule takes the type it is registered for.
+ModuleRule = Callable[[Any, str], LinearOp | Decline | None]
 CallRule = Callable[[fx.Node, Resolve], CallResult]
 
 
 # --------------------------------------------------------------------------- modules
-def _conv_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
+def _conv_module(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, name: str) -> LinearOp | Decline | None:
     if isinstance(m.weight, nn.parameter.UninitializedParameter):
         return Decline(Reason.UNSUPPORTED, f"{name} is a lazy conv that has not seen an input yet")
     return ConvOp(name, spec=spec_from_conv(m), dtype=m.weight.dtype, device=m.weight.device)
 
 
-def _conv_transpose_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
+def _conv_transpose_module(m: ConvTransposeNd, name: str) -> LinearOp | Decline | None:
     """``nn.ConvTranspose1d/2d/3d`` called on one input (a call with ``output_size=`` picks its
     own output padding: the importers see it as a call with two arguments and leave it)."""
     if isinstance(m.weight, nn.parameter.UninitializedParameter):
@@ -93,18 +94,19 @@ def _conv_transpose_module(m: nn.Module, name: str) -> LinearOp | Decline | None
     return ConvTransposeOp(name, spec=spec, dtype=m.weight.dtype, device=m.weight.device)  # type: ignore[arg-type]
 
 
-def _linear_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
+def _linear_module(m: nn.Linear, name: str) -> LinearOp | Decline | None:
     if isinstance(m.weight, nn.parameter.UninitializedParameter):
         return Decline(Reason.UNSUPPORTED, f"{name} is a lazy Linear that has not seen an input yet")
     return DenseOp(name, weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach())
 
 
 def _batchnorm_module(ndim: int | None) -> ModuleRule:
-    def rule(m: nn.Module, name: str) -> LinearOp | Decline | None:
+    def rule(m: nn.modules.batchnorm._BatchNorm, name: str) -> LinearOp | Decline | None:
         affine = affine_from_batchnorm(m)
         if isinstance(affine, Decline):
             return Decline(affine.reason, f"{name}: {affine.message}")
-        scale, shift = affine_tensors(affine, m.running_mean)
+        # not None: affine_from_batchnorm declines a BatchNorm without running statistics
+        scale, shift = affine_tensors(affine, cast(torch.Tensor, m.running_mean))
         return AffineOp(name, scale=scale, shift=shift, vector=True, ndim=ndim)
 
     return rule
@@ -114,7 +116,7 @@ def _identity_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
     return IdentityOp(name)
 
 
-def _dropout_module(m: nn.Module, name: str) -> LinearOp | Decline | None:
+def _dropout_module(m: nn.modules.dropout._DropoutNd, name: str) -> LinearOp | Decline | None:
     if m.training and m.p > 0:
         return Decline(
             Reason.TRAINING_MODE, f"{name} is a Dropout in training mode (call .eval() to fuse through it)"
@@ -145,7 +147,7 @@ def _pool(
 
 
 def _avgpool_module(n: int) -> ModuleRule:
-    def rule(m: nn.Module, name: str) -> LinearOp | Decline | None:
+    def rule(m: nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d, name: str) -> LinearOp | Decline | None:
         divisor = getattr(m, "divisor_override", None)
         return _pool(name, n, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, divisor)
 
@@ -247,7 +249,7 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
     return bound if all(n in bound for n in names) else None
 
 
-def _is_graph(value: Any) -> bool:
+def _is_graph(value: Any) -> TypeGuard[fx.Node]:
     return isinstance(value, fx.Node)
 
 
@@ -282,7 +284,7 @@ def _add_rule(sign: float) -> CallRule:
             return None
         coef = sign * alpha
         if _is_graph(a) and _is_graph(b):
-            tail = [] if coef == 1 else [AffineOp(f"{node.name}.scale", scale=float(coef))]
+            tail: list[AffineOp] = [] if coef == 1 else [AffineOp(f"{node.name}.scale", scale=float(coef))]
             return Terms([(a, []), (b, tail)])
         if _is_graph(a) and _is_const(b):
             return Unary(_affine(node.name, None, _times(b, coef)), a)
@@ -386,7 +388,9 @@ def _avgpool_rule(n: int) -> CallRule:
 
     def rule(node: fx.Node, resolve: Resolve) -> CallResult:
         bound = _bind(node, names[:-1] if n == 1 else names, defaults)
-        a = None if bound is None else resolve(bound["input"])
+        if bound is None:
+            return None
+        a = resolve(bound["input"])
         if not _is_graph(a):
             return None
         op = _pool(
@@ -432,8 +436,8 @@ def _conv_rule(n: int) -> CallRule:
         else:
             pads = tuple((p, p) for p in _tuple(padding, n))
         spec = ConvSpec(
-            weight=w.detach(),
-            bias=None if b is None else b.detach(),
+            weight=as_array(w.detach()),
+            bias=None if b is None else as_array(b.detach()),
             stride=_tuple(bound["stride"], n),
             dilation=dilation,
             groups=int(bound["groups"]),
@@ -518,7 +522,7 @@ def _batchnorm_call(node: fx.Node, resolve: Resolve, bound: dict[str, Any] | Non
             f"{node.name} is a batch_norm call with training={how} and normalises with batch statistics; "
             "call .eval() before fusing",
         )
-    values = {}
+    values: dict[str, Any] = {}  # tensors; None for an absent weight or bias
     for key in ("running_mean", "running_var", "weight", "bias"):
         value = bound[key]
         if value is None and key in ("weight", "bias"):
@@ -706,7 +710,7 @@ def call_op(node: fx.Node, resolve: Resolve) -> CallResult:
         except TypeError:  # unhashable target
             return None
     elif node.op == "call_method":
-        rule = METHOD_RULES.get(node.target)
+        rule = METHOD_RULES.get(cast(str, node.target))  # fx types targets as Callable | str
     else:
         return None
     return None if rule is None else rule(node, resolve)

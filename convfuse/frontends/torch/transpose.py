@@ -8,6 +8,7 @@ becomes ``Sequential(ConvTransposeNd(padding=0), Crop)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,10 @@ def conv_transpose_from_spec(
     """A torch module computing ``spec``: one ``ConvTransposeNd`` where torch's symmetric
     ``padding`` and ``output_padding`` can say it, else ``Sequential(ConvTransposeNd, Crop)``.
     Weights are copied, never shared; ``dtype`` (default: the spec's) is the module's."""
-    cls = CONV_TRANSPOSE_TYPES[spec.ndim - 1]
+    # torch types each class's sizes as a tuple of its own rank; here the rank is the spec's
+    cls: Callable[..., nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d] = CONV_TRANSPOSE_TYPES[
+        spec.ndim - 1
+    ]
     limit = [max(s, d) for s, d in zip(spec.stride, spec.dilation)]
     one = spec.symmetric_form()
     if one is not None:
@@ -88,7 +92,8 @@ def conv_transpose_from_spec(
         )
         if any(o >= m for o, m in zip(output_padding, limit)):
             raise InvalidSpecError(
-                f"{spec!r} extends its output by {output_padding}, not below max(stride, dilation) = {limit} as torch needs"
+                f"{spec!r} extends its output by {output_padding}, "
+                f"not below max(stride, dilation) = {limit} as torch needs"
             )
     built = getattr(torch, np.dtype(spec.dtype).name)
     conv = cls(
@@ -106,7 +111,7 @@ def conv_transpose_from_spec(
     )
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(spec.weight)))
-        if spec.bias is not None:
+        if spec.bias is not None and conv.bias is not None:  # the one follows from the other
             conv.bias.copy_(torch.from_numpy(np.ascontiguousarray(spec.bias)))
     if dtype is not None:
         conv = conv.to(dtype=dtype)
@@ -126,7 +131,7 @@ class ConvTransposeOp(ConvOp):
 
     ir_kind = OpKind.CONV_TRANSPOSE
 
-    def build(self, info: TensorInfo) -> Math | Decline:  # type: ignore[override]
+    def build(self, info: TensorInfo) -> Math | Decline:
         s: Any = self.spec
         if s.ndim != info.ndim:
             return Decline(

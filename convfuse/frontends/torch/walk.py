@@ -253,9 +253,10 @@ def _linear_ops(module: nn.Module, name: str, key: str) -> list[LinearOp] | Decl
         if not children:
             return [IdentityOp(name, origin=(key, module))]
     elif isinstance(module, fx.GraphModule):
-        children = _straight_line(module)
-        if children is None:
+        straight = _straight_line(module)
+        if straight is None:
             return None
+        children = straight
     else:
         return None
     ops: list[LinearOp] = []
