@@ -19,7 +19,7 @@ from .importer import _linear_graph, _stale_shape_reads
 from .index import _Declines, _Index, _Rewrite, _State
 from .nodes import FLOAT_TYPES, NewTensor, conv_node, linear_nodes, mark_merged
 from .ring import ring_nodes
-from .transpose import new_tensors, transpose_node
+from .transpose import transpose_node
 
 
 def _elem_type(merge: Merge) -> int | None:
@@ -64,7 +64,7 @@ def merge_regions(
             written = transpose_node(
                 merge.spec, name=name, x=merge.x, y=merge.y, elem_type=elem_type, fresh=state.names.fresh
             )
-            made = written if isinstance(written, Decline) else ([written[0]], new_tensors(written[1]))
+            made = written if isinstance(written, Decline) else ([written[0]], written[1])
         elif merge.linear:
             rank2 = len(index.shape(merge.x) or ()) == 2
             regroup = _regroup_back(index, merge, state.names.fresh)

@@ -684,6 +684,27 @@ def cast_weights(
     return weight, bias
 
 
+def weight_inputs(
+    x: str,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    name: str,
+    elem_type: int,
+    fresh: Callable[[str], str],
+) -> tuple[list[str], list[NewTensor]]:
+    """The inputs ``[x, W(, B)]`` of a node that reads ``weight`` (and ``bias`` unless None) as new
+    initializers named after ``name``, and those initializers (already in ``elem_type``)."""
+    w_name = fresh(f"{name}.weight")
+    initializers = [NewTensor(w_name, weight, elem_type)]
+    inputs = [x, w_name]
+    if bias is not None:
+        b_name = fresh(f"{name}.bias")
+        initializers.append(NewTensor(b_name, bias, elem_type))
+        inputs.append(b_name)
+    return inputs, initializers
+
+
 def conv_node(
     spec: ConvSpec,
     *,
@@ -707,13 +728,7 @@ def conv_node(
     if isinstance(cast, Decline):
         return cast
     weight, bias = cast
-    w_name = fresh(f"{name}.weight")
-    initializers = [NewTensor(w_name, weight, elem_type)]
-    inputs = [x, w_name]
-    if bias is not None:
-        b_name = fresh(f"{name}.bias")
-        initializers.append(NewTensor(b_name, bias, elem_type))
-        inputs.append(b_name)
+    inputs, initializers = weight_inputs(x, weight, bias, name=name, elem_type=elem_type, fresh=fresh)
     node = helper.make_node(
         "Conv",
         inputs,
@@ -761,23 +776,17 @@ def linear_nodes(
     if isinstance(cast, Decline):
         return cast
     weight, bias = cast
-    w_name = fresh(f"{name}.weight")
-    b_name = fresh(f"{name}.bias") if bias is not None else ""
     if rank2:
-        inits = [NewTensor(w_name, weight, elem_type)]
-        inputs = [x, w_name]
-        if bias is not None:
-            inits.append(NewTensor(b_name, bias, elem_type))
-            inputs.append(b_name)
+        inputs, inits = weight_inputs(x, weight, bias, name=name, elem_type=elem_type, fresh=fresh)
         return [helper.make_node("Gemm", inputs, [y], name=name, transB=1)], inits
-    inits = [NewTensor(w_name, np.ascontiguousarray(weight.T), elem_type)]
+    weight_t = np.ascontiguousarray(weight.T)
+    inputs, inits = weight_inputs(x, weight_t, bias, name=name, elem_type=elem_type, fresh=fresh)
     if bias is None:
-        return [helper.make_node("MatMul", [x, w_name], [y], name=name)], inits
-    inits.append(NewTensor(b_name, bias, elem_type))
+        return [helper.make_node("MatMul", inputs, [y], name=name)], inits
     mid = fresh(f"{y}/matmul")
     nodes = [
-        helper.make_node("MatMul", [x, w_name], [mid], name=name),
-        helper.make_node("Add", [mid, b_name], [y], name=fresh(f"{name}/bias")),
+        helper.make_node("MatMul", inputs[:2], [mid], name=name),
+        helper.make_node("Add", [mid, inputs[2]], [y], name=fresh(f"{name}/bias")),
     ]
     return nodes, inits
 

@@ -21,20 +21,29 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ...decline import Decline, Reason
 from ...spec import InvalidSpecError
 from ...transpose import ConvTransposeSpec
 from .io import node_attributes
-from .nodes import Env, LinearOp, NewTensor, _constant, _non_finite, _refuse, _values, cast_weights
+from .nodes import (
+    Env,
+    LinearOp,
+    NewTensor,
+    _constant,
+    _non_finite,
+    _refuse,
+    _values,
+    cast_weights,
+    weight_inputs,
+)
 
 __all__ = [
     "read_conv_transpose",
     "transpose_from_attributes",
     "transpose_from_node",
     "transpose_node",
-    "new_tensors",
 ]
 
 
@@ -144,9 +153,9 @@ def transpose_node(
     y: str,
     elem_type: int,
     fresh: Callable[[str], str],
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | Decline:
-    """One ``ConvTranspose`` node computing ``spec`` from ``x`` into ``y``, with its initializers in
-    ``elem_type``; an all-zero bias is left out.
+) -> tuple[onnx.NodeProto, list[NewTensor]] | Decline:
+    """One ``ConvTranspose`` node computing ``spec`` from ``x`` into ``y``, and the initializers it
+    reads in ``elem_type`` (:class:`NewTensor`, as :func:`conv_node`); an all-zero bias is left out.
 
     Only ``pe - op`` matters, so the end is written as ``pads`` end ``max(pe - op, 0)`` and
     ``output_padding`` ``max(op - pe, 0)``. ONNX Runtime (1.32, CPU) refuses ``output_padding >=
@@ -164,13 +173,7 @@ def transpose_node(
     if isinstance(cast, Decline):
         return cast
     weight, bias = cast
-    w_name = fresh(f"{name}.weight")
-    initializers = [numpy_helper.from_array(weight, w_name)]
-    inputs = [x, w_name]
-    if bias is not None:
-        b_name = fresh(f"{name}.bias")
-        initializers.append(numpy_helper.from_array(bias, b_name))
-        inputs.append(b_name)
+    inputs, initializers = weight_inputs(x, weight, bias, name=name, elem_type=elem_type, fresh=fresh)
     node = helper.make_node(
         "ConvTranspose",
         inputs,
@@ -238,8 +241,3 @@ def read_conv_transpose(node: onnx.NodeProto, env: Env) -> LinearOp | None:
         w.data_type,
         resolve,
     )
-
-
-def new_tensors(initializers: list[onnx.TensorProto]) -> list[NewTensor]:
-    """:func:`transpose_node`'s initializers as the graph writer's :class:`NewTensor` values."""
-    return [NewTensor(t.name, numpy_helper.to_array(t), t.data_type) for t in initializers]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from convfuse.decline import Decline, Reason
+from convfuse.frontends.onnx.nodes import NewTensor
 from convfuse.frontends.onnx.transpose import transpose_from_attributes, transpose_from_node, transpose_node
 from convfuse.transpose import ConvTransposeSpec
 from tests.support.helpers import rel_err
@@ -22,13 +24,18 @@ from tests.support.transpose_cases import input_for, np_rand, run_transpose, tra
 TOL32 = 1e-5  # float32 runtime against the float64 oracle
 
 
-def _model(node: onnx.NodeProto, inits: list[onnx.TensorProto], x_shape: tuple[int, ...]) -> onnx.ModelProto:
+def _model(
+    node: onnx.NodeProto, inits: Sequence[onnx.TensorProto | NewTensor], x_shape: tuple[int, ...]
+) -> onnx.ModelProto:
+    protos = [
+        t if isinstance(t, onnx.TensorProto) else numpy_helper.from_array(t.array, t.name) for t in inits
+    ]
     graph = helper.make_graph(
         [node],
         "one_conv_transpose",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * len(x_shape))],
-        inits,
+        protos,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
@@ -63,9 +70,7 @@ def test_written_node_runs_in_onnx_runtime_like_torch(
     ref = run_transpose(spec32.astype(np.float64), x)
     assert rel_err(ref, torch.from_numpy(got.astype(np.float64))) <= TOL32
     # ... and reads back to the same spec.
-    back = transpose_from_node(
-        node, numpy_helper.to_array(inits[0]), None if len(inits) < 2 else numpy_helper.to_array(inits[1])
-    )
+    back = transpose_from_node(node, inits[0].array, None if len(inits) < 2 else inits[1].array)
     assert isinstance(back, ConvTransposeSpec)
     assert (back.stride, back.dilation, back.groups, back.slack) == (
         spec.stride,
