@@ -18,7 +18,7 @@ from torch import nn
 
 from ...decline import Decline, Reason
 from ...ir import OpKind
-from ...spec import InvalidSpecError
+from ...spec import InvalidSpecError, as_array
 from ...transpose import ConvTransposeSpec
 from .ops import ConvOp, Math, TensorInfo
 
@@ -40,8 +40,8 @@ def spec_from_conv_transpose(conv: ConvTransposeNd) -> ConvTransposeSpec:
     if conv.padding_mode != "zeros":  # torch refuses this itself; say so in convfuse's words
         raise InvalidSpecError(f"{type(conv).__name__} pads in {conv.padding_mode!r} mode; only zeros exist")
     return ConvTransposeSpec(
-        weight=_numpy(conv.weight),
-        bias=None if conv.bias is None else _numpy(conv.bias),
+        weight=as_array(conv.weight),
+        bias=None if conv.bias is None else as_array(conv.bias),
         stride=tuple(conv.stride),
         dilation=tuple(conv.dilation),
         groups=conv.groups,
@@ -116,12 +116,6 @@ def conv_transpose_from_spec(
     if dtype is not None:
         conv = conv.to(dtype=dtype)
     return conv if crop is None else nn.Sequential(conv, crop)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A parameter as numpy in its own dtype (bfloat16, which numpy has not, as float64)."""
-    t = t.detach().cpu()
-    return (t.double() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @dataclass(eq=False)
